@@ -1,0 +1,180 @@
+"""Datasets: the built-in Fashion-MNIST (Debian's idx files) and any ImageFolder tree via timm.
+
+Fashion-MNIST is small enough to live in memory as one uint8 tensor, so batches are cut from it
+directly: no worker processes, deterministic order from a seed, and cheap augmentation on whole
+batches. ImageFolder trees go through timm's dataset and transform factories.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import UVCError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are batched.
+
+    `data` is "fashion-mnist" (Debian's package, or `root` pointing at a folder with its four idx
+    files) or a folder with `train/` and `val/` class sub-folders (ImageNet layout).
+    """
+
+    data: str = "fashion-mnist"
+    root: str | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    workers: int = 2
+    train_limit: int | None = None  # use only the first N training images (quick runs, tests)
+    test_limit: int | None = None
+    augment: bool = True
+    input_size: int = 224  # ImageFolder only: the crop the model sees
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse one gzipped idx file (the MNIST family's format: magic, dims, raw uint8)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UVCError(f"cannot read {path}: {e}. Reinstall the data: apt-get install --reinstall dataset-fashion-mnist") from e
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UVCError(f"{path} is not an idx file of unsigned bytes")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise UVCError(f"{path} is truncated: expected {int(np.prod(dims))} bytes of data, found {body.size}")
+    return body.reshape(dims)
+
+
+def fashion_mnist_dir(root: str | os.PathLike | None = None) -> Path:
+    """The folder with the four Fashion-MNIST files, or a UVCError that says how to get them."""
+    folder = Path(root) if root else Path(os.environ.get("UVC_FASHION_MNIST", FASHION_MNIST_DIR))
+    missing = [n for pair in FASHION_MNIST_FILES.values() for n in pair if not (folder / n).is_file()]
+    if missing:
+        raise UVCError(
+            f"Fashion-MNIST not found in {folder} (missing {', '.join(missing)}). "
+            "Install it with `apt-get install -y dataset-fashion-mnist`, or pass --data-root DIR "
+            "pointing at a folder with the four idx .gz files."
+        )
+    return folder
+
+
+def load_fashion_mnist(split: str, root: str | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as uint8 [N, 1, 28, 28] and labels as int64 [N]."""
+    folder = fashion_mnist_dir(root)
+    images_file, labels_file = FASHION_MNIST_FILES[split]
+    images = torch.from_numpy(_read_idx(folder / images_file).copy()).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(folder / labels_file).astype(np.int64))
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+class TensorBatches:
+    """Seeded, resumable batches over in-memory uint8 images, normalised on the fly.
+
+    Augmentation (train only): random shifts of up to 2 pixels (pad-and-crop) and horizontal flips,
+    applied to the whole batch at once, which is what makes CPU training on 28x28 images cheap.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                 train: bool, augment: bool = True, seed: int = 0):
+        self.images, self.labels = images, labels
+        self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+
+    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+        dy, dx = torch.randint(0, 5, (2,), generator=gen).tolist()  # one shift per batch keeps it cheap
+        x = padded[:, :, dy:dy + h, dx:dx + w]
+        flip = torch.rand(n, generator=gen) < 0.5
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        gen = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self._normalise(self.images[idx])
+            if self.train and self.augment:
+                x = self._augment(x, gen)
+            yield x, self.labels[idx]
+
+
+@dataclass
+class Dataset:
+    """What the training engine needs: loaders, the class count and the input shape (C, H, W)."""
+
+    train: object
+    test: object
+    num_classes: int
+    input_size: tuple[int, int, int]
+    name: str
+
+
+def build_data(cfg: DataConfig, seed: int = 0, distributed: bool = False) -> Dataset:
+    """Fashion-MNIST by name, else an ImageFolder tree with train/ and val/."""
+    if cfg.data in ("fashion-mnist", "fashion_mnist", "fmnist"):
+        tx, ty = load_fashion_mnist("train", cfg.root, cfg.train_limit)
+        vx, vy = load_fashion_mnist("test", cfg.root, cfg.test_limit)
+        train = TensorBatches(tx, ty, cfg.batch_size, train=True, augment=cfg.augment, seed=seed)
+        test = TensorBatches(vx, vy, cfg.eval_batch_size, train=False)
+        return Dataset(train, test, 10, (1, 28, 28), "fashion-mnist")
+    return build_image_folder(cfg, seed, distributed)
+
+
+def build_image_folder(cfg: DataConfig, seed: int = 0, distributed: bool = False) -> Dataset:
+    """An ImageNet-style folder through timm's dataset, transform and loader factories."""
+    from timm.data import create_dataset, create_loader, resolve_data_config
+
+    root = Path(cfg.data)
+    if not root.is_dir():
+        raise UVCError(
+            f"--data {cfg.data!r} is neither 'fashion-mnist' nor an existing folder. Pass a folder "
+            "with train/ and val/ class sub-folders (ImageNet layout)."
+        )
+    splits = {}
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UVCError(f"{root} has no {split}/ folder: an ImageFolder dataset needs train/ and val/ class sub-folders")
+        splits[split] = create_dataset("", root=str(root), split=split, is_training=split == "train")
+    classes = len(splits["train"].reader.class_to_idx)
+    if classes == 0 or len(splits["train"]) == 0:
+        raise UVCError(f"{root / 'train'} holds no images in class sub-folders")
+    data_cfg = resolve_data_config({"input_size": (3, cfg.input_size, cfg.input_size)})
+    common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
+                  num_workers=cfg.workers, distributed=distributed, crop_pct=data_cfg["crop_pct"])
+    train = create_loader(splits["train"], batch_size=cfg.batch_size, is_training=True,
+                          no_aug=not cfg.augment, **common)
+    test = create_loader(splits["val"], batch_size=cfg.eval_batch_size, is_training=False, **common)
+    return Dataset(train, test, classes, tuple(data_cfg["input_size"]), str(root))
