@@ -5,6 +5,7 @@ from .gates import LayerPlan, get_plan, make_compressible, set_plan
 from .io import load, save
 from .models import load_model
 from .slim import slim
+from . import t2t  # registers the T2T-ViT models (timm names t2t_vit_*) and their adapter
 
 __all__ = ["UVCError", "macs", "LayerPlan", "get_plan", "make_compressible", "set_plan", "load", "save",
            "load_model", "slim"]
