@@ -139,9 +139,12 @@ class GatedBlock(nn.Module):
 
 def make_compressible(model: nn.Module) -> nn.Module:
     """Wrap every block of a supported ViT in a GatedBlock, in place; returns the model."""
+    from .models import adapter_for
+
+    if all(isinstance(b, GatedBlock) for b in adapter_for(model).blocks(model)):
+        return model
     adapter = check_supported(model)
-    blocks = adapter.blocks(model)
-    adapter.set_blocks(model, nn.Sequential(*[b if isinstance(b, GatedBlock) else GatedBlock(b) for b in blocks]))
+    adapter.set_blocks(model, nn.Sequential(*[GatedBlock(b) for b in adapter.blocks(model)]))
     return model
 
 
@@ -164,3 +167,27 @@ def set_plan(model: nn.Module, plan: list[LayerPlan]) -> None:
         raise UVCError(f"the plan has {len(plan)} layers but the model has {len(blocks)} blocks")
     for block, layer in zip(blocks, plan):
         block.apply_plan(layer)
+
+
+def random_plan(model: nn.Module, generator: torch.Generator, skip_prob: float = 0.15) -> list[LayerPlan]:
+    """A random but valid plan (one head width per layer), for testing the FLOPs model and slimming."""
+    from .models import adapter_for
+
+    def pick(n: int, k: int) -> list[int]:
+        return sorted(torch.randperm(n, generator=generator)[:k].tolist())
+
+    def randint(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=generator))
+
+    plans = []
+    for block in adapter_for(model).blocks(model):
+        heads, head_dim = block.attn.num_heads, block.attn.head_dim
+        hidden = block.mlp.fc1.out_features
+        kept_heads, width = pick(heads, randint(1, heads)), randint(1, head_dim)
+        skip_block = float(torch.rand(1, generator=generator)) < skip_prob / 2
+        plans.append(LayerPlan(
+            heads=kept_heads, dims=[pick(head_dim, width) for _ in kept_heads], neurons=pick(hidden, randint(1, hidden)),
+            attn=not skip_block and float(torch.rand(1, generator=generator)) >= skip_prob,
+            mlp=not skip_block and float(torch.rand(1, generator=generator)) >= skip_prob,
+        ))
+    return plans

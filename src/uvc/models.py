@@ -98,22 +98,28 @@ class TimmViTAdapter:
                 raise UVCError(f"block {i} has an unsupported {problem}")
 
     def spec(self, model):
+        """Constructor arguments of the dense skeleton; slimmed blocks are described by io.arch_of."""
         from timm.models.deit import VisionTransformerDistilled
+        from timm.models.vision_transformer import Block
 
-        block = model.blocks[0]
         ph, pw = _pair(model.patch_embed.patch_size)
         kwargs = dict(
             img_size=list(_pair(model.patch_embed.img_size)), patch_size=[ph, pw],
             in_chans=model.patch_embed.proj.in_channels, num_classes=model.num_classes,
-            global_pool=model.global_pool, embed_dim=model.embed_dim, depth=len(model.blocks),
-            num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
-            qkv_bias=block.attn.qkv.bias is not None, proj_bias=block.attn.proj.bias is not None,
-            init_values=1.0 if not isinstance(block.ls1, nn.Identity) else None,
+            global_pool=model.global_pool, embed_dim=model.embed_dim,
             class_token=model.cls_token is not None, no_embed_class=model.no_embed_class,
             reg_tokens=model.num_reg_tokens, pre_norm=not isinstance(model.norm_pre, nn.Identity),
             final_norm=not isinstance(model.norm, nn.Identity), fc_norm=not isinstance(model.fc_norm, nn.Identity),
-            dynamic_img_size=model.dynamic_img_size,
+            dynamic_img_size=model.dynamic_img_size, depth=0,
         )
+        if len(model.blocks) and isinstance(model.blocks[0], Block):
+            block = model.blocks[0]
+            kwargs.update(
+                depth=len(model.blocks), num_heads=block.attn.num_heads,
+                mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+                qkv_bias=block.attn.qkv.bias is not None, proj_bias=block.attn.proj.bias is not None,
+                init_values=1.0 if not isinstance(block.ls1, nn.Identity) else None,
+            )
         cls = "VisionTransformerDistilled" if isinstance(model, VisionTransformerDistilled) else "VisionTransformer"
         return {"adapter": self.name, "class": cls, "kwargs": kwargs}
 

@@ -1,0 +1,64 @@
+"""Shared test helpers: small real models and an independent MACs counter (fvcore)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+from timm.layers import set_fused_attn
+
+os.environ.setdefault("UVC_PROGRESS", "0")
+torch.set_num_threads(2)
+
+
+def unfused(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every attention layer use explicit matmuls, so fvcore can see and count them."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    return model
+
+
+def fvcore_macs(model: torch.nn.Module, input_size, exclude_norms: bool = True) -> int:
+    """fvcore's count; norms excluded by default because uvc's resource model leaves them out (METHOD.md 2)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    was_fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
+    unfused(model)
+    try:
+        analysis = FlopCountAnalysis(model.eval(), torch.randn(1, *input_size))
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        total = analysis.total()
+        if exclude_norms:
+            total -= analysis.by_operator().get("layer_norm", 0)
+        return int(total)
+    finally:
+        for m, fused in was_fused.items():
+            m.fused_attn = fused
+
+
+@pytest.fixture(scope="session")
+def fmnist_available() -> bool:
+    from uvc.data import fashion_mnist_dir
+    from uvc.errors import UVCError
+
+    try:
+        fashion_mnist_dir()
+        return True
+    except UVCError:
+        return False
+
+
+def small_vit(**kwargs) -> torch.nn.Module:
+    """The default teacher's architecture (28x28, 12 blocks of DeiT-Tiny width) with random weights."""
+    from uvc.models import TEACHER_ARGS
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(kwargs.pop("seed", 0))
+    return VisionTransformer(**{**TEACHER_ARGS, **kwargs}).eval()
+
+
+set_fused_attn(True)
+assert timm.layers.use_fused_attn()
