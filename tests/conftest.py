@@ -9,7 +9,7 @@ import torch
 from timm.layers import set_fused_attn
 
 os.environ.setdefault("UVC_PROGRESS", "0")
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("UVC_TEST_THREADS", "1")))
 
 
 def unfused(model: torch.nn.Module) -> torch.nn.Module:

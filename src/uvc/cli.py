@@ -46,6 +46,26 @@ def cmd_macs(a) -> int:
     return 0
 
 
+def cmd_compress(a) -> int:
+    from .compress import CompressConfig, compress
+    from .distill import KDConfig
+    from .primal_dual import SearchConfig
+
+    search = SearchConfig(epochs=a.search_epochs, warmup_epochs=a.warmup_epochs, lr=a.lr, prune=not a.no_prune,
+                          skip="none" if a.no_skip else a.skip)
+    kd = KDConfig(kind="none" if a.no_kd else a.kd, alpha=a.kd_alpha, temperature=a.kd_temperature)
+    cfg = CompressConfig(model=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, teacher=a.teacher,
+                         budget=a.budget, out=a.out, data=_data_config(a), search=search, kd=kd,
+                         post_epochs=a.post_epochs, post_lr=a.post_lr, seed=a.seed, device=a.device,
+                         resume=a.resume, checkpoint_every=a.checkpoint_every)
+    report = compress(cfg)
+    print(f"R = {report['ratio']:.4f} of {report['macs_dense'] / 1e6:.2f} M MACs (budget {report['budget']}); "
+          f"top-1 {report['top1']:.2f}% vs teacher {report['top1_teacher']:.2f}%; "
+          f"{report['throughput_dense']:.0f} -> {report['throughput']:.0f} images/s")
+    print(f"model, report.json and report.png in {a.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import default_teacher_dir
 
@@ -62,6 +82,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--resume", action="store_true")
     t.set_defaults(func=cmd_train_teacher)
+
+    c = sub.add_parser("compress", help="compress a ViT to a MACs budget (default: the bundled teacher to 0.5)")
+    c.add_argument("--model", default=None, help="timm name, a folder saved by uvc, or omit for the bundled teacher")
+    c.add_argument("--checkpoint", default=None, help="local weights (.safetensors/.pth) for a timm --model")
+    c.add_argument("--pretrained", action="store_true", help="timm's released weights (needs network)")
+    c.add_argument("--teacher", default=None, help="distillation teacher (default: the input model)")
+    c.add_argument("--budget", type=float, default=0.5, help="fraction of the dense model's MACs to keep, in (0, 1]")
+    c.add_argument("--out", default="runs/compress")
+    _add_data_args(c)
+    c.add_argument("--search-epochs", type=float, default=1.5)
+    c.add_argument("--warmup-epochs", type=float, default=0.25)
+    c.add_argument("--post-epochs", type=float, default=2.5)
+    c.add_argument("--lr", type=float, default=5e-4, help="weight learning rate during the search")
+    c.add_argument("--post-lr", type=float, default=3e-4)
+    c.add_argument("--kd", choices=("soft", "hard"), default="soft")
+    c.add_argument("--kd-alpha", type=float, default=0.5)
+    c.add_argument("--kd-temperature", type=float, default=1.0)
+    c.add_argument("--skip", choices=("both", "block", "halves"), default="both", help="which skip gates to learn")
+    c.add_argument("--no-prune", action="store_true", help="ablation: skipping only")
+    c.add_argument("--no-skip", action="store_true", help="ablation: pruning only")
+    c.add_argument("--no-kd", action="store_true", help="ablation: labels only")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    c.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    c.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    c.set_defaults(func=cmd_compress)
 
     m = sub.add_parser("macs", help="count a model's multiply-accumulates per image")
     m.add_argument("model", nargs="?", default=None, help="timm name or a folder saved by uvc (default: the bundled teacher)")

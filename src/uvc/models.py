@@ -7,7 +7,6 @@ The timm adapter covers `VisionTransformer` (vit_*, deit_*) and `VisionTransform
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Protocol
 
@@ -211,7 +210,11 @@ def _read_state_dict(path: Path) -> dict:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            import argparse
+
+            # Released training checkpoints (timm's saver, T2T-ViT, DeiT) also pickle their argparse args.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the formats raise many types; all mean "not a readable checkpoint"
         raise UVCError(f"cannot read checkpoint {path}: {e}") from e
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
@@ -279,11 +282,3 @@ def load_model(model: str | None = None, checkpoint: str | None = None, pretrain
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def gelu_is_default(mlp) -> bool:
-    return isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"
-
-
-def attention_scale(attn) -> float:
-    return float(getattr(attn, "scale", 1 / math.sqrt(attn.head_dim)))

@@ -1,0 +1,65 @@
+"""The picture of a compression run: per-layer architecture and the R / z / accuracy curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    """Draw report.png from a report dict (the same data as report.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write
+
+    layers = report["layers"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    idx = list(range(len(layers)))
+
+    ax = axes[0, 0]
+    attn_width = [l["heads"] * l["head_dim"] if l["attn"] else 0 for l in layers]
+    ax.bar(idx, attn_width, color="tab:blue")
+    for i, l in enumerate(layers):
+        label = f"{l['heads']}x{l['head_dim']}" if l["attn"] else "skip"
+        ax.text(i, attn_width[i], label, ha="center", va="bottom", fontsize=7)
+    ax.set(title="attention kept: heads x head width", xlabel="block", ylabel="q/k/v width")
+
+    ax = axes[0, 1]
+    neurons = [l["neurons"] if l["mlp"] else 0 for l in layers]
+    ax.bar(idx, neurons, color="tab:orange")
+    for i, l in enumerate(layers):
+        if not l["mlp"]:
+            ax.text(i, 0, "skip", ha="center", va="bottom", fontsize=7)
+    ax.set(title="MLP neurons kept", xlabel="block", ylabel="neurons")
+
+    history = report["history"]
+    steps = list(range(len(history)))
+    phases = [h["phase"] for h in history]
+    search = [i for i, p in enumerate(phases) if p == "search"]
+    ax = axes[1, 0]
+    if search:
+        ax.plot([steps[i] for i in search], [history[i]["R"] for i in search], label="R (expected)")
+        ax.plot([steps[i] for i in search], [history[i]["R_hard"] for i in search], label="R (hard decisions)")
+        ax.axhline(report["budget"], color="k", ls="--", lw=1, label=f"budget {report['budget']}")
+        ax2 = ax.twinx()
+        ax2.plot([steps[i] for i in search], [history[i]["z"] for i in search], color="tab:red", alpha=0.6, label="z")
+        ax2.set_ylabel("dual z", color="tab:red")
+    ax.set(title="search: resource ratio and budget dual", xlabel="logged step", ylabel="R")
+    ax.legend(loc="upper right", fontsize=8)
+
+    ax = axes[1, 1]
+    evals = report.get("evals", [])
+    for phase, color in (("search", "tab:green"), ("post", "tab:purple")):
+        pts = [e for e in evals if e["phase"] == phase]
+        if pts:
+            ax.plot([e["epoch"] for e in pts], [e["top1"] for e in pts], "o-", color=color, label=f"{phase} (test top-1)")
+    ax.axhline(report["top1_teacher"], color="k", ls="--", lw=1, label=f"teacher {report['top1_teacher']:.2f}%")
+    ax.set(title=f"accuracy: final {report['top1']:.2f}% at R = {report['ratio']:.3f}", xlabel="epoch of phase", ylabel="top-1 %")
+    ax.legend(fontsize=8)
+
+    fig.suptitle(f"uvc: {report['macs_dense'] / 1e6:.1f} M -> {report['macs'] / 1e6:.1f} M MACs, "
+                 f"{report['throughput_dense']:.0f} -> {report['throughput']:.0f} images/s (batch {report['throughput_batch']})")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)

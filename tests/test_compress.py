@@ -1,0 +1,165 @@
+"""The UVC search end to end on a tiny ViT and real Fashion-MNIST images: budgets, stability, resume, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+
+import uvc
+from uvc.compress import CompressConfig, compress
+from uvc.data import DataConfig
+from uvc.primal_dual import SearchConfig
+
+from conftest import fvcore_macs
+
+pytestmark = pytest.mark.usefixtures("require_fmnist")
+
+
+@pytest.fixture
+def require_fmnist(fmnist_available):
+    if not fmnist_available:
+        pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist (.ci/run does this)")
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=2)
+
+
+def tiny_config(out, budget=0.5, **search):
+    return CompressConfig(
+        out=str(out), budget=budget, log_every=1, throughput_batch=16, post_epochs=1,
+        data=DataConfig(train_limit=512, test_limit=256, batch_size=64),
+        search=SearchConfig(**{"epochs": 3, "warmup_epochs": 0.5, **search}),
+    )
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
+def test_budget_is_delivered_and_the_search_does_not_collapse(tmp_path, budget):
+    cfg = tiny_config(tmp_path, budget)
+    report = compress(cfg, model=tiny_vit())
+    assert budget - 0.01 <= report["ratio"] <= budget
+    saved = uvc.load(tmp_path)
+    assert uvc.macs(saved) == report["macs"]
+    assert abs(fvcore_macs(saved, (1, 28, 28)) - report["macs"]) / report["macs"] < 0.005
+    warmup = 0.5 * 8
+    search = [h for h in report["history"] if h["phase"] == "search" and h["step"] > warmup]
+    assert search and all(abs(h["R_hard"] - budget) <= 0.1 for h in search)
+    assert all(all(v == v for v in h.values() if isinstance(v, float)) for h in report["history"])  # no NaN
+    for key in ("macs_dense", "top1_teacher", "top1", "throughput_dense", "throughput", "layers", "history"):
+        assert key in report
+    assert len(report["layers"]) == 4
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "report.json").read_text())["ratio"] == report["ratio"]
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_ablations_run_and_respect_their_switches(tmp_path):
+    skip_only = compress(tiny_config(tmp_path / "a", 0.6, prune=False), model=tiny_vit())
+    assert any(not (l["attn"] and l["mlp"]) for l in skip_only["layers"])
+    assert all((l["heads"], l["head_dim"]) == (2, 32) for l in skip_only["layers"] if l["attn"])
+    assert all(l["neurons"] == 256 for l in skip_only["layers"] if l["mlp"])
+    assert skip_only["ratio"] <= 0.6
+    prune_only = compress(tiny_config(tmp_path / "b", 0.5, skip="none"), model=tiny_vit())
+    assert all(l["attn"] and l["mlp"] for l in prune_only["layers"])
+    cfg = tiny_config(tmp_path / "c", 0.5)
+    cfg.kd.kind = "none"
+    assert 0.49 <= compress(cfg, model=tiny_vit())["ratio"] <= 0.5
+
+
+def test_distilled_deit_with_hard_kd(tmp_path):
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    model = VisionTransformerDistilled(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, depth=2, num_heads=2)
+    cfg = tiny_config(tmp_path, 0.5)
+    cfg.kd.kind = "hard"
+    report = compress(cfg, model=model)
+    assert 0.49 <= report["ratio"] <= 0.5
+    assert type(uvc.load(tmp_path)).__name__ == "VisionTransformerDistilled"
+
+
+@pytest.mark.parametrize("budget, message", [(0.0, r"outside \(0, 1\]"), (1.5, r"outside \(0, 1\]"),
+                                             (0.001, "below the smallest model")])
+def test_bad_budgets_are_refused_up_front(tmp_path, budget, message):
+    with pytest.raises(uvc.UVCError, match=message):
+        compress(tiny_config(tmp_path / "out", budget), model=tiny_vit())
+    assert not (tmp_path / "out").exists()
+
+
+def run_cli(*args, **kwargs):
+    env = dict(os.environ, UVC_PROGRESS="0", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "uvc", *args], capture_output=True, text=True, env=env, **kwargs)
+
+
+CLI_TINY = ["--train-limit", "512", "--test-limit", "256", "--batch-size", "64", "--search-epochs", "3",
+            "--warmup-epochs", "0.5", "--post-epochs", "1"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "resnet18"], "not a supported Vision Transformer"),
+    (["--model", "vit_tinyy_patch16_224"], "unknown model"),
+    (["--model", "deit_tiny_patch16_224", "--data-root", "/nonexistent"], "apt-get install -y dataset-fashion-mnist"),
+    (["--model", "deit_tiny_patch16_224", "--data", "/nonexistent/imagenet"], "neither 'fashion-mnist' nor an existing"),
+    (["--budget", "2"], "outside (0, 1]"),
+])
+def test_cli_bad_input_names_the_fix_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = run_cli("compress", "--out", str(out), *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_cli_checkpoint_of_another_architecture(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(tiny_vit().state_dict(), str(weights))
+    result = run_cli("compress", "--model", "deit_tiny_patch16_224", "--checkpoint", str(weights), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "does not fit this architecture" in result.stderr
+    assert "--model the checkpoint was trained with" in result.stderr
+
+
+def test_cli_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    model_dir = tmp_path / "tiny"
+    uvc.save(tiny_vit(), model_dir)
+    result = run_cli("compress", "--model", str(model_dir), "--out", str(blocker / "out"), *CLI_TINY)
+    assert result.returncode == 2 and "not writable" in result.stderr
+
+
+def test_killed_run_resumes_to_the_same_model(tmp_path):
+    model_dir = tmp_path / "tiny"
+    uvc.save(tiny_vit(), model_dir)
+    common = ["compress", "--model", str(model_dir), "--budget", "0.5", "--seed", "3", "--checkpoint-every", "2", *CLI_TINY]
+    straight = run_cli(*common, "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, UVC_PROGRESS="0", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "uvc", *common, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt = out / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # let it run past the first checkpoint, so the kill lands mid-run
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (out / "model.safetensors").exists(), "the run ended before it could be killed"
+    resumed = run_cli(*common, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((p / "report.json").read_text()) for p in (tmp_path / "straight", out))
+    assert ra["layers"] == rb["layers"] and ra["top1"] == rb["top1"]
