@@ -173,7 +173,8 @@ def build_image_folder(cfg: DataConfig, seed: int = 0, distributed: bool = False
         raise UVCError(f"{root / 'train'} holds no images in class sub-folders")
     data_cfg = resolve_data_config({"input_size": (3, cfg.input_size, cfg.input_size)})
     common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
-                  num_workers=cfg.workers, distributed=distributed, crop_pct=data_cfg["crop_pct"])
+                  num_workers=cfg.workers, distributed=distributed, crop_pct=data_cfg["crop_pct"],
+                  use_prefetcher=False)  # the prefetcher assumes CUDA
     train = create_loader(splits["train"], batch_size=cfg.batch_size, is_training=True,
                           no_aug=not cfg.augment, **common)
     test = create_loader(splits["val"], batch_size=cfg.eval_batch_size, is_training=False, **common)
