@@ -221,3 +221,22 @@ def test_checkpoint_of_another_layout_names_the_mismatched_keys(tmp_path):
 def test_pretrained_download_is_refused_with_the_fix():
     with pytest.raises(uvc.UVCError, match="checkpoint"):
         uvc.load_model("t2t_vit_14", pretrained=True)
+
+
+def test_compressing_a_small_t2t_vit_reaches_its_budget(tmp_path, fmnist_available):
+    """Issue 5, point 4: the whole UVC pipeline on T2T-ViT-7 at 28x28 Fashion-MNIST."""
+    from uvc.compress import CompressConfig, compress
+    from uvc.data import DataConfig
+    from uvc.primal_dual import SearchConfig
+
+    if not fmnist_available:
+        pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
+    torch.manual_seed(0)
+    model = timm.create_model("t2t_vit_7", img_size=28, in_chans=1, num_classes=10)
+    cfg = CompressConfig(out=str(tmp_path), budget=0.6, post_epochs=0.5, throughput_batch=8, log_every=1,
+                         data=DataConfig(train_limit=256, test_limit=128, batch_size=32),
+                         search=SearchConfig(epochs=1, warmup_epochs=0.25))
+    report = compress(cfg, model=model)
+    assert 0.59 <= report["ratio"] <= 0.6
+    loaded = uvc.load(tmp_path)
+    assert isinstance(loaded, T2TViT) and uvc.macs(loaded) == report["macs"]
