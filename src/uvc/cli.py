@@ -67,7 +67,12 @@ def cmd_compress(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compress import CompressConfig
+    from .distill import KDConfig
     from .models import default_teacher_dir
+    from .primal_dual import SearchConfig
+
+    SEARCH, COMPRESS, KD = SearchConfig(), CompressConfig(), KDConfig()  # the CLI's defaults are the API's
 
     parser = argparse.ArgumentParser(prog="uvc", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -88,17 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", default=None, help="local weights (.safetensors/.pth) for a timm --model")
     c.add_argument("--pretrained", action="store_true", help="timm's released weights (needs network)")
     c.add_argument("--teacher", default=None, help="distillation teacher (default: the input model)")
-    c.add_argument("--budget", type=float, default=0.5, help="fraction of the dense model's MACs to keep, in (0, 1]")
-    c.add_argument("--out", default="runs/compress")
+    c.add_argument("--budget", type=float, default=COMPRESS.budget, help="fraction of the dense model's MACs to keep, in (0, 1]")
+    c.add_argument("--out", default=COMPRESS.out)
     _add_data_args(c)
-    c.add_argument("--search-epochs", type=float, default=1.5)
-    c.add_argument("--warmup-epochs", type=float, default=0.25)
-    c.add_argument("--post-epochs", type=float, default=2.5)
-    c.add_argument("--lr", type=float, default=5e-4, help="weight learning rate during the search")
-    c.add_argument("--post-lr", type=float, default=3e-4)
-    c.add_argument("--kd", choices=("soft", "hard"), default="soft")
-    c.add_argument("--kd-alpha", type=float, default=0.5)
-    c.add_argument("--kd-temperature", type=float, default=1.0)
+    c.add_argument("--search-epochs", type=float, default=SEARCH.epochs)
+    c.add_argument("--warmup-epochs", type=float, default=SEARCH.warmup_epochs)
+    c.add_argument("--post-epochs", type=float, default=COMPRESS.post_epochs)
+    c.add_argument("--lr", type=float, default=SEARCH.lr, help="weight learning rate during the search")
+    c.add_argument("--post-lr", type=float, default=COMPRESS.post_lr)
+    c.add_argument("--kd", choices=("soft", "hard"), default=KD.kind)
+    c.add_argument("--kd-alpha", type=float, default=KD.alpha)
+    c.add_argument("--kd-temperature", type=float, default=KD.temperature)
     c.add_argument("--skip", choices=("both", "block", "halves"), default="both", help="which skip gates to learn")
     c.add_argument("--no-prune", action="store_true", help="ablation: skipping only")
     c.add_argument("--no-skip", action="store_true", help="ablation: pruning only")

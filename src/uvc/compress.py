@@ -46,7 +46,7 @@ class CompressConfig:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    post_epochs: float = 2.5
+    post_epochs: float = 2.0
     post_lr: float = 3e-4
     post_weight_decay: float = 0.05
     post_warmup_epochs: float = 0.1

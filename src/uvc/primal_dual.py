@@ -31,8 +31,8 @@ GATES = ("block", "attn", "mlp")
 class SearchConfig:
     """Search hyper-parameters; defaults are tuned for the bundled Fashion-MNIST demo."""
 
-    epochs: float = 1.5
-    warmup_epochs: float = 0.25
+    epochs: float = 1.0
+    warmup_epochs: float = 0.2
     lr: float = 5e-4
     weight_decay: float = 0.05
     prune: bool = True
