@@ -19,8 +19,8 @@ from torch import nn
 from .budget import check_budget, skeleton_of
 from .data import DataConfig, build_data
 from .distill import KD_KINDS, KDConfig, distillation_loss
-from .engine import (evaluate, load_checkpoint, make_optimizer, predict_logits, progress, resolve_device,
-                     save_checkpoint, seed_everything, throughput)
+from .engine import (evaluate, load_checkpoint, make_optimizer, optimizer_step, predict_logits, progress,
+                     resolve_device, save_checkpoint, seed_everything, throughput)
 from .errors import UVCError
 from .flops import macs
 from .gates import gated_blocks, make_compressible
@@ -204,25 +204,14 @@ class Run:
         self.pd.apply_masks(self.student)
         self.pd.sample_gates(self.student, training=True)
         loss = distillation_loss(self.student(x), y, self._teacher_logits(x), self.cfg.kd)
-        if not torch.isfinite(loss):
-            raise UVCError(f"the search loss became {loss.item()} at step {step}; lower --lr")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step_update(step + 1)
+        loss = optimizer_step(loss, self.optimizer, self.scheduler, step, "search")
         self.pd.proximal_shrink(self.student, self.optimizer.param_groups[0]["lr"])
-        return {"loss": loss.item(), **self.pd.step(searching)}
+        return {"loss": loss, **self.pd.step(searching)}
 
     def post_step(self, x, y, step: int) -> dict:
         self.slimmed.train()
         loss = distillation_loss(self.slimmed(x), y, self._teacher_logits(x), self.cfg.kd)
-        if not torch.isfinite(loss):
-            raise UVCError(f"the post-training loss became {loss.item()} at step {step}; lower --post-lr")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step_update(step + 1)
-        return {"loss": loss.item()}
+        return {"loss": optimizer_step(loss, self.optimizer, self.scheduler, step, "post-training")}
 
     def _start_post_training(self, slimmed: nn.Module) -> None:
         self.slimmed = slimmed.to(self.device)

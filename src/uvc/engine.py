@@ -5,7 +5,6 @@ import logging
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -91,26 +90,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UVCError(f"checkpoint {path} cannot be read ({e}); delete it to start over") from e
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, step: int, where: str) -> float:
+    """Backward and update, refusing a non-finite loss with advice instead of training on NaN."""
+    if not torch.isfinite(loss):
+        raise UVCError(f"the loss became {loss.item()} at {where} step {step}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step_update(step + 1)
+    return loss.item()
+
+
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, loss_fn: Callable,
-                device: torch.device, epoch: int, desc: str, on_step: Callable | None = None) -> float:
+                device: torch.device, epoch: int, desc: str) -> float:
     """One pass over `loader`; `loss_fn(model, x, y)` returns the loss. Returns the mean loss."""
     model.train()
     steps = len(loader)
     total, bar = 0.0, progress(loader, desc=f"{desc} {epoch + 1}", total=steps)
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = loss_fn(model, x, y)
-        if not torch.isfinite(loss):
-            raise UVCError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {i}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step_update(epoch * steps + i + 1)
-        total += loss.item()
-        if on_step is not None:
-            on_step(i)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        loss = optimizer_step(loss_fn(model, x, y), optimizer, scheduler, epoch * steps + i, desc)
+        total += loss
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     return total / max(steps, 1)
 
 
@@ -137,6 +139,3 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
-def checkpoint_path(out_dir: str | os.PathLike, name: str = "checkpoint.pt") -> Path:
-    return Path(out_dir) / name

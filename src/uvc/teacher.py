@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataConfig, build_data
-from .engine import (checkpoint_path, evaluate, load_checkpoint, make_optimizer, resolve_device, save_checkpoint,
+from .engine import (evaluate, load_checkpoint, make_optimizer, resolve_device, save_checkpoint,
                      seed_everything, train_epoch)
 from .io import atomic_write_text, ensure_writable_dir, load, save
 from .models import DEFAULT_TEACHER, TEACHER_ARGS, default_teacher_dir
@@ -50,7 +50,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     data = build_data(cfg.data, seed=cfg.seed)
     model = VisionTransformer(**TEACHER_ARGS, drop_path_rate=cfg.drop_path).to(device)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs, len(data.train), cfg.warmup_epochs)
-    ckpt = checkpoint_path(out, "teacher_checkpoint.pt")
+    ckpt = out / "teacher_checkpoint.pt"
     start, history = 0, []
     if cfg.resume and ckpt.is_file():
         state = load_checkpoint(ckpt)
