@@ -1,18 +1,17 @@
 """T2T-ViT: architecture and key layout of the authors' release, FLOPs against fvcore, slimming, save/load."""
 import copy
 import json
-import random
 
 import pytest
 import timm
 import torch
-from fvcore.nn import FlopCountAnalysis
-from timm.layers import set_fused_attn, use_fused_attn
 
 import uvc
-from uvc.gates import LayerPlan
+import uvc.gates
 from uvc.models import adapter_for
 from uvc.t2t import T2TViT
+
+from conftest import fvcore_macs
 
 SMALL = dict(img_size=28, in_chans=1, num_classes=10)  # Fashion-MNIST sized: a 2x2 token grid
 
@@ -38,18 +37,10 @@ def images(size, batch=3, seed=1):
     return torch.randn(batch, *size, generator=torch.Generator().manual_seed(seed))
 
 
-def random_plan(model, rng):
-    """Random kept heads (one width per layer), neurons and skipped halves, and one whole block skipped."""
-    plan = []
-    for block in model.blocks:
-        heads, head_dim, hidden = block.attn.num_heads, block.attn.head_dim, block.mlp.fc1.out_features
-        kept = sorted(rng.sample(range(heads), rng.randint(1, heads)))
-        width = rng.randint(1, head_dim)
-        plan.append(LayerPlan(kept, [sorted(rng.sample(range(head_dim), width)) for _ in kept],
-                              sorted(rng.sample(range(hidden), rng.randint(1, hidden))),
-                              attn=rng.random() > 0.25, mlp=rng.random() > 0.25))
-    skipped = plan[rng.randrange(len(plan))]
-    skipped.attn = skipped.mlp = False
+def random_plan(model, seed):
+    """uvc's random plan with one whole block skipped on top, so slimming must drop a block."""
+    plan = uvc.gates.random_plan(model, torch.Generator().manual_seed(seed), skip_prob=0.25)
+    plan[seed % len(plan)].attn = plan[seed % len(plan)].mlp = False
     return plan
 
 
@@ -103,56 +94,31 @@ def test_positions_are_the_fixed_sinusoid_table():
     assert torch.isclose(table[3, 3], torch.cos(torch.tensor(3.0) / 10000 ** (2 / 256)))
 
 
-@pytest.fixture
-def unfused_attention():
-    """fvcore sees the attention products only as explicit matmuls."""
-    before = use_fused_attn()
-    set_fused_attn(False)
-    yield
-    set_fused_attn(before)
-
-
-def fvcore_macs(model, size):
-    """fvcore's count minus its layer norms (uvc's FLOPs model leaves norms out), and its per-operator table."""
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-    analysis = FlopCountAnalysis(model.eval(), torch.randn(1, *size))
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    by_operator = analysis.by_operator()
-    return analysis.total() - by_operator.get("layer_norm", 0), dict(by_operator)
-
-
 @pytest.mark.parametrize("name, size", [("t2t_vit_14", (3, 224, 224)), ("t2t_vit_7", (3, 224, 224)),
                                         ("t2t_vit_t_14", (3, 64, 64))])
-def test_dense_macs_match_fvcore(name, size, unfused_attention):
+def test_dense_macs_match_fvcore(name, size):
     model = timm.create_model(name, img_size=size[1:], in_chans=size[0])
-    counted, by_operator = fvcore_macs(model, size)
-    print(f"{name} {size}: uvc {uvc.macs(model)} fvcore-minus-layer_norm {counted} {by_operator}")
+    counted = fvcore_macs(model, size)
     assert abs(uvc.macs(model) - counted) <= 0.005 * counted
 
 
-def test_slimmed_macs_match_fvcore(unfused_attention):
-    rng = random.Random(0)
+def test_slimmed_macs_match_fvcore():
     dense = timm.create_model("t2t_vit_7")
-    for _ in range(3):
-        plan = random_plan(dense, rng)
+    for seed in range(3):
+        plan = random_plan(dense, seed)
         slimmed = uvc.slim(dense, plan)
         masked = uvc.make_compressible(copy.deepcopy(dense))
         uvc.set_plan(masked, plan)
         assert len(slimmed.blocks) < len(dense.blocks) and uvc.macs(slimmed) == uvc.macs(masked)
-        counted, _ = fvcore_macs(slimmed, (3, 224, 224))
-        print(f"slimmed t2t_vit_7: uvc {uvc.macs(slimmed)} fvcore-minus-layer_norm {counted}")
+        counted = fvcore_macs(slimmed, (3, 224, 224))
         assert abs(uvc.macs(slimmed) - counted) <= 0.005 * counted
 
 
 def test_slimmed_outputs_equal_masked_outputs():
-    rng = random.Random(1)
     dense = small_model()
     x = images((1, 28, 28))
-    for _ in range(3):
-        plan = random_plan(dense, rng)
+    for seed in range(3):
+        plan = random_plan(dense, seed + 10)
         masked = uvc.make_compressible(copy.deepcopy(dense))
         uvc.set_plan(masked, plan)
         slimmed = uvc.slim(dense, plan)
@@ -184,7 +150,7 @@ def test_non_square_images():
 def test_save_load_round_trip(tmp_path, name, slimmed):
     model = small_model(name, img_size=32)
     if slimmed:
-        model = uvc.slim(model, random_plan(model, random.Random(2)))
+        model = uvc.slim(model, random_plan(model, 2))
     uvc.save(model, tmp_path)
     assert json.loads((tmp_path / "arch.json").read_text())["model"]["adapter"] == "t2t-vit"
     loaded = uvc.load(tmp_path)
