@@ -244,6 +244,29 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
+OFFLINE_ADVICE = ("Without network access, download the weights elsewhere and pass --checkpoint PATH (timm's "
+                  ".safetensors/.pth, or the original DeiT .pth holding {'model': state_dict}), or set "
+                  "HF_HUB_OFFLINE=1 to use weights already in the Hugging Face cache.")
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached, found within `timeout` seconds; None if it answers.
+
+    Offline, huggingface_hub retries for about a minute before it gives up; this probe makes an
+    offline `--pretrained` fail in seconds. With HF_HUB_OFFLINE set, timm reads the local cache and
+    makes no request, so there is nothing to probe.
+    """
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:  # the HTTP client (httpx or requests, by hub version) raises its own types
+        return f"the Hugging Face Hub ({constants.ENDPOINT}) is not reachable ({type(e).__name__}: {e})"
+    return None
+
+
 def load_model(model: str | None = None, checkpoint: str | None = None, pretrained: bool = False,
                **timm_kwargs) -> nn.Module:
     """A model from a timm name, a folder written by `uvc.save`, or the bundled teacher (None).
@@ -267,12 +290,15 @@ def load_model(model: str | None = None, checkpoint: str | None = None, pretrain
             close = timm.list_models(f"*{model.split('_')[0]}*")[:8]
             raise UVCError(f"unknown model {model!r}: not a timm model name nor a folder saved by uvc.save."
                            + (f" Similar names: {', '.join(close)}" if close else ""))
+        fetch = pretrained and not checkpoint
+        if fetch and (problem := _hub_unreachable()):
+            raise UVCError(f"could not fetch pretrained weights for {model}: {problem}. " + OFFLINE_ADVICE)
         try:
-            net = timm.create_model(model, pretrained=pretrained and not checkpoint, **timm_kwargs)
+            net = timm.create_model(model, pretrained=fetch, **timm_kwargs)
         except (OSError, RuntimeError, ValueError) as e:
-            if pretrained:
+            if fetch:
                 raise UVCError(f"could not fetch pretrained weights for {model} ({type(e).__name__}: {e}). "
-                               "Without network access, download them elsewhere and pass --checkpoint PATH.") from e
+                               + OFFLINE_ADVICE) from e
             raise
         if checkpoint:
             load_state_dict_checked(net, _read_state_dict(Path(checkpoint)), checkpoint)

@@ -1,0 +1,38 @@
+"""Released weights: --pretrained fails fast without network, a DeiT-format .pth loads via --checkpoint."""
+import os
+import subprocess
+import sys
+import time
+
+import timm
+import torch
+
+from uvc.models import load_model
+
+
+def test_pretrained_without_network_fails_fast_and_names_the_fix(tmp_path):
+    # An endpoint that refuses connections and an empty cache stand in for an offline machine on any
+    # machine. huggingface_hub alone retries for about a minute (56 s measured) before giving up.
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), UVC_PROGRESS="0")
+    env.pop("HF_HUB_OFFLINE", None)
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "uvc", "compress", "--model", "deit_small_patch16_224", "--pretrained",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    elapsed = time.time() - started
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "could not fetch pretrained weights for deit_small_patch16_224" in result.stderr
+    assert "pass --checkpoint PATH" in result.stderr
+    assert elapsed < 30, f"took {elapsed:.0f} s to report that the network is unreachable"
+    assert not (tmp_path / "out").exists()
+
+
+def test_original_deit_checkpoint_loads(tmp_path):
+    """DeiT's released .pth files hold {'model': state_dict} (plus optimizer and args in training checkpoints)."""
+    torch.manual_seed(1)
+    reference = timm.create_model("deit_tiny_patch16_224")
+    path = tmp_path / "deit_tiny_patch16_224-a1311bcf.pth"
+    torch.save({"model": reference.state_dict(), "epoch": 299}, path)
+    loaded = load_model("deit_tiny_patch16_224", checkpoint=str(path), pretrained=True)  # the file wins, no download
+    own = loaded.state_dict()
+    assert own.keys() == reference.state_dict().keys()
+    assert all(torch.equal(own[k], v) for k, v in reference.state_dict().items())
