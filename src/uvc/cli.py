@@ -1,8 +1,12 @@
-"""The `uvc` command: a thin argparse layer over the Python API."""
+"""The `uvc` command: a thin argparse layer over the Python API.
+
+`torchrun --nproc_per_node=N -m uvc compress ...` runs the compression data-parallel on N processes.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .errors import UVCError
@@ -13,18 +17,25 @@ log = logging.getLogger("uvc")
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or a folder with train/ and val/ class folders")
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST idx .gz files (default: Debian's)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch, split over torchrun's processes")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--input-size", type=int, default=224, help="crop size for ImageFolder data")
+    recipe = "default: DeiT's %s for ImageFolder data, %s for Fashion-MNIST"
+    p.add_argument("--mixup", type=float, default=None, help="mixup alpha, 0 for off; " + recipe % (0.8, 0))
+    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha, 0 for off; " + recipe % (1.0, 0))
+    p.add_argument("--smoothing", type=float, default=None, help="label smoothing; " + recipe % (0.1, 0))
+    p.add_argument("--aa", default=None, help="ImageFolder only: timm auto-augment policy or 'none' (default rand-m9-mstd0.5-inc1)")
+    p.add_argument("--reprob", type=float, default=None, help="ImageFolder only: random-erasing probability (default 0.25)")
 
 
 def _data_config(a):
     from .data import DataConfig
 
     return DataConfig(data=a.data, root=a.data_root, batch_size=a.batch_size, train_limit=a.train_limit,
-                      test_limit=a.test_limit, workers=a.workers, input_size=a.input_size)
+                      test_limit=a.test_limit, workers=a.workers, input_size=a.input_size, mixup=a.mixup,
+                      cutmix=a.cutmix, smoothing=a.smoothing, aa=a.aa, reprob=a.reprob)
 
 
 def cmd_train_teacher(a) -> int:
@@ -47,6 +58,7 @@ def cmd_macs(a) -> int:
 
 
 def cmd_compress(a) -> int:
+    from . import distributed
     from .compress import CompressConfig, compress
     from .distill import KDConfig
     from .primal_dual import SearchConfig
@@ -58,7 +70,12 @@ def cmd_compress(a) -> int:
                          budget=a.budget, out=a.out, data=_data_config(a), search=search, kd=kd,
                          post_epochs=a.post_epochs, post_lr=a.post_lr, seed=a.seed, device=a.device,
                          resume=a.resume, checkpoint_every=a.checkpoint_every)
-    report = compress(cfg)
+    try:
+        report = compress(cfg)
+        if not distributed.is_main():
+            return 0
+    finally:
+        distributed.shutdown()
     print(f"R = {report['ratio']:.4f} of {report['macs_dense'] / 1e6:.2f} M MACs (budget {report['budget']}); "
           f"top-1 {report['top1']:.2f}% vs teacher {report['top1_teacher']:.2f}%; "
           f"{report['throughput_dense']:.0f} -> {report['throughput']:.0f} images/s")
@@ -109,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-skip", action="store_true", help="ablation: pruning only")
     c.add_argument("--no-kd", action="store_true", help="ablation: labels only")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (under torchrun: one GPU per process)")
     c.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     c.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     c.set_defaults(func=cmd_compress)
@@ -123,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    other_rank = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 reports progress
+    logging.basicConfig(level=logging.WARNING if other_rank else logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)

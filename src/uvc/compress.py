@@ -4,6 +4,9 @@ Phases, each resumable from an atomic checkpoint written at every epoch boundary
 `checkpoint_every` steps): search (primal-dual over weights, ratios, gates and duals) -> hard
 decisions fitted to the budget -> physical slimming -> post-training of the slimmed model with KD.
 The reported accuracy and MACs are those of the slimmed model that is saved.
+
+Under torchrun the weights train with DistributedDataParallel and the search state stays identical
+on every rank (distributed.py says how); rank 0 alone writes checkpoints, the model and the report.
 """
 from __future__ import annotations
 
@@ -13,13 +16,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .budget import check_budget, skeleton_of
 from .data import DataConfig, build_data
 from .distill import KD_KINDS, KDConfig, distillation_loss
-from .engine import (evaluate, load_checkpoint, make_optimizer, optimizer_step, predict_logits, progress,
+from .engine import (autocast, evaluate, load_checkpoint, make_optimizer, optimizer_step, predict_logits, progress,
                      resolve_device, save_checkpoint, seed_everything, throughput)
 from .errors import UVCError
 from .flops import macs
@@ -85,11 +90,12 @@ class Run:
     def __init__(self, cfg: CompressConfig, model: nn.Module | None = None, teacher: nn.Module | None = None):
         cfg.validate()
         self.cfg = cfg
-        seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.device)
-        student = model if model is not None else load_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
-        if teacher is None:
-            teacher = load_model(cfg.teacher) if cfg.teacher else copy.deepcopy(student)
+        seed_everything(cfg.seed)  # the same seed on every rank: see distributed.py
+        self.device = distributed.setup(resolve_device(cfg.device))
+        with distributed.main_first():
+            student = model if model is not None else load_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
+            if teacher is None:
+                teacher = load_model(cfg.teacher) if cfg.teacher else copy.deepcopy(student)
         self.teacher = teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -100,7 +106,9 @@ class Run:
         check_budget(cfg.budget, self.skel, cfg.search.prune, cfg.search.skip != "none")
         self.out = ensure_writable_dir(cfg.out)
         self.dense_macs = macs(student, self.input_size)
-        self.student = make_compressible(copy.deepcopy(student)).to(self.device)
+        # The copy trains even when `model` is frozen (e.g. the very object passed as the teacher).
+        self.student = make_compressible(copy.deepcopy(student)).requires_grad_(True).to(self.device)
+        self.train_student = distributed.wrap(self.student, self.device)
         self.dense = student
         self.pd = PrimalDual(self.student, cfg.budget, cfg.search, self.skel).to(self.device)
         self.steps_per_epoch = len(self.data.train)
@@ -112,6 +120,7 @@ class Run:
         self.optimizer, self.scheduler = make_optimizer(self.student, cfg.search.lr, cfg.search.weight_decay,
                                                         cfg.search.epochs, self.steps_per_epoch)
         self.slimmed: nn.Module | None = None
+        self.train_slimmed: nn.Module | None = None
         self.state = {"phase": "search", "step": 0, "history": [], "evals": [], "metrics": {}}
 
     def _check_compatible(self, student: nn.Module) -> None:
@@ -129,12 +138,21 @@ class Run:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> None:
-        state = dict(self.state, rng=torch.get_rng_state(), optimizer=self.optimizer.state_dict())
         if self.state["phase"] == "search":
-            state.update(student=self.student.state_dict(), search=self.pd.search_state())
-        else:
-            state.update(arch=arch_of(self.slimmed), slimmed=self.slimmed.state_dict())
-        save_checkpoint(self.out / CHECKPOINT, state)
+            self._check_ranks_agree()
+        if distributed.is_main():
+            state = dict(self.state, rng=torch.get_rng_state(), np_rng=np.random.get_state(),
+                         optimizer=self.optimizer.state_dict())
+            if self.state["phase"] == "search":
+                state.update(student=self.student.state_dict(), search=self.pd.search_state())
+            else:
+                state.update(arch=arch_of(self.slimmed), slimmed=self.slimmed.state_dict())
+            save_checkpoint(self.out / CHECKPOINT, state)
+        distributed.barrier()
+
+    def _check_ranks_agree(self) -> None:
+        """The search state and the masks it implies must be bit-identical on every rank."""
+        distributed.same_on_all_ranks("the search state", [*self.pd.state_dict().values(), *self.student.buffers()])
 
     def resume(self) -> bool:
         path = self.out / CHECKPOINT
@@ -152,6 +170,7 @@ class Run:
             self.slimmed.load_state_dict(state["slimmed"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        np.random.set_state(state["np_rng"])  # mixup's draws
         self.state = {k: state[k] for k in ("phase", "step", "history", "evals", "metrics", "budget", "dense_macs")}
         log.info("resumed from %s: %s step %d", path, state["phase"], state["step"])
         return True
@@ -163,7 +182,10 @@ class Run:
         while self.state["step"] < total:
             step = self.state["step"]
             for x, y in _batches(self.data.train, step // spe, step % spe):
-                figures = step_fn(x.to(self.device), y.to(self.device), self.state["step"])
+                x, y = x.to(self.device), y.to(self.device)
+                if self.data.mixup is not None:
+                    x, y = self.data.mixup(x, y)
+                figures = step_fn(x, y, self.state["step"])
                 self.state["step"] += 1
                 step = self.state["step"]
                 bar.update(1)
@@ -191,8 +213,12 @@ class Run:
         self.state["evals"].append({"phase": phase, "epoch": epoch, "top1": top1, "R": ratio})
         log.info("%s epoch %.2f: top-1 %.2f%% at R = %.3f", phase, epoch, top1, ratio)
 
-    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
-        return None if self.cfg.kd.kind == "none" else predict_logits(self.teacher, x)
+    def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Task + KD loss; the student and teacher forward passes run under bf16 autocast on CUDA."""
+        with autocast(self.device):
+            out = model(x)
+            teacher_logits = None if self.cfg.kd.kind == "none" else predict_logits(self.teacher, x)
+        return distillation_loss(out, y, teacher_logits, self.cfg.kd, self.data.label_smoothing)
 
     def _set_distilled_training(self, model: nn.Module) -> None:
         if hasattr(model, "set_distilled_training"):
@@ -203,18 +229,22 @@ class Run:
         self.student.train()
         self.pd.apply_masks(self.student)
         self.pd.sample_gates(self.student, training=True)
-        loss = distillation_loss(self.student(x), y, self._teacher_logits(x), self.cfg.kd)
-        loss = optimizer_step(loss, self.optimizer, self.scheduler, step, "search")
+        loss = optimizer_step(self._loss(self.train_student, x, y), self.optimizer, self.scheduler, step, "search")
+        if self.pd.gate_logits.grad is not None:
+            # The only rank-dependent input of the search step. What earlier steps accumulated is already
+            # identical on every rank, so averaging the sum averages this step's task gradient.
+            distributed.all_reduce_mean_(self.pd.gate_logits.grad)
         self.pd.proximal_shrink(self.student, self.optimizer.param_groups[0]["lr"])
-        return {"loss": loss, **self.pd.step(searching)}
+        return {"loss": distributed.mean_over_ranks(loss), **self.pd.step(searching)}
 
     def post_step(self, x, y, step: int) -> dict:
         self.slimmed.train()
-        loss = distillation_loss(self.slimmed(x), y, self._teacher_logits(x), self.cfg.kd)
-        return {"loss": optimizer_step(loss, self.optimizer, self.scheduler, step, "post-training")}
+        loss = optimizer_step(self._loss(self.train_slimmed, x, y), self.optimizer, self.scheduler, step, "post-training")
+        return {"loss": distributed.mean_over_ranks(loss)}
 
     def _start_post_training(self, slimmed: nn.Module) -> None:
-        self.slimmed = slimmed.to(self.device)
+        self.slimmed = slimmed.requires_grad_(True).to(self.device)
+        self.train_slimmed = distributed.wrap(self.slimmed, self.device)
         self._set_distilled_training(self.slimmed)
         self.optimizer, self.scheduler = make_optimizer(self.slimmed, self.cfg.post_lr, self.cfg.post_weight_decay,
                                                         self.cfg.post_epochs, self.steps_per_epoch,
@@ -222,6 +252,9 @@ class Run:
 
     def _finish_search(self) -> None:
         plan = self.pd.final_plan(self.student)
+        self._check_ranks_agree()
+        if distributed.world_size() > 1:
+            log.info("all %d ranks hold the same search state and architecture", distributed.world_size())
         gated_ratio = macs(self.student, self.input_size) / self.dense_macs
         slimmed = slim(self.student, plan)
         self.state["metrics"].update(plan=[p.to_dict() for p in plan], ratio_search_end=gated_ratio,
@@ -248,13 +281,18 @@ class Run:
         return self._finish()
 
     def _finish(self) -> dict:
-        from .report import write_report
-
         model = self.slimmed.eval()
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(False)
+        top1 = evaluate(model, self.data.test, self.device, desc="eval final")  # every rank evaluates its shard
+        report = self._write_outputs(model, top1) if distributed.is_main() else None
+        return distributed.broadcast_from_main(report)
+
+    def _write_outputs(self, model: nn.Module, top1: float) -> dict:
+        """Rank 0's part of the end: throughput, the saved model, report.json and report.png."""
+        from .report import write_report
+
         m = self.state["metrics"]
-        top1 = evaluate(model, self.data.test, self.device, desc="eval final")
         slim_macs = macs(model, self.input_size)
         dense_tp = throughput(self.dense, self.input_size, self.cfg.throughput_batch, self.device)
         slim_tp = throughput(model, self.input_size, self.cfg.throughput_batch, self.device)
@@ -264,6 +302,7 @@ class Run:
             "ratio": slim_macs / self.dense_macs, "top1_teacher": m["top1_teacher"], "top1": top1,
             "top1_after_search": m["top1_after_search"], "throughput_dense": dense_tp, "throughput": slim_tp,
             "throughput_batch": self.cfg.throughput_batch, "device": str(self.device),
+            "processes": distributed.world_size(),
             "params_dense": sum(p.numel() for p in self.dense.parameters()),
             "params": sum(p.numel() for p in model.parameters()),
             "layers": [_layer_summary(p) for p in m["plan"]], "history": self.state["history"],

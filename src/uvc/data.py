@@ -2,7 +2,9 @@
 
 Fashion-MNIST is small enough to live in memory as one uint8 tensor, so batches are cut from it
 directly: no worker processes, deterministic order from a seed, and cheap augmentation on whole
-batches. ImageFolder trees go through timm's dataset and transform factories.
+batches. ImageFolder trees go through timm's dataset and transform factories, with DeiT's training
+recipe by default. Under torchrun every rank reads a disjoint shard of each batch and of the test
+split, so evaluation counts every test image exactly once.
 """
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import UVCError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -26,6 +29,10 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+# DeiT's ImageNet recipe (Touvron et al. 2021, the UVC reference's data pipeline) for ImageFolder
+# data; Fashion-MNIST batches keep their own shift-and-flip augmentation and plain labels.
+DEIT_RECIPE = dict(mixup=0.8, cutmix=1.0, smoothing=0.1, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
+PLAIN_RECIPE = dict(mixup=0.0, cutmix=0.0, smoothing=0.0, aa=None, reprob=0.0)
 
 
 @dataclass
@@ -33,18 +40,41 @@ class DataConfig:
     """Where the images come from and how they are batched.
 
     `data` is "fashion-mnist" (Debian's package, or `root` pointing at a folder with its four idx
-    files) or a folder with `train/` and `val/` class sub-folders (ImageNet layout).
+    files) or a folder with `train/` and `val/` class sub-folders (ImageNet layout). The recipe
+    fields left at None take the data's default: `DEIT_RECIPE` for folders, `PLAIN_RECIPE` for
+    Fashion-MNIST.
     """
 
     data: str = "fashion-mnist"
     root: str | None = None
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: under torchrun each rank takes batch_size / world size
     eval_batch_size: int = 512
     workers: int = 2
     train_limit: int | None = None  # use only the first N training images (quick runs, tests)
     test_limit: int | None = None
     augment: bool = True
     input_size: int = 224  # ImageFolder only: the crop the model sees
+    mixup: float | None = None  # mixup alpha (0: off)
+    cutmix: float | None = None  # cutmix alpha (0: off)
+    smoothing: float | None = None  # label smoothing
+    aa: str | None = None  # ImageFolder only: timm auto-augment policy, "none" for none
+    reprob: float | None = None  # ImageFolder only: random-erasing probability
+
+    def recipe(self, image_folder: bool) -> dict:
+        """The recipe fields with the data's defaults filled in."""
+        defaults = DEIT_RECIPE if image_folder else PLAIN_RECIPE
+        recipe = {k: defaults[k] if getattr(self, k) is None else getattr(self, k) for k in defaults}
+        recipe["aa"] = None if recipe["aa"] in ("none", "") else recipe["aa"]
+        if not image_folder and (recipe["aa"] or recipe["reprob"]):
+            raise UVCError("--aa and --reprob apply to ImageFolder data; Fashion-MNIST batches have their own augmentation")
+        return recipe
+
+
+def per_process_batch(batch_size: int, world: int) -> int:
+    """The share of a global batch that each of `world` processes takes."""
+    if batch_size % world:
+        raise UVCError(f"batch size {batch_size} does not split evenly over {world} processes")
+    return batch_size // world
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -93,12 +123,17 @@ class TensorBatches:
 
     Augmentation (train only): random shifts of up to 2 pixels (pad-and-crop) and horizontal flips,
     applied to the whole batch at once, which is what makes CPU training on 28x28 images cheap.
+    `shard=(rank, world)` yields rank's slice of every batch; the random draws are those of the
+    whole batch, so the shards of all ranks together are exactly the unsharded batches.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
-                 train: bool, augment: bool = True, seed: int = 0):
+                 train: bool, augment: bool = True, seed: int = 0, shard: tuple[int, int] = (0, 1)):
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
+        rank, world = shard
+        local = per_process_batch(batch_size, world)
+        self.part = slice(rank * local, (rank + 1) * local)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -111,12 +146,12 @@ class TensorBatches:
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
 
-    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        n, _, h, w = x.shape
+    def _augment(self, x: torch.Tensor, gen: torch.Generator, batch: int) -> torch.Tensor:
+        _, _, h, w = x.shape
         padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
         dy, dx = torch.randint(0, 5, (2,), generator=gen).tolist()  # one shift per batch keeps it cheap
         x = padded[:, :, dy:dy + h, dx:dx + w]
-        flip = torch.rand(n, generator=gen) < 0.5
+        flip = (torch.rand(batch, generator=gen) < 0.5)[self.part]
         return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -124,10 +159,11 @@ class TensorBatches:
         gen = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
         order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            batch = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = batch[self.part]
             x = self._normalise(self.images[idx])
             if self.train and self.augment:
-                x = self._augment(x, gen)
+                x = self._augment(x, gen, len(batch))
             yield x, self.labels[idx]
 
 
@@ -140,22 +176,49 @@ class Dataset:
     num_classes: int
     input_size: tuple[int, int, int]
     name: str
+    mixup: Callable | None = None  # (images, labels) -> (mixed images, soft targets), on training batches
+    label_smoothing: float = 0.0  # for hard labels; with mixup the smoothing is already in its targets
 
 
-def build_data(cfg: DataConfig, seed: int = 0, distributed: bool = False) -> Dataset:
-    """Fashion-MNIST by name, else an ImageFolder tree with train/ and val/."""
+def _mixup(recipe: dict, num_classes: int, batch_size: int):
+    """timm's Mixup/CutMix (one draw per batch, smoothed soft targets), or None when both are off."""
+    if not (recipe["mixup"] or recipe["cutmix"]):
+        return None
+    from timm.data import Mixup
+
+    local = per_process_batch(batch_size, distributed.world_size())
+    if local % 2:
+        raise UVCError(f"mixup and cutmix pair images within a batch: the batch per process ({local}) must be even")
+    return Mixup(mixup_alpha=recipe["mixup"], cutmix_alpha=recipe["cutmix"], label_smoothing=recipe["smoothing"],
+                 num_classes=num_classes)
+
+
+def build_data(cfg: DataConfig, seed: int = 0) -> Dataset:
+    """Fashion-MNIST by name, else an ImageFolder tree with train/ and val/; sharded under torchrun."""
     if cfg.data in ("fashion-mnist", "fashion_mnist", "fmnist"):
+        recipe = cfg.recipe(image_folder=False)
+        rank, world = distributed.rank(), distributed.world_size()
         tx, ty = load_fashion_mnist("train", cfg.root, cfg.train_limit)
         vx, vy = load_fashion_mnist("test", cfg.root, cfg.test_limit)
-        train = TensorBatches(tx, ty, cfg.batch_size, train=True, augment=cfg.augment, seed=seed)
-        test = TensorBatches(vx, vy, cfg.eval_batch_size, train=False)
-        return Dataset(train, test, 10, (1, 28, 28), "fashion-mnist")
-    return build_image_folder(cfg, seed, distributed)
+        train = TensorBatches(tx, ty, cfg.batch_size, train=True, augment=cfg.augment, seed=seed, shard=(rank, world))
+        test = TensorBatches(vx[rank::world], vy[rank::world], cfg.eval_batch_size, train=False)
+        data = Dataset(train, test, 10, (1, 28, 28), "fashion-mnist")
+    else:
+        recipe = cfg.recipe(image_folder=True)
+        data = build_image_folder(cfg, recipe)
+    data.mixup = _mixup(recipe, data.num_classes, cfg.batch_size)
+    data.label_smoothing = 0.0 if data.mixup else recipe["smoothing"]
+    return data
 
 
-def build_image_folder(cfg: DataConfig, seed: int = 0, distributed: bool = False) -> Dataset:
-    """An ImageNet-style folder through timm's dataset, transform and loader factories."""
-    from timm.data import create_dataset, create_loader, resolve_data_config
+def build_image_folder(cfg: DataConfig, recipe: dict) -> Dataset:
+    """An ImageNet-style folder through timm's dataset, transform and loader factories.
+
+    Training batches come from a DistributedSampler under torchrun. The test split is cut into
+    strided shards without padding (timm's distributed eval sampler repeats images to even out the
+    ranks, which would count some twice).
+    """
+    from timm.data import create_dataset, create_loader, create_transform, resolve_data_config
 
     root = Path(cfg.data)
     if not root.is_dir():
@@ -172,10 +235,14 @@ def build_image_folder(cfg: DataConfig, seed: int = 0, distributed: bool = False
     if classes == 0 or len(splits["train"]) == 0:
         raise UVCError(f"{root / 'train'} holds no images in class sub-folders")
     data_cfg = resolve_data_config({"input_size": (3, cfg.input_size, cfg.input_size)})
-    common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
-                  num_workers=cfg.workers, distributed=distributed, crop_pct=data_cfg["crop_pct"],
-                  use_prefetcher=False)  # the prefetcher assumes CUDA
-    train = create_loader(splits["train"], batch_size=cfg.batch_size, is_training=True,
-                          no_aug=not cfg.augment, **common)
-    test = create_loader(splits["val"], batch_size=cfg.eval_batch_size, is_training=False, **common)
+    rank, world = distributed.rank(), distributed.world_size()
+    transform = dict(mean=data_cfg["mean"], std=data_cfg["std"], interpolation="bicubic", crop_pct=data_cfg["crop_pct"])
+    train = create_loader(splits["train"], input_size=data_cfg["input_size"], batch_size=per_process_batch(cfg.batch_size, world),
+                          is_training=True, no_aug=not cfg.augment, auto_augment=recipe["aa"],
+                          re_prob=recipe["reprob"], re_mode="pixel", num_workers=cfg.workers,
+                          distributed=world > 1, use_prefetcher=False, **transform)  # the prefetcher assumes CUDA
+    val = splits["val"]
+    val.transform = create_transform(data_cfg["input_size"], is_training=False, **transform)
+    test = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(rank, len(val), world)),
+                                       batch_size=-(-cfg.eval_batch_size // world), num_workers=cfg.workers)
     return Dataset(train, test, classes, tuple(data_cfg["input_size"]), str(root))

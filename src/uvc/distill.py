@@ -2,6 +2,8 @@
 
 Soft KD averages the KL divergence per sample (`batchmean`); the reference divides by batch x
 classes, which makes its KD term ~1000x weaker than the formula it states (METHOD.md section 4).
+Labels are class indices or, after mixup/cutmix, soft targets [batch, classes]: cross-entropy on
+soft targets is timm's SoftTargetCrossEntropy.
 """
 from __future__ import annotations
 
@@ -31,9 +33,13 @@ def distillation_loss(student_out, labels: torch.Tensor, teacher_logits: torch.T
                       label_smoothing: float = 0.0) -> torch.Tensor:
     """(1 - a) CE(labels) + a KD(teacher), with the distillation token's head taking the KD term.
 
-    Without a teacher (or kind "none") it is plain cross-entropy.
+    Without a teacher (or kind "none") it is plain cross-entropy. Logits are taken in float32 (they
+    are bf16 under autocast); `labels` may be indices or soft targets.
     """
     logits, dist_logits = split_outputs(student_out)
+    logits = logits.float()
+    dist_logits = None if dist_logits is None else dist_logits.float()
+    teacher_logits = None if teacher_logits is None else teacher_logits.float()
     ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     if cfg.kind == "none" or teacher_logits is None:
         return ce if dist_logits is None else (ce + F.cross_entropy(dist_logits, labels, label_smoothing=label_smoothing)) / 2
