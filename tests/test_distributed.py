@@ -183,10 +183,11 @@ def test_image_folder_with_the_deit_recipe_on_two_processes(tmp_path):
     uvc.save(VisionTransformer(img_size=32, patch_size=8, num_classes=2, embed_dim=64, depth=4, num_heads=2), tmp_path / "m")
     result = run_torchrun("compress", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "images"),
                           "--input-size", "32", "--workers", "0", "--batch-size", "4", "--budget", "0.5",
-                          "--search-epochs", "3", "--warmup-epochs", "0.5", "--post-epochs", "1",
+                          "--search-epochs", "3", "--warmup-epochs", "0.5", "--post-epochs", "1", "--reprob", "0.1",
                           "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert 0.49 <= report["ratio"] <= 0.5 and report["processes"] == 2
     assert max(h["step"] for h in report["history"] if h["phase"] == "search") == 12  # 16 images, 4 a step, 3 epochs
     assert report["config"]["data"]["aa"] is None  # left to the recipe: DeiT's for ImageFolder data
+    assert report["config"]["data"]["reprob"] == 0.1

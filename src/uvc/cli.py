@@ -14,7 +14,11 @@ from .errors import UVCError
 log = logging.getLogger("uvc")
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+RECIPE_ARGS = ("mixup", "cutmix", "smoothing", "aa", "reprob")
+
+
+def _add_data_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
+    """Where the data comes from; with `recipe`, also the training-recipe overrides (compress only)."""
     p.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or a folder with train/ and val/ class folders")
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST idx .gz files (default: Debian's)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split over torchrun's processes")
@@ -22,10 +26,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--input-size", type=int, default=224, help="crop size for ImageFolder data")
-    recipe = "default: DeiT's %s for ImageFolder data, %s for Fashion-MNIST"
-    p.add_argument("--mixup", type=float, default=None, help="mixup alpha, 0 for off; " + recipe % (0.8, 0))
-    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha, 0 for off; " + recipe % (1.0, 0))
-    p.add_argument("--smoothing", type=float, default=None, help="label smoothing; " + recipe % (0.1, 0))
+    if not recipe:
+        return
+    default = "default: DeiT's %s for ImageFolder data, %s for Fashion-MNIST"
+    p.add_argument("--mixup", type=float, default=None, help="mixup alpha, 0 for off; " + default % (0.8, 0))
+    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha, 0 for off; " + default % (1.0, 0))
+    p.add_argument("--smoothing", type=float, default=None, help="label smoothing; " + default % (0.1, 0))
     p.add_argument("--aa", default=None, help="ImageFolder only: timm auto-augment policy or 'none' (default rand-m9-mstd0.5-inc1)")
     p.add_argument("--reprob", type=float, default=None, help="ImageFolder only: random-erasing probability (default 0.25)")
 
@@ -34,8 +40,8 @@ def _data_config(a):
     from .data import DataConfig
 
     return DataConfig(data=a.data, root=a.data_root, batch_size=a.batch_size, train_limit=a.train_limit,
-                      test_limit=a.test_limit, workers=a.workers, input_size=a.input_size, mixup=a.mixup,
-                      cutmix=a.cutmix, smoothing=a.smoothing, aa=a.aa, reprob=a.reprob)
+                      test_limit=a.test_limit, workers=a.workers, input_size=a.input_size,
+                      **{k: getattr(a, k) for k in RECIPE_ARGS if hasattr(a, k)})
 
 
 def cmd_train_teacher(a) -> int:
@@ -112,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--teacher", default=None, help="distillation teacher (default: the input model)")
     c.add_argument("--budget", type=float, default=COMPRESS.budget, help="fraction of the dense model's MACs to keep, in (0, 1]")
     c.add_argument("--out", default=COMPRESS.out)
-    _add_data_args(c)
+    _add_data_args(c, recipe=True)
     c.add_argument("--search-epochs", type=float, default=SEARCH.epochs)
     c.add_argument("--warmup-epochs", type=float, default=SEARCH.warmup_epochs)
     c.add_argument("--post-epochs", type=float, default=COMPRESS.post_epochs)
