@@ -228,11 +228,13 @@ class PrimalDual(nn.Module):
         return [b.plan() for b in gated_blocks(model)]
 
     def search_state(self) -> dict:
-        return {"module": self.state_dict(), "gate_optimizer": self.gate_optimizer.state_dict()}
+        """Everything a resumed search needs, including gate gradients accumulated so far."""
+        return {"module": self.state_dict(), "gate_optimizer": self.gate_optimizer.state_dict(),
+                "gate_grad": self.gate_logits.grad}
 
     def load_search_state(self, state: dict) -> None:
         self.load_state_dict(state["module"])
         self.gate_optimizer.load_state_dict(state["gate_optimizer"])
-
+        self.gate_logits.grad = state["gate_grad"]
 
 __all__ = ["SearchConfig", "PrimalDual", "KINDS", "ste_ceil"]
