@@ -14,7 +14,6 @@ import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from .engine import (autocast, evaluate, load_checkpoint, make_optimizer, optimi
                      resolve_device, save_checkpoint, seed_everything, throughput)
 from .errors import UVCError
 from .flops import macs
-from .gates import gated_blocks, make_compressible
+from .gates import LayerPlan, make_compressible
 from .io import arch_of, atomic_write_text, build_from_arch, ensure_writable_dir, save
 from .models import load_model
 from .primal_dual import SKIP_MODES, PrimalDual, SearchConfig
@@ -121,7 +120,8 @@ class Run:
                                                         cfg.search.epochs, self.steps_per_epoch)
         self.slimmed: nn.Module | None = None
         self.train_slimmed: nn.Module | None = None
-        self.state = {"phase": "search", "step": 0, "history": [], "evals": [], "metrics": {}}
+        self.state = {"phase": "search", "step": 0, "history": [], "evals": [], "metrics": {},
+                      "budget": cfg.budget, "dense_macs": self.dense_macs}
 
     def _check_compatible(self, student: nn.Module) -> None:
         x = torch.zeros(1, *self.input_size)
@@ -255,11 +255,14 @@ class Run:
         self._check_ranks_agree()
         if distributed.world_size() > 1:
             log.info("all %d ranks hold the same search state and architecture", distributed.world_size())
-        gated_ratio = macs(self.student, self.input_size) / self.dense_macs
-        slimmed = slim(self.student, plan)
-        self.state["metrics"].update(plan=[p.to_dict() for p in plan], ratio_search_end=gated_ratio,
+        self.state["metrics"]["ratio_search_end"] = macs(self.student, self.input_size) / self.dense_macs
+        self.begin_post_training(slim(self.student, plan), plan)
+
+    def begin_post_training(self, slimmed: nn.Module, plan: list[LayerPlan]) -> None:
+        """Switch to post-training `slimmed`: the search's result, or a model another method pruned (baselines)."""
+        self.state["metrics"].update(plan=[p.to_dict() for p in plan],
                                      top1_after_search=evaluate(slimmed, self.data.test, self.device, desc="eval slimmed"))
-        log.info("search done: slimmed to R = %.4f, top-1 before post-training %.2f%%",
+        log.info("slimmed to R = %.4f, top-1 before post-training %.2f%%",
                  macs(slimmed, self.input_size) / self.dense_macs, self.state["metrics"]["top1_after_search"])
         self.state.update(phase="post", step=0)
         self._start_post_training(slimmed)
@@ -267,7 +270,6 @@ class Run:
 
     def run(self) -> dict:
         cfg = self.cfg
-        self.state.update(budget=cfg.budget, dense_macs=self.dense_macs)
         if not (cfg.resume and self.resume()):
             self.state["metrics"]["top1_teacher"] = evaluate(self.teacher, self.data.test, self.device, desc="eval teacher")
             log.info("teacher top-1 %.2f%%, dense model %.2f M MACs", self.state["metrics"]["top1_teacher"], self.dense_macs / 1e6)
@@ -344,3 +346,16 @@ def compress(cfg: CompressConfig | None = None, model: nn.Module | None = None, 
             raise TypeError(f"unknown compress option {key!r}")
         setattr(cfg, key, value)
     return Run(cfg, model=model, teacher=teacher).run()
+
+
+def post_train(cfg: CompressConfig, slimmed: nn.Module, plan: list[LayerPlan], model: nn.Module | None = None,
+               teacher: nn.Module | None = None) -> dict:
+    """Post-train a model slimmed by another method exactly as `compress` post-trains its own result.
+
+    Same data order, KD, optimizer, schedule, evaluation and report as `compress(cfg, model, teacher)`
+    after its search, so baselines compare at equal training. `plan` gives the report its per-block
+    counts; `top1_after_search` is then the accuracy right after pruning.
+    """
+    run = Run(cfg, model=model, teacher=teacher)
+    run.begin_post_training(slimmed, plan)
+    return run.run()
