@@ -129,7 +129,9 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
         f"at end {', '.join(f'{x:.2f}' for x in results.get('load_average_end', []))} "
         "(anything above 0 is other work sharing these cores during the timings)",
         f"- GPU: {m['gpu'] or 'none on this machine: GPU rows are omitted, not estimated'}",
-        f"- teacher: {results['teacher']}; budgets {', '.join(str(b) for b in s['budgets'])}",
+        f"- teacher: {results['teacher']}"
+        + ("" if results["teacher"].startswith("bundled") else " (passed with --teacher: not the bundled teacher)")
+        + f"; budgets {', '.join(str(b) for b in s['budgets'])}",
         f"- settings: {s['train_limit'] or 'all 60000'} training images, {s['test_limit'] or 'all 10000'} test images, "
         f"batch {s['batch_size']}; UVC search {s['search_epochs']} epoch(s) (warm-up {s['search_warmup_epochs']}), "
         f"post-training {s['post_epochs']} epoch(s) for every method, soft KD from the teacher (except the w/o-KD ablation); "
