@@ -122,8 +122,8 @@ def load_teacher(path: str | None):
         return uvc.load_model(path)
     except UVCError as e:
         where = path or "the bundled teacher (src/uvc/assets/vit_tiny_patch7_fmnist)"
-        sys.exit(f"bench: cannot load {where}: {e}\nTrain the bundled teacher with `uvc train-teacher`, "
-                 "or pass --teacher DIR (a model folder written by uvc.save) to benchmark another model.")
+        sys.exit(f"bench: cannot load {where}: {e}\n"
+                 "Or pass --teacher DIR (a model folder written by uvc.save) to benchmark another model.")
 
 
 def save(results: dict) -> None:
