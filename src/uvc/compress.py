@@ -117,7 +117,8 @@ class Run:
         self.warmup_steps = round(cfg.search.warmup_epochs * self.steps_per_epoch)
         self.post_steps = round(cfg.post_epochs * self.steps_per_epoch)
         self.optimizer, self.scheduler = make_optimizer(self.student, cfg.search.lr, cfg.search.weight_decay,
-                                                        cfg.search.epochs, self.steps_per_epoch)
+                                                        cfg.search.epochs, self.steps_per_epoch,
+                                                        cfg.search.lr_warmup_epochs)
         self.slimmed: nn.Module | None = None
         self.train_slimmed: nn.Module | None = None
         self.state = {"phase": "search", "step": 0, "history": [], "evals": [], "metrics": {},

@@ -33,11 +33,12 @@ class SearchConfig:
 
     epochs: float = 1.0
     warmup_epochs: float = 0.2
-    lr: float = 5e-4
+    lr: float = 3e-4
+    lr_warmup_epochs: float = 0.05
     weight_decay: float = 0.05
     prune: bool = True
     skip: str = "both"  # which skip gates exist: block, halves (attention / MLP), both, or none
-    ratio_lr: float = 0.02
+    ratio_lr: float = 0.005
     gate_lr: float = 0.1
     gate_momentum: float = 0.9
     gate_tau: float = 0.5
@@ -126,13 +127,18 @@ class PrimalDual(nn.Module):
             block.dim_mask.scatter_(1, dim_order[:, :nd], 0.0)
             block.neuron_mask.fill_(1.0)
             block.neuron_mask[neuron_order[:nm]] = 0.0
-            self.phi[l] = torch.stack([head_norm[head_order[:nh]].sum(), dim_sorted[:, :nd].sum(), neuron_sorted[:nm].sum()])
+            # Norms relative to the layer's total for that kind: the penalty terms are then scale-free,
+            # comparable across layers and kinds, and commensurate with dR/dratio.
+            totals = torch.stack([head_norm.sum(), col.sum(), neuron_norm.sum()]).clamp(min=1e-12)
+            self.phi[l] = torch.stack([head_norm[head_order[:nh]].sum(), dim_sorted[:, :nd].sum(),
+                                       neuron_sorted[:nm].sum()]) / totals
             self.next_norm[l] = torch.stack([
                 head_norm[head_order[nh]] if nh < heads else head_norm.new_zeros(()),
                 dim_sorted[:, nd].sum() if nd < head_dim else col.new_zeros(()),
                 neuron_sorted[nm] if nm < neuron_norm.numel() else neuron_norm.new_zeros(()),
-            ])
-            self.costs.append([head_norm.sort().values, dim_sorted.sum(0), neuron_sorted])
+            ]) / totals
+            self.costs.append([head_norm.sort().values / totals[0], dim_sorted.sum(0) / totals[1],
+                               neuron_sorted / totals[2]])
 
     def sample_gates(self, model: nn.Module, training: bool) -> None:
         """Straight-through Gumbel-softmax samples while training, hard decisions otherwise."""
@@ -193,7 +199,7 @@ class PrimalDual(nn.Module):
             with torch.no_grad():
                 if cfg.prune:
                     grad = self.y * self.sizes * self.next_norm + self.z * d_ratio
-                    grad = grad / grad.abs().max().clamp(min=1.0)  # scale the whole step to max-abs 1
+                    grad = grad / grad.abs().max().clamp(min=1e-12)  # a direction: the largest entry moves by ratio_lr
                     upper = (self.sizes - 1) / self.sizes
                     self.ratios.copy_(torch.minimum(torch.clamp(self.ratios - cfg.ratio_lr * grad, min=0.0), upper))
                     self.y.add_(cfg.y_lr * self.phi).clamp_(min=0.0)
