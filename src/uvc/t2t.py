@@ -267,55 +267,33 @@ def _create(name: str, pretrained: bool, kwargs: dict, **arch) -> T2TViT:
     return T2TViT(**{**arch, **kwargs})
 
 
-@register_model
-def t2t_vit_7(pretrained: bool = False, **kwargs) -> T2TViT:
-    """T2T-ViT-7: Performer T2T, 7 blocks of width 256, 4 heads, MLP ratio 2."""
-    return _create("t2t_vit_7", pretrained, kwargs, tokens_type="performer", embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0)
+# name: (T2T module, embed dim, depth, heads, MLP ratio), as in the authors' model factories.
+T2T_VARIANTS = {
+    "t2t_vit_7": ("performer", 256, 7, 4, 2.0),
+    "t2t_vit_10": ("performer", 256, 10, 4, 2.0),
+    "t2t_vit_12": ("performer", 256, 12, 4, 2.0),
+    "t2t_vit_14": ("performer", 384, 14, 6, 3.0),
+    "t2t_vit_19": ("performer", 448, 19, 7, 3.0),
+    "t2t_vit_24": ("performer", 512, 24, 8, 3.0),
+    "t2t_vit_t_14": ("transformer", 384, 14, 6, 3.0),
+    "t2t_vit_t_19": ("transformer", 448, 19, 7, 3.0),
+    "t2t_vit_t_24": ("transformer", 512, 24, 8, 3.0),
+}
 
 
-@register_model
-def t2t_vit_10(pretrained: bool = False, **kwargs) -> T2TViT:
-    """T2T-ViT-10: Performer T2T, 10 blocks of width 256, 4 heads, MLP ratio 2."""
-    return _create("t2t_vit_10", pretrained, kwargs, tokens_type="performer", embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0)
+def _entry_point(name: str, tokens_type: str, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float):
+    """A timm model entry point for one T2T-ViT variant."""
+
+    def create(pretrained: bool = False, **kwargs) -> T2TViT:
+        return _create(name, pretrained, kwargs, tokens_type=tokens_type, embed_dim=embed_dim, depth=depth,
+                       num_heads=num_heads, mlp_ratio=mlp_ratio)
+
+    create.__name__ = create.__qualname__ = name
+    create.__module__ = __name__
+    create.__doc__ = (f"{name}: {tokens_type} T2T module, {depth} blocks of width {embed_dim}, "
+                      f"{num_heads} heads, MLP ratio {mlp_ratio:g}.")
+    return create
 
 
-@register_model
-def t2t_vit_12(pretrained: bool = False, **kwargs) -> T2TViT:
-    """T2T-ViT-12: Performer T2T, 12 blocks of width 256, 4 heads, MLP ratio 2."""
-    return _create("t2t_vit_12", pretrained, kwargs, tokens_type="performer", embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0)
-
-
-@register_model
-def t2t_vit_14(pretrained: bool = False, **kwargs) -> T2TViT:
-    """T2T-ViT-14: Performer T2T, 14 blocks of width 384, 6 heads, MLP ratio 3."""
-    return _create("t2t_vit_14", pretrained, kwargs, tokens_type="performer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0)
-
-
-@register_model
-def t2t_vit_19(pretrained: bool = False, **kwargs) -> T2TViT:
-    """T2T-ViT-19: Performer T2T, 19 blocks of width 448, 7 heads, MLP ratio 3."""
-    return _create("t2t_vit_19", pretrained, kwargs, tokens_type="performer", embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0)
-
-
-@register_model
-def t2t_vit_24(pretrained: bool = False, **kwargs) -> T2TViT:
-    """T2T-ViT-24: Performer T2T, 24 blocks of width 512, 8 heads, MLP ratio 3."""
-    return _create("t2t_vit_24", pretrained, kwargs, tokens_type="performer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0)
-
-
-@register_model
-def t2t_vit_t_14(pretrained: bool = False, **kwargs) -> T2TViT:
-    """T2T-ViT_t-14: transformer T2T, 14 blocks of width 384, 6 heads, MLP ratio 3."""
-    return _create("t2t_vit_t_14", pretrained, kwargs, tokens_type="transformer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0)
-
-
-@register_model
-def t2t_vit_t_19(pretrained: bool = False, **kwargs) -> T2TViT:
-    """T2T-ViT_t-19: transformer T2T, 19 blocks of width 448, 7 heads, MLP ratio 3."""
-    return _create("t2t_vit_t_19", pretrained, kwargs, tokens_type="transformer", embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0)
-
-
-@register_model
-def t2t_vit_t_24(pretrained: bool = False, **kwargs) -> T2TViT:
-    """T2T-ViT_t-24: transformer T2T, 24 blocks of width 512, 8 heads, MLP ratio 3."""
-    return _create("t2t_vit_t_24", pretrained, kwargs, tokens_type="transformer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0)
+for _name, _variant in T2T_VARIANTS.items():
+    register_model(_entry_point(_name, *_variant))
