@@ -14,9 +14,6 @@ import torch
 from .errors import UVCError
 from .flops import block_macs
 
-KINDS = ("heads", "dims", "neurons")
-
-
 @dataclass
 class Skeleton:
     """Sizes that fix the MACs of a ViT: token count, widths per block, MACs outside the blocks."""

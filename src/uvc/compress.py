@@ -256,7 +256,6 @@ class Run:
         self._check_ranks_agree()
         if distributed.world_size() > 1:
             log.info("all %d ranks hold the same search state and architecture", distributed.world_size())
-        self.state["metrics"]["ratio_search_end"] = macs(self.student, self.input_size) / self.dense_macs
         self.begin_post_training(slim(self.student, plan), plan)
 
     def begin_post_training(self, slimmed: nn.Module, plan: list[LayerPlan]) -> None:

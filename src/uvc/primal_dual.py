@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .budget import KINDS, Skeleton, fit_to_budget, skeleton_of, uniform_removal
+from .budget import Skeleton, fit_to_budget, skeleton_of, uniform_removal
 from .gates import LayerPlan, gated_blocks
 
 SKIP_MODES = ("both", "block", "halves", "none")
@@ -248,4 +248,4 @@ class PrimalDual(nn.Module):
         self.gate_optimizer.load_state_dict(state["gate_optimizer"])
         self.gate_logits.grad = state["gate_grad"]
 
-__all__ = ["SearchConfig", "PrimalDual", "KINDS", "ste_round"]
+__all__ = ["SearchConfig", "PrimalDual", "ste_round"]

@@ -146,7 +146,3 @@ def slim(model: nn.Module, plan: list[LayerPlan] | None = None) -> nn.Module:
 def is_slim(model: nn.Module) -> bool:
     return all(isinstance(b, SlimBlock) for b in adapter_for(model).blocks(model))
 
-
-def rebuild_blocks(layers: list[dict]) -> nn.Sequential:
-    return nn.Sequential(*[SlimBlock(**cfg) for cfg in layers])
-
