@@ -19,10 +19,29 @@ def test_bundled_teacher_reaches_the_stated_accuracy(fmnist_available):
     assert teacher.patch_embed.proj.in_channels == 1 and len(teacher.blocks) == 12 and teacher.embed_dim == 192
     top1 = evaluate(teacher, build_data(DataConfig()).test, torch.device("cpu"))
     stated = json.loads((folder / "training.json").read_text())["top1"]
-    # The foundation issue asks for >= 90 %; the shipped 9-epoch teacher reaches 86.12 % (README,
+    # The foundation issue asks for >= 90 %; the shipped 26-epoch teacher reaches 88.81 % (README,
     # "The bundled teacher"). This floor guards against a regressed or corrupted file.
-    assert top1 >= 86.0
+    assert top1 >= 88.5
     assert top1 == pytest.approx(stated, abs=0.01)
+
+
+def test_train_teacher_writes_a_loadable_teacher_and_continues_from_init(tmp_path, fmnist_available):
+    """A short real run: the files, the recorded accuracy, and --init starting from those weights."""
+    if not fmnist_available:
+        pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
+    from uvc.teacher import TeacherConfig, train_teacher
+
+    data = DataConfig(train_limit=256, test_limit=256, batch_size=64)
+    first = train_teacher(TeacherConfig(out=str(tmp_path / "a"), epochs=1, warmup_epochs=0.5, data=data))
+    assert first["continues"] is None and len(first["history"]) == 1
+    assert not (tmp_path / "a" / "teacher_checkpoint.pt").exists()
+    assert first["top1"] == pytest.approx(evaluate(uvc.load(tmp_path / "a"), build_data(data).test, torch.device("cpu")), abs=1e-6)
+    # lr 0 leaves AdamW's weights untouched, so the continued teacher must be the first one exactly.
+    second = train_teacher(TeacherConfig(out=str(tmp_path / "b"), epochs=1, lr=0.0, init=str(tmp_path / "a"), data=data))
+    assert second["continues"] == json.loads((tmp_path / "a" / "training.json").read_text())
+    a, b = uvc.load(tmp_path / "a").state_dict(), uvc.load(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert second["top1"] == first["top1"]
 
 
 def test_teacher_architecture_is_a_timm_model_name():

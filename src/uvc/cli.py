@@ -48,6 +48,7 @@ def cmd_train_teacher(a) -> int:
     from .teacher import TeacherConfig, train_teacher
 
     cfg = TeacherConfig(out=a.out, epochs=a.epochs, lr=a.lr, seed=a.seed, device=a.device, resume=a.resume,
+                        warmup_epochs=a.warmup_epochs, drop_path=a.drop_path, init=a.init,
                         data=_data_config(a))
     result = train_teacher(cfg)
     print(f"teacher test top-1: {result['top1']:.2f}%  (weights in {a.out})")
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .distill import KDConfig
     from .models import default_teacher_dir
     from .primal_dual import SearchConfig
+    from .teacher import TeacherConfig
 
     SEARCH, COMPRESS, KD = SearchConfig(), CompressConfig(), KDConfig()  # the CLI's defaults are the API's
 
@@ -101,11 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train-teacher", help="train the bundled Fashion-MNIST teacher from scratch")
+    t = sub.add_parser("train-teacher", help="train the bundled Fashion-MNIST teacher (from scratch, or on from --init)")
     _add_data_args(t)
     t.add_argument("--out", default=str(default_teacher_dir()))
-    t.add_argument("--epochs", type=int, default=12)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--epochs", type=int, default=TeacherConfig.epochs)
+    t.add_argument("--lr", type=float, default=TeacherConfig.lr)
+    t.add_argument("--warmup-epochs", type=float, default=TeacherConfig.warmup_epochs)
+    t.add_argument("--drop-path", type=float, default=TeacherConfig.drop_path, help="stochastic depth rate")
+    t.add_argument("--init", default=None, help="continue from a teacher folder saved by an earlier run")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--resume", action="store_true")

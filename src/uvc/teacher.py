@@ -1,7 +1,9 @@
 """Training the bundled Fashion-MNIST teacher: a DeiT-Tiny-shaped ViT trained from scratch.
 
 `uvc train-teacher` reproduces the weights shipped in `uvc/assets/`. Resumable: a checkpoint is
-written atomically after every epoch and picked up by `--resume`.
+written atomically after every epoch and picked up by `--resume`. `--init` starts from a teacher
+saved earlier, so a second, longer schedule can continue a first one; the record of the first run is
+kept inside the new `training.json`.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class TeacherConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    init: str | None = None  # a folder written by an earlier run: start from its weights
     data: DataConfig = None
 
     def __post_init__(self):
@@ -48,7 +51,14 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     device = resolve_device(cfg.device)
     out = ensure_writable_dir(cfg.out)
     data = build_data(cfg.data, seed=cfg.seed)
-    model = VisionTransformer(**TEACHER_ARGS, drop_path_rate=cfg.drop_path).to(device)
+    model = VisionTransformer(**TEACHER_ARGS, drop_path_rate=cfg.drop_path)
+    earlier = None
+    if cfg.init:
+        model.load_state_dict(load(cfg.init).state_dict())
+        record = Path(cfg.init) / "training.json"
+        earlier = json.loads(record.read_text()) if record.is_file() else None
+        log.info("starting from the teacher in %s", cfg.init)
+    model.to(device)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs, len(data.train), cfg.warmup_epochs)
     ckpt = out / "teacher_checkpoint.pt"
     start, history = 0, []
@@ -76,7 +86,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     shipped = load(out)
     top1 = evaluate(shipped, data.test, torch.device("cpu"))
     result = {"model": DEFAULT_TEACHER, "top1": top1, "epochs": cfg.epochs, "history": history,
-              "config": {k: v for k, v in asdict(cfg).items() if k != "out"}}
+              "config": {k: v for k, v in asdict(cfg).items() if k != "out"}, "continues": earlier}
     atomic_write_text(Path(out) / "training.json", json.dumps(result, indent=1))
     ckpt.unlink()
     log.info("teacher written to %s: test top-1 %.2f%% (fp16 weights)", out, top1)
