@@ -7,6 +7,8 @@ import torch
 import uvc
 from uvc.data import DataConfig, build_data
 from uvc.engine import evaluate
+from uvc.errors import UVCError
+from uvc.gates import random_plan
 from uvc.models import default_teacher_dir
 
 
@@ -42,6 +44,11 @@ def test_train_teacher_writes_a_loadable_teacher_and_continues_from_init(tmp_pat
     a, b = uvc.load(tmp_path / "a").state_dict(), uvc.load(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert second["top1"] == first["top1"]
+    # A slimmed model is not a teacher to continue: a clear error before any training.
+    teacher = uvc.load(tmp_path / "a")
+    uvc.save(uvc.slim(teacher, random_plan(teacher, torch.Generator().manual_seed(0))), tmp_path / "s")
+    with pytest.raises(UVCError, match="--init takes a teacher folder"):
+        train_teacher(TeacherConfig(out=str(tmp_path / "c"), epochs=1, init=str(tmp_path / "s"), data=data))
 
 
 def test_teacher_architecture_is_a_timm_model_name():

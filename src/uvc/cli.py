@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=float, default=TeacherConfig.warmup_epochs)
     t.add_argument("--drop-path", type=float, default=TeacherConfig.drop_path, help="stochastic depth rate")
     t.add_argument("--init", default=None, help="continue from a teacher folder saved by an earlier run")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=int, default=TeacherConfig.seed)
+    t.add_argument("--device", default=TeacherConfig.device)
     t.add_argument("--resume", action="store_true")
     t.set_defaults(func=cmd_train_teacher)
 

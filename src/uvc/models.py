@@ -226,8 +226,9 @@ def _read_state_dict(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
-    """Strict load, turning key and shape mismatches into a message that lists them."""
+def load_state_dict_checked(model: nn.Module, state: dict, source: str,
+                            advice: str = "Pass the --model the checkpoint was trained with.") -> None:
+    """Strict load, turning key and shape mismatches into a message that lists them and says what to do."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -240,7 +241,7 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
                  f"unexpected keys: {show(unexpected)}" if unexpected else "",
                  f"shape mismatches: {show(shapes)}" if shapes else ""]
         raise UVCError(f"checkpoint {source} does not fit this architecture; " + "; ".join(p for p in parts if p)
-                       + ". Pass the --model the checkpoint was trained with.")
+                       + ". " + advice)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 

@@ -19,7 +19,7 @@ from .data import DataConfig, build_data
 from .engine import (evaluate, load_checkpoint, make_optimizer, resolve_device, save_checkpoint,
                      seed_everything, train_epoch)
 from .io import atomic_write_text, ensure_writable_dir, load, save
-from .models import DEFAULT_TEACHER, TEACHER_ARGS, default_teacher_dir
+from .models import DEFAULT_TEACHER, TEACHER_ARGS, default_teacher_dir, load_state_dict_checked
 
 log = logging.getLogger("uvc")
 
@@ -54,7 +54,8 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     model = VisionTransformer(**TEACHER_ARGS, drop_path_rate=cfg.drop_path)
     earlier = None
     if cfg.init:
-        model.load_state_dict(load(cfg.init).state_dict())
+        load_state_dict_checked(model, load(cfg.init).state_dict(), cfg.init,
+                                advice="--init takes a teacher folder written by `uvc train-teacher`, not a slimmed model.")
         record = Path(cfg.init) / "training.json"
         earlier = json.loads(record.read_text()) if record.is_file() else None
         log.info("starting from the teacher in %s", cfg.init)
