@@ -49,6 +49,8 @@ def cmd_train_teacher(a) -> int:
 
     cfg = TeacherConfig(out=a.out, epochs=a.epochs, lr=a.lr, seed=a.seed, device=a.device, resume=a.resume,
                         warmup_epochs=a.warmup_epochs, drop_path=a.drop_path, init=a.init,
+                        tutor_epochs=a.tutor_epochs, tutor_alpha=a.tutor_alpha, tutor_lr=a.tutor_lr,
+                        tutor_from=a.tutor_from,
                         data=_data_config(a))
     result = train_teacher(cfg)
     print(f"teacher test top-1: {result['top1']:.2f}%  (weights in {a.out})")
@@ -111,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=float, default=TeacherConfig.warmup_epochs)
     t.add_argument("--drop-path", type=float, default=TeacherConfig.drop_path, help="stochastic depth rate")
     t.add_argument("--init", default=None, help="continue from a teacher folder saved by an earlier run")
+    t.add_argument("--tutor-epochs", type=int, default=TeacherConfig.tutor_epochs,
+                   help="train a small convnet first for this many epochs and distil its labels into the ViT (DeiT)")
+    t.add_argument("--tutor-alpha", type=float, default=TeacherConfig.tutor_alpha, help="weight of the tutor's labels")
+    t.add_argument("--tutor-lr", type=float, default=TeacherConfig.tutor_lr)
+    t.add_argument("--tutor-from", default=None, help="reuse the tutor kept in the folder of an earlier run")
     t.add_argument("--seed", type=int, default=TeacherConfig.seed)
     t.add_argument("--device", default=TeacherConfig.device)
     t.add_argument("--resume", action="store_true")

@@ -110,18 +110,22 @@ def read_arch(folder: str | os.PathLike) -> dict:
 
 def load(folder: str | os.PathLike) -> nn.Module:
     """Rebuild a model saved by `save` from its folder: float32, eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from .models import load_state_dict_checked
 
     model = build_from_arch(read_arch(folder))
     path = Path(folder) / WEIGHTS
     if not path.is_file():
         raise UVCError(f"{folder} has arch.json but no {WEIGHTS}")
+    load_state_dict_checked(model, read_weights(path), str(path))
+    return model.float().eval()
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, with a clear error for a torn or foreign file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise UVCError(f"{path} is corrupt or not a safetensors file ({e}); re-save the model") from e
-    load_state_dict_checked(model, state, str(path))
-    return model.float().eval()

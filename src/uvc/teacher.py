@@ -4,6 +4,12 @@
 written atomically after every epoch and picked up by `--resume`. `--init` starts from a teacher
 saved earlier, so a second, longer schedule can continue a first one; the record of the first run is
 kept inside the new `training.json`.
+
+`--tutor-epochs N` follows DeiT (Touvron et al. 2021): a small convnet is trained first and its
+hard predictions are distilled into the ViT. Convolutions carry the locality prior that a ViT
+seeing 16 patches of a 28x28 image lacks, and the tutor's labels pass it on. The tutor is a training
+aid: it is kept beside the teacher (`tutor.safetensors`) so that a later run can reuse it with
+`--tutor-from`, and its accuracy is recorded in `training.json`.
 """
 from __future__ import annotations
 
@@ -14,14 +20,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .data import DataConfig, build_data
+from .distill import KDConfig, distillation_loss
 from .engine import (evaluate, load_checkpoint, make_optimizer, resolve_device, save_checkpoint,
                      seed_everything, train_epoch)
-from .io import atomic_write_text, ensure_writable_dir, load, save
+from .errors import UVCError
+from .io import atomic_write, atomic_write_text, ensure_writable_dir, load, read_weights, save
 from .models import DEFAULT_TEACHER, TEACHER_ARGS, default_teacher_dir, load_state_dict_checked
 
 log = logging.getLogger("uvc")
+TUTOR_WEIGHTS = "tutor.safetensors"
 
 
 @dataclass
@@ -37,16 +47,84 @@ class TeacherConfig:
     device: str = "auto"
     resume: bool = False
     init: str | None = None  # a folder written by an earlier run: start from its weights
+    tutor_epochs: int = 0  # > 0: train a convnet tutor this long first and distil it into the ViT
+    tutor_alpha: float = 0.5  # weight of the tutor's hard labels; the rest goes to the true labels
+    tutor_lr: float = 2e-3
+    tutor_from: str | None = None  # a folder of an earlier run with a tutor: reuse that tutor, train none
     data: DataConfig = None
 
     def __post_init__(self):
         self.data = self.data or DataConfig()
 
 
+class ConvTutor(nn.Module):
+    """A VGG-style convnet for small greyscale images: five 3x3 conv-BN-ReLU layers, two poolings."""
+
+    def __init__(self, in_chans: int = TEACHER_ARGS["in_chans"], num_classes: int = TEACHER_ARGS["num_classes"],
+                 width: int = 32):
+        super().__init__()
+
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        w = width
+        self.features = nn.Sequential(*conv(in_chans, w), *conv(w, w), nn.MaxPool2d(2),
+                                      *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2),
+                                      *conv(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * w, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _fit(model: nn.Module, data, device: torch.device, loss_fn, epochs: int, lr: float, cfg: "TeacherConfig",
+         ckpt: Path, name: str) -> list[dict]:
+    """Train `model` for `epochs` with an atomic checkpoint per epoch; returns the per-epoch history.
+
+    The checkpoint is left in place (the caller removes it once everything is written), so that
+    `--resume` after a kill in a later phase skips this one.
+    """
+    optimizer, scheduler = make_optimizer(model, lr, cfg.weight_decay, epochs, len(data.train), cfg.warmup_epochs)
+    start, history = 0, []
+    if cfg.resume and ckpt.is_file():
+        state = load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["epoch"], state["history"]
+        log.info("resumed %s training after epoch %d", name, start)
+    for epoch in range(start, epochs):
+        data.train.set_epoch(epoch)
+        loss = train_epoch(model, data.train, optimizer, scheduler, loss_fn, device, epoch, f"{name} epoch")
+        top1 = evaluate(model, data.test, device)
+        history.append({"epoch": epoch + 1, "loss": loss, "top1": top1})
+        log.info("%s epoch %d/%d: loss %.4f, test top-1 %.2f%%", name, epoch + 1, epochs, loss, top1)
+        save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "epoch": epoch + 1, "history": history})
+    return history
+
+
+def _reuse_tutor(folder: str) -> tuple[ConvTutor, dict]:
+    """The tutor an earlier run kept in `folder`, and that run's record of it."""
+    path = Path(folder) / TUTOR_WEIGHTS
+    if not path.is_file():
+        raise UVCError(f"{folder} holds no {TUTOR_WEIGHTS}; --tutor-from takes the output folder of a "
+                       "`uvc train-teacher --tutor-epochs N` run")
+    tutor = ConvTutor()
+    load_state_dict_checked(tutor, read_weights(path), str(path), advice="Retrain the tutor with --tutor-epochs.")
+    record = Path(folder) / "training.json"
+    earlier = json.loads(record.read_text()).get("tutor") if record.is_file() else None
+    log.info("reusing the tutor in %s", folder)
+    return tutor, {**(earlier or {}), "from": str(folder)}
+
+
 def train_teacher(cfg: TeacherConfig) -> dict:
-    """Train the default teacher; writes weights (fp16), arch.json and a small JSON of its accuracy."""
+    """Train the default teacher (after or with a convnet tutor, if asked); writes weights (fp16),
+    arch.json, a JSON record of its accuracy and, with a tutor, `tutor.safetensors`."""
+    from safetensors.torch import save_file
     from timm.models.vision_transformer import VisionTransformer
 
+    if cfg.tutor_from and cfg.tutor_epochs:
+        raise UVCError("--tutor-from reuses a trained tutor and --tutor-epochs trains a new one; pass only one")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     out = ensure_writable_dir(cfg.out)
@@ -60,35 +138,42 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         earlier = json.loads(record.read_text()) if record.is_file() else None
         log.info("starting from the teacher in %s", cfg.init)
     model.to(device)
-    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs, len(data.train), cfg.warmup_epochs)
-    ckpt = out / "teacher_checkpoint.pt"
-    start, history = 0, []
-    if cfg.resume and ckpt.is_file():
-        state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = state["epoch"], state["history"]
-        log.info("resumed teacher training after epoch %d", start)
+    checkpoints = [out / "teacher_checkpoint.pt"]
+    tutor, tutor_record = None, None
+    if cfg.tutor_from:
+        tutor, tutor_record = _reuse_tutor(cfg.tutor_from)
+    elif cfg.tutor_epochs > 0:
+        tutor = ConvTutor()
+        checkpoints.append(out / "tutor_checkpoint.pt")
+
+        def tutor_loss(m, x, y):
+            return F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)
+
+        tutor_history = _fit(tutor.to(device), data, device, tutor_loss, cfg.tutor_epochs, cfg.tutor_lr, cfg,
+                             checkpoints[1], "tutor")
+        tutor_record = {"epochs": cfg.tutor_epochs, "top1": tutor_history[-1]["top1"], "history": tutor_history}
+    if tutor is not None:
+        tutor.to(device).eval()
+        state = {k: v.detach().contiguous().cpu() for k, v in tutor.state_dict().items()}
+        atomic_write(out / TUTOR_WEIGHTS, lambda tmp: save_file(state, tmp))
+    kd = KDConfig(kind="hard" if tutor is not None else "none", alpha=cfg.tutor_alpha)
 
     def loss_fn(m, x, y):
-        return F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)
+        with torch.no_grad():
+            tutor_logits = tutor(x) if tutor is not None else None
+        return distillation_loss(m(x), y, tutor_logits, kd, cfg.label_smoothing)
 
-    for epoch in range(start, cfg.epochs):
-        data.train.set_epoch(epoch)
-        loss = train_epoch(model, data.train, optimizer, scheduler, loss_fn, device, epoch, "teacher epoch")
-        top1 = evaluate(model, data.test, device)
-        history.append({"epoch": epoch + 1, "loss": loss, "top1": top1})
-        log.info("teacher epoch %d/%d: loss %.4f, test top-1 %.2f%%", epoch + 1, cfg.epochs, loss, top1)
-        save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "epoch": epoch + 1, "history": history})
+    history = _fit(model, data, device, loss_fn, cfg.epochs, cfg.lr, cfg, checkpoints[0], "teacher")
     model.eval()
     # Re-measure from the fp16 file actually shipped, so the stated accuracy is the bundled model's.
     save(model.cpu(), out, dtype=torch.float16)
     shipped = load(out)
     top1 = evaluate(shipped, data.test, torch.device("cpu"))
     result = {"model": DEFAULT_TEACHER, "top1": top1, "epochs": cfg.epochs, "history": history,
-              "config": {k: v for k, v in asdict(cfg).items() if k != "out"}, "continues": earlier}
+              "config": {k: v for k, v in asdict(cfg).items() if k != "out"}, "tutor": tutor_record,
+              "continues": earlier}
     atomic_write_text(Path(out) / "training.json", json.dumps(result, indent=1))
-    ckpt.unlink()
+    for ckpt in checkpoints:
+        ckpt.unlink()
     log.info("teacher written to %s: test top-1 %.2f%% (fp16 weights)", out, top1)
     return result
