@@ -87,15 +87,21 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype | N
 
     `dtype` (e.g. torch.float16) shrinks the weights file; `load` returns float32 either way.
     """
-    from safetensors.torch import save_file
-
     out = ensure_writable_dir(out_dir)
     arch = arch_of(model)
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-             for k, v in model.state_dict().items()}
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": ARCH_FORMAT}))
+    write_weights(out / WEIGHTS, model, dtype=dtype, metadata={"format": ARCH_FORMAT})
     atomic_write_text(out / "arch.json", json.dumps(arch, indent=1))
     return out
+
+
+def write_weights(path: str | os.PathLike, module: nn.Module, *, dtype: torch.dtype | None = None,
+                  metadata: dict[str, str] | None = None) -> None:
+    """`module`'s state dict as a safetensors file, atomically; `dtype` casts the floating tensors."""
+    from safetensors.torch import save_file
+
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in module.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def read_arch(folder: str | os.PathLike) -> dict:

@@ -27,7 +27,7 @@ from .distill import KDConfig, distillation_loss
 from .engine import (evaluate, load_checkpoint, make_optimizer, resolve_device, save_checkpoint,
                      seed_everything, train_epoch)
 from .errors import UVCError
-from .io import atomic_write, atomic_write_text, ensure_writable_dir, load, read_weights, save
+from .io import atomic_write_text, ensure_writable_dir, load, read_weights, save, write_weights
 from .models import DEFAULT_TEACHER, TEACHER_ARGS, default_teacher_dir, load_state_dict_checked
 
 log = logging.getLogger("uvc")
@@ -111,16 +111,19 @@ def _reuse_tutor(folder: str) -> tuple[ConvTutor, dict]:
                        "`uvc train-teacher --tutor-epochs N` run")
     tutor = ConvTutor()
     load_state_dict_checked(tutor, read_weights(path), str(path), advice="Retrain the tutor with --tutor-epochs.")
-    record = Path(folder) / "training.json"
-    earlier = json.loads(record.read_text()).get("tutor") if record.is_file() else None
     log.info("reusing the tutor in %s", folder)
-    return tutor, {**(earlier or {}), "from": str(folder)}
+    return tutor, {**((_training_record(folder) or {}).get("tutor") or {}), "from": str(folder)}
+
+
+def _training_record(folder: str) -> dict | None:
+    """The `training.json` an earlier run wrote into `folder`, if it did."""
+    record = Path(folder) / "training.json"
+    return json.loads(record.read_text()) if record.is_file() else None
 
 
 def train_teacher(cfg: TeacherConfig) -> dict:
     """Train the default teacher (after or with a convnet tutor, if asked); writes weights (fp16),
     arch.json, a JSON record of its accuracy and, with a tutor, `tutor.safetensors`."""
-    from safetensors.torch import save_file
     from timm.models.vision_transformer import VisionTransformer
 
     if cfg.tutor_from and cfg.tutor_epochs:
@@ -134,8 +137,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     if cfg.init:
         load_state_dict_checked(model, load(cfg.init).state_dict(), cfg.init,
                                 advice="--init takes a teacher folder written by `uvc train-teacher`, not a slimmed model.")
-        record = Path(cfg.init) / "training.json"
-        earlier = json.loads(record.read_text()) if record.is_file() else None
+        earlier = _training_record(cfg.init)
         log.info("starting from the teacher in %s", cfg.init)
     model.to(device)
     checkpoints = [out / "teacher_checkpoint.pt"]
@@ -153,9 +155,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
                              checkpoints[1], "tutor")
         tutor_record = {"epochs": cfg.tutor_epochs, "top1": tutor_history[-1]["top1"], "history": tutor_history}
     if tutor is not None:
-        tutor.to(device).eval()
-        state = {k: v.detach().contiguous().cpu() for k, v in tutor.state_dict().items()}
-        atomic_write(out / TUTOR_WEIGHTS, lambda tmp: save_file(state, tmp))
+        write_weights(out / TUTOR_WEIGHTS, tutor.to(device).eval())
     kd = KDConfig(kind="hard" if tutor is not None else "none", alpha=cfg.tutor_alpha)
 
     def loss_fn(m, x, y):
