@@ -26,6 +26,9 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+# The validation split: a fixed, seeded draw of training images held out from training, so that
+# monitoring and tuning never read the test split (which is evaluated once, at the end of a run).
+VAL_SIZE, VAL_SEED = 5000, 20261125
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
@@ -51,6 +54,7 @@ class DataConfig:
     eval_batch_size: int = 512
     workers: int = 2
     train_limit: int | None = None  # use only the first N training images (quick runs, tests)
+    val_limit: int | None = None
     test_limit: int | None = None
     augment: bool = True
     input_size: int = 224  # ImageFolder only: the crop the model sees
@@ -107,12 +111,30 @@ def fashion_mnist_dir(root: str | os.PathLike | None = None) -> Path:
     return folder
 
 
+def validation_indices(n_train: int) -> torch.Tensor:
+    """Which of the `n_train` training images form the validation split (sorted): 5,000 of the 60,000,
+    a tenth of a smaller set."""
+    size = min(VAL_SIZE, n_train // 10)
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(VAL_SEED))[:size].sort().values
+
+
 def load_fashion_mnist(split: str, root: str | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as uint8 [N, 1, 28, 28] and labels as int64 [N]."""
+    """Images as uint8 [N, 1, 28, 28] and labels as int64 [N].
+
+    `split` is "train" (the training images less the validation split), "val" (the 5,000 held out)
+    or "test". "train-all" is every training image: the bundled teacher was trained on those.
+    """
+    if split not in ("train", "val", "test", "train-all"):
+        raise ValueError(f"unknown Fashion-MNIST split {split!r}")
     folder = fashion_mnist_dir(root)
-    images_file, labels_file = FASHION_MNIST_FILES[split]
+    images_file, labels_file = FASHION_MNIST_FILES["test" if split == "test" else "train"]
     images = torch.from_numpy(_read_idx(folder / images_file).copy()).unsqueeze(1)
     labels = torch.from_numpy(_read_idx(folder / labels_file).astype(np.int64))
+    if split in ("train", "val"):
+        held_out = torch.zeros(len(labels), dtype=torch.bool)
+        held_out[validation_indices(len(labels))] = True
+        keep = held_out if split == "val" else ~held_out
+        images, labels = images[keep], labels[keep]
     if limit:
         images, labels = images[:limit], labels[:limit]
     return images, labels
@@ -172,7 +194,8 @@ class Dataset:
     """What the training engine needs: loaders, the class count and the input shape (C, H, W)."""
 
     train: object
-    test: object
+    val: object  # monitoring and every choice during a run
+    test: object  # read once, at the end (ImageFolder data: the same val/ folder the user gave)
     num_classes: int
     input_size: tuple[int, int, int]
     name: str
@@ -199,10 +222,12 @@ def build_data(cfg: DataConfig, seed: int = 0) -> Dataset:
         recipe = cfg.recipe(image_folder=False)
         rank, world = distributed.rank(), distributed.world_size()
         tx, ty = load_fashion_mnist("train", cfg.root, cfg.train_limit)
-        vx, vy = load_fashion_mnist("test", cfg.root, cfg.test_limit)
         train = TensorBatches(tx, ty, cfg.batch_size, train=True, augment=cfg.augment, seed=seed, shard=(rank, world))
-        test = TensorBatches(vx[rank::world], vy[rank::world], cfg.eval_batch_size, train=False)
-        data = Dataset(train, test, 10, (1, 28, 28), "fashion-mnist")
+        evals = {}
+        for split, limit in (("val", cfg.val_limit), ("test", cfg.test_limit)):
+            x, y = load_fashion_mnist(split, cfg.root, limit)
+            evals[split] = TensorBatches(x[rank::world], y[rank::world], cfg.eval_batch_size, train=False)
+        data = Dataset(train, evals["val"], evals["test"], 10, (1, 28, 28), "fashion-mnist")
     else:
         recipe = cfg.recipe(image_folder=True)
         data = build_image_folder(cfg, recipe)
@@ -245,4 +270,4 @@ def build_image_folder(cfg: DataConfig, recipe: dict) -> Dataset:
     val.transform = create_transform(data_cfg["input_size"], is_training=False, **transform)
     test = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(rank, len(val), world)),
                                        batch_size=-(-cfg.eval_batch_size // world), num_workers=cfg.workers)
-    return Dataset(train, test, classes, tuple(data_cfg["input_size"]), str(root))
+    return Dataset(train, test, test, classes, tuple(data_cfg["input_size"]), str(root))
