@@ -1,6 +1,6 @@
 """The baselines UVC is compared with, each ending as a uvc-slimmed model at R <= budget.
 
-- uniform: the same keep ratio in every block (`budget.uniform_removal`), keeping the groups with
+- uniform: the same keep ratio in every block (`uvc.budget.uniform_plan`), keeping the groups with
   the largest weight norms (the importance UVC itself uses), then `uvc.slim`.
 - Torch-Pruning: global magnitude or Taylor ranking of attention head dimensions and MLP channels
   (the embedding width stays), its pruning ratio bisected until `uvc.macs` is within the budget.
@@ -18,39 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 
 import uvc
-from uvc.budget import skeleton_of, uniform_removal
-from uvc.gates import LayerPlan
-from uvc.models import adapter_for
+from uvc.adapters import adapter_for
+from uvc.flops import block_shape
+from uvc.plan import LayerPlan
 
 TP_CRITERIA = ("magnitude", "taylor")
 
 
-def _largest(scores: torch.Tensor, keep: int) -> list[int]:
-    return sorted(scores.topk(keep).indices.tolist())
-
-
-@torch.no_grad()
-def uniform_plan(model: nn.Module, budget: float, input_size=None) -> list[LayerPlan]:
-    """One keep ratio for every block, R <= budget; within a block the largest-norm heads, dims and neurons stay."""
-    removed = uniform_removal(skeleton_of(model, input_size), budget).long().tolist()
-    plan = []
-    for block, (n_heads, n_dims, n_neurons) in zip(adapter_for(model).blocks(model), removed):
-        heads, head_dim = block.attn.num_heads, block.attn.head_dim
-        column = block.attn.proj.weight.pow(2).sum(0).view(heads, head_dim)
-        kept_heads = _largest(column.sum(1), heads - n_heads)
-        neuron = block.mlp.fc2.weight.pow(2).sum(0)
-        plan.append(LayerPlan(heads=kept_heads, dims=[_largest(column[h], head_dim - n_dims) for h in kept_heads],
-                              neurons=_largest(neuron, neuron.numel() - n_neurons)))
-    return plan
-
-
 def plan_of_slimmed(model: nn.Module) -> list[LayerPlan]:
-    """A slimmed model's per-block counts as keep-everything plans (what the report shows of a pruned model)."""
+    """A slimmed model's per-block shapes as keep-everything plans (what the report shows of a pruned model)."""
     plan = []
     for block in adapter_for(model).blocks(model):
-        c = block.config()
-        plan.append(LayerPlan(heads=list(range(c["heads"])), dims=[list(range(c["head_dim"]))] * c["heads"],
-                              neurons=list(range(c["hidden"])), attn=block.attn is not None, mlp=block.mlp is not None))
+        s = block_shape(block)
+        plan.append(LayerPlan(heads=list(range(s.heads)), dims=[list(range(s.head_dim))] * s.heads,
+                              neurons=list(range(s.hidden)), attn=s.runs_attn, mlp=s.runs_mlp))
     return plan
 
 

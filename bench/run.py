@@ -29,10 +29,12 @@ from uvc.compress import CompressConfig, compress, post_train
 from uvc.data import DataConfig, build_data
 from uvc.distill import KDConfig
 from uvc.errors import UVCError
-from uvc.models import adapter_for
-from uvc.primal_dual import SearchConfig
+from uvc.adapters import adapter_for
+from uvc.budget import uniform_plan
+from uvc.engine import Schedule
+from uvc.search import SearchConfig
 
-from baselines import plan_of_slimmed, taylor_gradients, torch_pruning_to_budget, uniform_plan
+from baselines import plan_of_slimmed, taylor_gradients, torch_pruning_to_budget
 from speed import deit_small_speed, speed_pair, step_cost
 from summary import LABELS, write_summary
 
@@ -69,9 +71,12 @@ QUICK = Settings(budgets=(0.5,), train_limit=2048, test_limit=2000, batch_size=6
 
 def compress_config(s: Settings, budget: float, out: Path, method: str) -> CompressConfig:
     """One configuration for every method; only the UVC ablations flip their one switch."""
-    search = SearchConfig(epochs=s.search_epochs, warmup_epochs=s.search_warmup_epochs,
+    defaults = CompressConfig()
+    search = SearchConfig(schedule=Schedule(s.search_epochs, defaults.search.schedule.lr, warmup_epochs=0.05),
+                          warmup_epochs=s.search_warmup_epochs,
                           skip="none" if method == "uvc_no_skip" else "both", prune=method != "uvc_no_prune")
-    return CompressConfig(budget=budget, out=str(out), device="cpu", post_epochs=s.post_epochs, eval_during_search=False,
+    post = Schedule(s.post_epochs, defaults.post.lr, defaults.post.weight_decay, defaults.post.warmup_epochs)
+    return CompressConfig(budget=budget, out=str(out), device="cpu", post=post, eval_during_search=False,
                           data=DataConfig(train_limit=s.train_limit, test_limit=s.test_limit, batch_size=s.batch_size),
                           search=search, kd=KDConfig(kind="none" if method == "uvc_no_kd" else "soft"))
 
@@ -96,7 +101,7 @@ def run_method(method: str, budget: float, teacher, s: Settings, out: Path) -> d
             plan = plan_of_slimmed(slimmed)
         report = post_train(cfg, slimmed, plan, model=teacher, teacher=teacher)
     return {"method": method, "budget": budget, "ratio": report["ratio"], "macs": report["macs"],
-            "macs_dense": report["macs_dense"], "top1": report["top1"], "top1_before_post": report["top1_after_search"],
+            "macs_dense": report["macs_dense"], "top1": report["top1"], "top1_before_post": report["top1_val_after_search"],
             "top1_teacher": report["top1_teacher"], "params": report["params"], "layers": report["layers"],
             "seconds": time.perf_counter() - start, "out": str(out.relative_to(ROOT))}
 
@@ -194,7 +199,7 @@ def main() -> int:
     save(results)
 
     log.info("=== throughput: deit_small_patch16_224 at R <= %.2f", s.deit_budget)
-    results["deit_small"] = deit_small_speed(uniform_plan, s.deit_budget, s.speed_batches, s.speed_repeats)
+    results["deit_small"] = deit_small_speed(s.deit_budget, s.speed_batches, s.speed_repeats)
     save(results)
 
     log.info("=== search cost: UVC search step against a plain KD step")

@@ -1,8 +1,8 @@
 """Measured cost: inference throughput of slimmed models against their dense model, and the time of a search step.
 
-Throughput is `uvc.engine.throughput` (warm-up, then the median of timed rounds) on the CPU with
-the thread count the runner fixed. The dense model is measured right before each slimmed one, so
-a change in background load moves both numbers of a pair alike.
+Throughput is `uvc.engine.compare_throughput`: the dense and the slimmed model alternate in rounds
+of at least a second, in one process, with the thread count the runner fixed, so a change in
+background load moves both numbers of a pair alike; the median and the spread are kept.
 """
 from __future__ import annotations
 
@@ -17,29 +17,32 @@ from torch import nn
 import uvc
 from uvc.compress import CompressConfig, Run
 from uvc.distill import distillation_loss
-from uvc.engine import make_optimizer, optimizer_step, predict_logits, throughput
+from uvc.budget import uniform_plan
+from uvc.engine import compare_throughput, make_optimizer, optimizer_step, predict_logits
 
 CPU = torch.device("cpu")
 
 
-def speed_pair(dense: nn.Module, slimmed: nn.Module, input_size, batch: int, repeats: int) -> dict:
-    """Images per second of both models at one batch size, and the measured speedup."""
-    dense_rate = throughput(dense, input_size, batch, CPU, repeats=repeats)
-    slim_rate = throughput(slimmed, input_size, batch, CPU, repeats=repeats)
-    return {"batch": batch, "dense": dense_rate, "slimmed": slim_rate, "speedup": slim_rate / dense_rate}
+def speed_pair(dense: nn.Module, slimmed: nn.Module, input_size, batch: int, rounds: int, seconds: float = 1.0) -> dict:
+    """Images per second of both models at one batch size (medians, with min and max), and the speedup of the medians."""
+    rates = compare_throughput({"dense": dense, "slimmed": slimmed}, input_size, batch, CPU, rounds=rounds, seconds=seconds)
+    return {"batch": batch, "dense": rates["dense"]["median"], "slimmed": rates["slimmed"]["median"],
+            "dense_range": [rates["dense"]["min"], rates["dense"]["max"]],
+            "slimmed_range": [rates["slimmed"]["min"], rates["slimmed"]["max"]],
+            "speedup": rates["slimmed"]["median"] / rates["dense"]["median"]}
 
 
-def deit_small_speed(plan_fn, budget: float, batches, repeats: int) -> dict:
-    """deit_small_patch16_224 (random weights: speed does not depend on them) slimmed by `plan_fn(model, budget)`."""
+def deit_small_speed(budget: float, batches, rounds: int, width_multiple: int = 1) -> dict:
+    """deit_small_patch16_224 (random weights: speed does not depend on them) slimmed by the uniform plan."""
     import timm
 
     torch.manual_seed(0)
     dense = timm.create_model("deit_small_patch16_224").eval()
-    slimmed = uvc.slim(dense, plan_fn(dense, budget))
+    slimmed = uvc.slim(dense, uniform_plan(dense, budget, multiple=width_multiple))
     input_size = (3, 224, 224)
     return {"budget": budget, "ratio": uvc.macs(slimmed, input_size) / uvc.macs(dense, input_size),
             "layers": [b.config() for b in slimmed.blocks],
-            "speed": [speed_pair(dense, slimmed, input_size, b, repeats) for b in batches]}
+            "width_multiple": width_multiple, "speed": [speed_pair(dense, slimmed, input_size, b, rounds) for b in batches]}
 
 
 def step_cost(cfg: CompressConfig, teacher: nn.Module, steps: int, warmup: int = 3) -> dict:
@@ -52,7 +55,7 @@ def step_cost(cfg: CompressConfig, teacher: nn.Module, steps: int, warmup: int =
     plain = copy.deepcopy(teacher).train()
     for p in plain.parameters():
         p.requires_grad_(True)
-    optimizer, scheduler = make_optimizer(plain, cfg.search.lr, cfg.search.weight_decay, cfg.search.epochs, run.steps_per_epoch)
+    optimizer, scheduler = make_optimizer(plain, cfg.search.schedule, run.steps_per_epoch)
 
     def plain_step(x, y, step):
         loss = distillation_loss(plain(x), y, predict_logits(run.teacher, x), cfg.kd)

@@ -51,6 +51,31 @@ def fmnist_available() -> bool:
         return False
 
 
+def random_plan(model: torch.nn.Module, generator: torch.Generator, skip_prob: float = 0.15):
+    """A random but valid plan (one head width per layer), for testing the FLOPs model and slimming."""
+    from uvc.adapters import adapter_for
+    from uvc.plan import LayerPlan
+
+    def pick(n: int, k: int) -> list[int]:
+        return sorted(torch.randperm(n, generator=generator)[:k].tolist())
+
+    def randint(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=generator))
+
+    plans = []
+    for block in adapter_for(model).blocks(model):
+        heads, head_dim = block.attn.num_heads, block.attn.head_dim
+        hidden = block.mlp.fc1.out_features
+        kept_heads, width = pick(heads, randint(1, heads)), randint(1, head_dim)
+        skip_block = float(torch.rand(1, generator=generator)) < skip_prob / 2
+        plans.append(LayerPlan(
+            heads=kept_heads, dims=[pick(head_dim, width) for _ in kept_heads], neurons=pick(hidden, randint(1, hidden)),
+            attn=not skip_block and float(torch.rand(1, generator=generator)) >= skip_prob,
+            mlp=not skip_block and float(torch.rand(1, generator=generator)) >= skip_prob,
+        ))
+    return plans
+
+
 def small_vit(**kwargs) -> torch.nn.Module:
     """The default teacher's architecture (28x28, 12 blocks of DeiT-Tiny width) with random weights."""
     from uvc.models import TEACHER_ARGS

@@ -8,9 +8,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import uvc
+import uvc.budget
 from uvc.compress import CompressConfig, post_train
 from uvc.data import DataConfig
-from uvc.primal_dual import SearchConfig
+from uvc.engine import Schedule
+from uvc.search import SearchConfig
 
 from conftest import fvcore_macs, small_vit, unfused
 
@@ -33,7 +35,7 @@ def test_uniform_plan_hits_the_budget_and_keeps_the_largest_groups(budget):
     with torch.no_grad():
         model.blocks[0].attn.proj.weight[:, :5] = 0  # dims 0-4 of head 0: the least important
         model.blocks[0].mlp.fc2.weight[:, :7] = 0
-    plan = baselines.uniform_plan(model, budget)
+    plan = uvc.budget.uniform_plan(model, budget)
     ratio = uvc.macs(uvc.slim(model, plan)) / uvc.macs(model)
     assert budget - 0.01 <= ratio <= budget
     assert not set(range(5)) & set(plan[0].dims[0]) and not set(range(7)) & set(plan[0].neurons)
@@ -52,7 +54,7 @@ def test_torch_pruning_reaches_the_budget_and_counts_like_fvcore(criterion):
     assert 0.495 <= uvc.macs(slimmed) / dense <= 0.5
     assert abs(fvcore_macs(slimmed, INPUT) - uvc.macs(slimmed)) / uvc.macs(slimmed) < 0.005
     assert all(b.config()["dim"] == 192 for b in slimmed.blocks)  # the embedding width stays
-    assert [p.counts["neurons"] for p in baselines.plan_of_slimmed(slimmed)] == [b.config()["hidden"] for b in slimmed.blocks]
+    assert [len(p.neurons) for p in baselines.plan_of_slimmed(slimmed)] == [b.config()["hidden"] for b in slimmed.blocks]
 
 
 def test_torch_pruned_model_is_slimmed_without_changing_its_function():
@@ -67,12 +69,13 @@ def test_post_train_reports_the_slimmed_model(tmp_path, fmnist_available):
     if not fmnist_available:
         pytest.skip("Fashion-MNIST is missing")
     model = tiny_vit()
-    plan = baselines.uniform_plan(model, 0.5)
-    cfg = CompressConfig(out=str(tmp_path), budget=0.5, post_epochs=1, throughput_batch=4,
-                         data=DataConfig(train_limit=128, test_limit=64, batch_size=64), search=SearchConfig(epochs=1))
+    plan = uvc.budget.uniform_plan(model, 0.5)
+    cfg = CompressConfig(out=str(tmp_path), budget=0.5, post=Schedule(1, 3e-4), throughput_batch=4, throughput_rounds=1,
+                         data=DataConfig(train_limit=128, test_limit=64, batch_size=64),
+                         search=SearchConfig(schedule=Schedule(1, 3e-4)))
     report = post_train(cfg, uvc.slim(model, plan), plan, model=copy.deepcopy(model), teacher=model)
     assert report["ratio"] == uvc.macs(uvc.load(tmp_path)) / uvc.macs(model) <= 0.5
-    assert [l["neurons"] for l in report["layers"]] == [len(p.neurons) for p in plan]
+    assert [l["hidden"] for l in report["layers"]] == [len(p.neurons) for p in plan]
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
@@ -83,7 +86,7 @@ def test_step_cost_and_speed_pair_measure_positive_times(tmp_path, fmnist_availa
     cost = speed.step_cost(cfg, tiny_vit(), steps=2, warmup=1)
     assert cost["search_s"] > 0 and cost["plain_s"] > 0 and cost["ratio"] == cost["search_s"] / cost["plain_s"]
     model = tiny_vit()
-    pair = speed.speed_pair(model, uvc.slim(model, baselines.uniform_plan(model, 0.5)), INPUT, 4, repeats=1)
+    pair = speed.speed_pair(model, uvc.slim(model, uvc.budget.uniform_plan(model, 0.5)), INPUT, 4, rounds=1, seconds=0.05)
     assert pair["speedup"] == pair["slimmed"] / pair["dense"] > 0
 
 

@@ -14,7 +14,8 @@ from timm.models.vision_transformer import VisionTransformer
 import uvc
 from uvc.compress import CompressConfig, compress
 from uvc.data import DataConfig
-from uvc.primal_dual import SearchConfig
+from uvc.engine import Schedule
+from uvc.search import SearchConfig
 
 from conftest import fvcore_macs
 
@@ -34,9 +35,9 @@ def tiny_vit(seed=0):
 
 def tiny_config(out, budget=0.5, **search):
     return CompressConfig(
-        out=str(out), budget=budget, log_every=1, throughput_batch=16, post_epochs=1,
-        data=DataConfig(train_limit=512, test_limit=256, batch_size=64),
-        search=SearchConfig(**{"epochs": 3, "warmup_epochs": 0.5, **search}),
+        out=str(out), budget=budget, log_every=1, throughput_batch=16, throughput_rounds=1, post=Schedule(1, 3e-4),
+        data=DataConfig(train_limit=512, val_limit=256, test_limit=256, batch_size=64),
+        search=SearchConfig(**{"schedule": Schedule(3, 3e-4, warmup_epochs=0.05), "warmup_epochs": 0.5, **search}),
     )
 
 
@@ -64,7 +65,7 @@ def test_ablations_run_and_respect_their_switches(tmp_path):
     skip_only = compress(tiny_config(tmp_path / "a", 0.6, prune=False), model=tiny_vit())
     assert any(not (l["attn"] and l["mlp"]) for l in skip_only["layers"])
     assert all((l["heads"], l["head_dim"]) == (2, 32) for l in skip_only["layers"] if l["attn"])
-    assert all(l["neurons"] == 256 for l in skip_only["layers"] if l["mlp"])
+    assert all(l["hidden"] == 256 for l in skip_only["layers"] if l["mlp"])
     assert skip_only["ratio"] <= 0.6
     prune_only = compress(tiny_config(tmp_path / "b", 0.5, skip="none"), model=tiny_vit())
     assert all(l["attn"] and l["mlp"] for l in prune_only["layers"])

@@ -6,18 +6,37 @@ import pytest
 import torch
 
 import uvc
+import uvc.data
 from uvc.data import DataConfig, TensorBatches, build_data, load_fashion_mnist
 
 
 def test_fashion_mnist_is_the_real_data_set(fmnist_available):
     if not fmnist_available:
         pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
-    images, labels = load_fashion_mnist("train")
+    images, labels = load_fashion_mnist("train-all")
     assert images.shape == (60000, 1, 28, 28) and images.dtype == torch.uint8
     assert torch.bincount(labels).tolist() == [6000] * 10
     test_images, test_labels = load_fashion_mnist("test")
     assert test_images.shape == (10000, 1, 28, 28) and torch.bincount(test_labels).tolist() == [1000] * 10
     assert 0.27 < images.float().mean().item() / 255 < 0.30  # the published mean pixel value is 0.286
+
+
+def test_validation_split_is_a_fixed_held_out_part_of_the_training_images(fmnist_available):
+    if not fmnist_available:
+        pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
+    all_images, all_labels = load_fashion_mnist("train-all")
+    train, _ = load_fashion_mnist("train")
+    val, val_labels = load_fashion_mnist("val")
+    assert len(train) == 55000 and len(val) == 5000
+    held_out = uvc.data.validation_indices(60000)
+    assert torch.equal(held_out, uvc.data.validation_indices(60000))  # the same 5,000 on every call and machine
+    assert torch.equal(val, all_images[held_out]) and torch.equal(val_labels, all_labels[held_out])
+    rest = torch.ones(60000, dtype=torch.bool)
+    rest[held_out] = False
+    assert torch.equal(train, all_images[rest])  # disjoint, and together every training image
+    assert all(400 < n < 600 for n in torch.bincount(val_labels).tolist())  # every class is held out
+    data = build_data(DataConfig(train_limit=640, batch_size=64))
+    assert len(data.train) == 10 and sum(len(y) for _, y in data.val) == 5000 and sum(len(y) for _, y in data.test) == 10000
 
 
 def test_batches_are_seeded_resumable_and_normalised():
@@ -47,7 +66,7 @@ def test_any_folder_with_the_four_idx_files(tmp_path):
         write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
     data = build_data(DataConfig(root=str(tmp_path), batch_size=16))
-    assert len(data.train) == 4 and data.input_size == (1, 28, 28) and data.num_classes == 10
+    assert len(data.train) == 3 and data.input_size == (1, 28, 28) and data.num_classes == 10  # 58 of 64: 6 held out
 
 
 def test_missing_or_broken_data_names_the_fix(tmp_path):

@@ -4,10 +4,9 @@ import timm
 import torch
 
 import uvc
-from uvc.flops import block_macs
-from uvc.gates import random_plan
+from uvc.resource import block_macs
 
-from conftest import fvcore_macs, small_vit
+from conftest import fvcore_macs, small_vit, random_plan
 
 DENSE = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
          "deit_tiny_distilled_patch16_224", "vit_tiny_patch7_fmnist"]

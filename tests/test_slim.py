@@ -6,10 +6,10 @@ import timm
 import torch
 
 import uvc
-from uvc.gates import GatedBlock, random_plan
+from uvc.gates import GatedBlock
 from uvc.slim import SlimBlock
 
-from conftest import small_vit
+from conftest import small_vit, random_plan
 
 
 def outputs(model, x):

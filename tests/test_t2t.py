@@ -8,9 +8,10 @@ import torch
 
 import uvc
 import uvc.gates
-from uvc.models import adapter_for
+from uvc.adapters import adapter_for
 from uvc.t2t import T2TViT
 
+import conftest
 from conftest import fvcore_macs
 
 SMALL = dict(img_size=28, in_chans=1, num_classes=10)  # Fashion-MNIST sized: a 2x2 token grid
@@ -39,7 +40,7 @@ def images(size, batch=3, seed=1):
 
 def random_plan(model, seed):
     """uvc's random plan with one whole block skipped on top, so slimming must drop a block."""
-    plan = uvc.gates.random_plan(model, torch.Generator().manual_seed(seed), skip_prob=0.25)
+    plan = conftest.random_plan(model, torch.Generator().manual_seed(seed), skip_prob=0.25)
     plan[seed % len(plan)].attn = plan[seed % len(plan)].mlp = False
     return plan
 
@@ -193,15 +194,16 @@ def test_compressing_a_small_t2t_vit_reaches_its_budget(tmp_path, fmnist_availab
     """Issue 5, point 4: the whole UVC pipeline on T2T-ViT-7 at 28x28 Fashion-MNIST."""
     from uvc.compress import CompressConfig, compress
     from uvc.data import DataConfig
-    from uvc.primal_dual import SearchConfig
+    from uvc.engine import Schedule
+    from uvc.search import SearchConfig
 
     if not fmnist_available:
         pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
     torch.manual_seed(0)
     model = timm.create_model("t2t_vit_7", img_size=28, in_chans=1, num_classes=10)
-    cfg = CompressConfig(out=str(tmp_path), budget=0.6, post_epochs=0.5, throughput_batch=8, log_every=1,
-                         data=DataConfig(train_limit=256, test_limit=128, batch_size=32),
-                         search=SearchConfig(epochs=1, warmup_epochs=0.25))
+    cfg = CompressConfig(out=str(tmp_path), budget=0.6, post=Schedule(0.5, 3e-4), throughput_batch=8,
+                         throughput_rounds=1, log_every=1, data=DataConfig(train_limit=256, test_limit=128, batch_size=32),
+                         search=SearchConfig(schedule=Schedule(1, 3e-4), warmup_epochs=0.25))
     report = compress(cfg, model=model)
     assert 0.59 <= report["ratio"] <= 0.6
     loaded = uvc.load(tmp_path)

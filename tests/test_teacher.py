@@ -6,10 +6,13 @@ import torch
 
 import uvc
 from uvc.data import DataConfig, build_data
-from uvc.engine import evaluate
+from uvc.engine import Schedule, evaluate
 from uvc.errors import UVCError
-from uvc.gates import random_plan
 from uvc.models import default_teacher_dir
+
+from conftest import random_plan
+
+ONE_EPOCH = Schedule(1, 1e-3)
 
 
 def test_bundled_teacher_reaches_the_stated_accuracy(fmnist_available):
@@ -32,12 +35,13 @@ def test_train_teacher_writes_a_loadable_teacher_and_continues_from_init(tmp_pat
     from uvc.teacher import TeacherConfig, train_teacher
 
     data = DataConfig(train_limit=256, test_limit=256, batch_size=64)
-    first = train_teacher(TeacherConfig(out=str(tmp_path / "a"), epochs=1, warmup_epochs=0.5, data=data))
+    first = train_teacher(TeacherConfig(out=str(tmp_path / "a"), schedule=Schedule(1, 1e-3, warmup_epochs=0.5), data=data))
     assert first["continues"] is None and len(first["history"]) == 1
     assert not (tmp_path / "a" / "teacher_checkpoint.pt").exists()
     assert first["top1"] == pytest.approx(evaluate(uvc.load(tmp_path / "a"), build_data(data).test, torch.device("cpu")), abs=1e-6)
     # lr 0 leaves AdamW's weights untouched, so the continued teacher must be the first one exactly.
-    second = train_teacher(TeacherConfig(out=str(tmp_path / "b"), epochs=1, lr=0.0, init=str(tmp_path / "a"), data=data))
+    second = train_teacher(TeacherConfig(out=str(tmp_path / "b"), schedule=Schedule(1, 0.0), init=str(tmp_path / "a"),
+                                         data=data))
     assert second["continues"] == json.loads((tmp_path / "a" / "training.json").read_text())
     a, b = uvc.load(tmp_path / "a").state_dict(), uvc.load(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -46,7 +50,7 @@ def test_train_teacher_writes_a_loadable_teacher_and_continues_from_init(tmp_pat
     teacher = uvc.load(tmp_path / "a")
     uvc.save(uvc.slim(teacher, random_plan(teacher, torch.Generator().manual_seed(0))), tmp_path / "s")
     with pytest.raises(UVCError, match="--init takes a teacher folder"):
-        train_teacher(TeacherConfig(out=str(tmp_path / "c"), epochs=1, init=str(tmp_path / "s"), data=data))
+        train_teacher(TeacherConfig(out=str(tmp_path / "c"), schedule=ONE_EPOCH, init=str(tmp_path / "s"), data=data))
 
 
 def test_train_teacher_with_a_convnet_tutor_records_it_and_resumes_past_it(tmp_path, fmnist_available):
@@ -57,34 +61,38 @@ def test_train_teacher_with_a_convnet_tutor_records_it_and_resumes_past_it(tmp_p
     from uvc.teacher import ConvTutor, TeacherConfig, train_teacher
 
     data = DataConfig(train_limit=256, test_limit=256, batch_size=64)
-    cfg = TeacherConfig(out=str(tmp_path / "t"), epochs=1, tutor_epochs=2, warmup_epochs=0.5, data=data)
+    cfg = TeacherConfig(out=str(tmp_path / "t"), schedule=Schedule(1, 1e-3, warmup_epochs=0.5),
+                        tutor=Schedule(2, 2e-3, warmup_epochs=0.5), data=data)
     result = train_teacher(cfg)
     record = result["tutor"]
     assert record["epochs"] == 2 and [h["epoch"] for h in record["history"]] == [1, 2]
-    assert record["top1"] == record["history"][-1]["top1"] and 0 < record["top1"] <= 100
+    assert record["top1_val"] == record["history"][-1]["top1_val"] and 0 < record["top1_val"] <= 100
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
         "arch.json", "model.safetensors", "training.json", "tutor.safetensors"]
     assert ConvTutor()(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
     # --tutor-from reuses the kept tutor (and its record) instead of training a new one.
-    reused = train_teacher(TeacherConfig(out=str(tmp_path / "u"), epochs=1, tutor_from=str(tmp_path / "t"), data=data))
+    reused = train_teacher(TeacherConfig(out=str(tmp_path / "u"), schedule=ONE_EPOCH, tutor_from=str(tmp_path / "t"),
+                                         data=data))
     assert reused["tutor"] == {**record, "from": str(tmp_path / "t")}
     with pytest.raises(UVCError, match="holds no tutor.safetensors"):
-        train_teacher(TeacherConfig(out=str(tmp_path / "v"), epochs=1, tutor_from=str(tmp_path / "s"), data=data))
+        train_teacher(TeacherConfig(out=str(tmp_path / "v"), schedule=ONE_EPOCH, tutor_from=str(tmp_path / "s"), data=data))
     with pytest.raises(UVCError, match="pass only one"):
-        train_teacher(TeacherConfig(out=str(tmp_path / "v"), tutor_epochs=1, tutor_from=str(tmp_path / "t"), data=data))
+        train_teacher(TeacherConfig(out=str(tmp_path / "v"), tutor=Schedule(1, 2e-3), tutor_from=str(tmp_path / "t"),
+                                    data=data))
 
     # A run killed after its tutor phase: the tutor checkpoint is complete, the ViT has none yet.
     # Resuming must load that tutor (history kept, no tutor epoch re-run) and finish the ViT.
     out = tmp_path / "r"
     out.mkdir()
-    marker = {"epoch": 2, "top1": -1.0, "loss": 0.0}  # an impossible accuracy: only a reused record keeps it
+    marker = {"epoch": 2, "top1_val": -1.0, "loss": 0.0}  # an impossible accuracy: only a reused record keeps it
     tutor = ConvTutor()
-    optimizer, _ = make_optimizer(tutor, 1e-3, 0.05, 2, 4)
+    optimizer, _ = make_optimizer(tutor, Schedule(2, 1e-3), 4)
     save_checkpoint(out / "tutor_checkpoint.pt", {"model": tutor.state_dict(), "optimizer": optimizer.state_dict(),
                                                    "epoch": 2, "history": [dict(marker, epoch=1), marker]})
-    resumed = train_teacher(TeacherConfig(out=str(out), epochs=1, tutor_epochs=2, resume=True, data=data))
-    assert resumed["tutor"]["top1"] == -1.0 and len(resumed["history"]) == 1
+    resumed = train_teacher(TeacherConfig(out=str(out), schedule=ONE_EPOCH, tutor=Schedule(2, 2e-3), resume=True,
+                                          data=data))
+    assert resumed["tutor"]["top1_val"] == -1.0 and len(resumed["history"]) == 1
     assert not (out / "tutor_checkpoint.pt").exists()
 
 

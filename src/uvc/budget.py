@@ -1,73 +1,34 @@
-"""Budget arithmetic on hard decisions: validating a budget, a uniform start, and the final fit.
+"""Budget arithmetic on hard decisions: validating a budget, the uniform plan, and the exact final fit.
 
-The search ends near the budget; `fit_to_budget` makes it exact: it removes the groups that cost
+Every method ends near its budget; `fit_to_budget` makes it exact: it removes the groups that cost
 the least importance per MAC saved until R <= B, then gives back the most important groups that
-still fit, so the delivered model lands in [B - tolerance, B] as measured by `uvc.macs`.
+still fit, so the delivered model lands in [B - tolerance, B] as `uvc.macs` measures it. With
+`multiple` > 1 the kept head widths and MLP widths move in steps of that many (widths that are
+multiples of 8 run on faster GPU kernels).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from .adapters import adapter_for
 from .errors import UVCError
-from .flops import block_macs
-
-@dataclass
-class Skeleton:
-    """Sizes that fix the MACs of a ViT: token count, widths per block, MACs outside the blocks."""
-
-    tokens: int
-    dim: list[int]
-    heads: list[int]
-    head_dim: list[int]
-    hidden: list[int]
-    fixed: int
-
-    @property
-    def depth(self) -> int:
-        return len(self.heads)
-
-    def sizes(self) -> torch.Tensor:
-        """[L, 3] number of groups of each kind per block."""
-        return torch.tensor([[h, d, m] for h, d, m in zip(self.heads, self.head_dim, self.hidden)], dtype=torch.float)
-
-    def dense_macs(self) -> float:
-        return self.macs(torch.zeros(self.depth, 3), torch.ones(self.depth), torch.ones(self.depth))
-
-    def macs(self, removed, attn_keep, mlp_keep):
-        """MACs with `removed[l] = (heads, dims per head, neurons)` gone; tensors flow gradients."""
-        sizes = self.sizes()
-        kept = sizes - removed
-        width = kept[:, 0] * kept[:, 1]
-        total = self.fixed
-        for l in range(self.depth):
-            total = total + block_macs(self.tokens, self.dim[l], width[l], kept[l, 2], attn_keep[l], mlp_keep[l])
-        return total
-
-
-def skeleton_of(model, input_size=None) -> Skeleton:
-    """The Skeleton of a dense or gated model (its blocks' full widths)."""
-    from .models import adapter_for
-
-    adapter = adapter_for(model)
-    input_size = tuple(input_size or adapter.input_size(model))
-    blocks = list(adapter.blocks(model))
-    return Skeleton(tokens=adapter.tokens(model, input_size), dim=[b.attn.qkv.in_features for b in blocks],
-                    heads=[b.attn.num_heads for b in blocks], head_dim=[b.attn.head_dim for b in blocks],
-                    hidden=[b.mlp.fc1.out_features for b in blocks], fixed=adapter.fixed_macs(model, input_size))
+from .flops import skeleton_of
+from .importance import group_norms, keep_masks
+from .plan import LayerPlan
+from .resource import Skeleton
 
 
 def smallest_ratio(skel: Skeleton, prune: bool, skip: bool) -> float:
     """The lowest R reachable: everything skipped, or one head of width one and one neuron per block."""
     if skip:
-        return skel.fixed / skel.dense_macs()
+        return skel.fixed / skel.dense_macs
     if not prune:
         return 1.0
-    removed = skel.sizes() - 1
     ones = torch.ones(skel.depth)
-    return float(skel.macs(removed, ones, ones)) / skel.dense_macs()
+    return float(skel.ratio(skel.sizes() - 1, ones, ones))
 
 
 def check_budget(budget: float, skel: Skeleton, prune: bool, skip: bool) -> None:
@@ -80,55 +41,100 @@ def check_budget(budget: float, skel: Skeleton, prune: bool, skip: bool) -> None
                        f"ask for at least {math.ceil(low * 1000) / 1000}")
 
 
-def uniform_removal(skel: Skeleton, budget: float) -> torch.Tensor:
+def _kept_in_steps(size: torch.Tensor, keep: float, multiple: int) -> torch.Tensor:
+    """ceil(size * keep) rounded up to a multiple (never above size, never below one step)."""
+    kept = torch.ceil(size * keep / multiple) * multiple
+    return torch.minimum(torch.clamp(kept, min=multiple), size)
+
+
+def uniform_removal(skel: Skeleton, budget: float, multiple: int = 1) -> torch.Tensor:
     """[L, 3] removal counts keeping the same fraction of head dims and neurons in every block, R <= budget."""
     sizes, ones = skel.sizes(), torch.ones(skel.depth)
 
     def removed_at(keep: float) -> torch.Tensor:
         removed = torch.zeros_like(sizes)
-        removed[:, 1] = sizes[:, 1] - torch.clamp(torch.ceil(sizes[:, 1] * keep), min=1)
-        removed[:, 2] = sizes[:, 2] - torch.clamp(torch.ceil(sizes[:, 2] * keep), min=1)
+        removed[:, 1] = sizes[:, 1] - _kept_in_steps(sizes[:, 1], keep, multiple)
+        removed[:, 2] = sizes[:, 2] - _kept_in_steps(sizes[:, 2], keep, multiple)
         return removed
 
-    dense = skel.dense_macs()
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        if float(skel.macs(removed_at(mid), ones, ones)) / dense <= budget:
+        if float(skel.ratio(removed_at(mid), ones, ones)) <= budget:
             lo = mid
         else:
             hi = mid
     return removed_at(lo)
 
 
+def plan_of_counts(blocks, removed: torch.Tensor, attn: torch.Tensor | None = None,
+                   mlp: torch.Tensor | None = None) -> list[LayerPlan]:
+    """The plan removing `removed[l] = (heads, dims per head, neurons)` least important groups of each block."""
+    plan = []
+    for l, block in enumerate(blocks):
+        masks = keep_masks(group_norms(block), *[int(n) for n in removed[l]])
+        plan.append(LayerPlan.from_masks(*masks, attn=attn is None or bool(attn[l]), mlp=mlp is None or bool(mlp[l])))
+    return plan
+
+
+def uniform_plan(model: nn.Module, budget: float, input_size=None, multiple: int = 1) -> list[LayerPlan]:
+    """One keep ratio for every block, R <= budget; within a block the most important groups stay."""
+    blocks = adapter_for(model).blocks(model)
+    return plan_of_counts(blocks, uniform_removal(skeleton_of(model, input_size), budget, multiple))
+
+
+def removal_costs(blocks) -> list[list[torch.Tensor]]:
+    """`costs[l][k]`: importance of each group of kind k (heads, dims, neurons) of block l, ascending,
+    relative to the layer's total for that kind, so costs compare across layers and kinds."""
+    costs = []
+    for block in blocks:
+        norms = group_norms(block)
+        # Each head drops its own least important dimensions: the cost of the j-th removal is the
+        # sum over heads of each head's j-th smallest dimension.
+        kinds = (norms.heads, norms.dims.sort(dim=1).values.sum(0), norms.neurons)
+        costs.append([(k / k.sum().clamp(min=1e-12)).sort().values.float().cpu() for k in kinds])
+    return costs
+
+
 def fit_to_budget(skel: Skeleton, removed: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor,
-                  costs: list[list[torch.Tensor]], budget: float, tolerance: float = 0.01) -> torch.Tensor:
+                  costs: list[list[torch.Tensor]], budget: float, tolerance: float = 0.01,
+                  multiple: int = 1) -> torch.Tensor:
     """Adjust integer removal counts so that B - tolerance <= R <= B.
 
     `costs[l][k]` holds the importance of each group of kind k in block l, sorted ascending (the
-    order in which they are removed). Removing takes the group with the least importance per MAC
-    saved; giving back takes the group with the most importance per MAC added that still fits.
+    order in which they are removed). Removing takes the step with the least importance per MAC
+    saved; giving back takes the step with the most importance per MAC added that still fits.
+    Head dimensions and neurons move `multiple` at a time and stay at multiples of it (heads move
+    one at a time). Works on CPU float64 copies; returns a tensor like `removed`.
     """
-    removed = removed.clone()
-    dense = skel.dense_macs()
-    sizes = skel.sizes()
+    like = removed
+    removed, attn, mlp = (t.detach().double().cpu() for t in (removed, attn, mlp))
+    sizes = skel.sizes(removed)
+    steps = [1, multiple, multiple]
+    if multiple > 1:  # start from kept widths that are multiples (rounded down: removes a little more)
+        for k in (1, 2):
+            kept = torch.clamp(torch.div(sizes[:, k] - removed[:, k], multiple, rounding_mode="floor") * multiple,
+                               min=multiple)
+            removed[:, k] = sizes[:, k] - torch.minimum(kept, sizes[:, k])
 
     def ratio(r):
-        return float(skel.macs(r, attn, mlp)) / dense
+        return float(skel.ratio(r, attn, mlp))
 
     def candidates(direction: int):
         current = ratio(removed)
         for l in range(skel.depth):
             for k in range(3):
-                n = int(removed[l, k]) + (direction > 0)
-                if direction > 0 and n > sizes[l, k] - 1 or direction < 0 and n < 1:
+                step = steps[k]
+                n = int(removed[l, k]) + direction * step
+                if n > sizes[l, k] - min(step, sizes[l, k]) or n < 0:
                     continue
                 trial = removed.clone()
-                trial[l, k] += direction
+                trial[l, k] = n
                 delta = abs(ratio(trial) - current)
                 if delta == 0:
                     continue
-                yield float(costs[l][k][n - 1]) / delta, l, k, trial
+                group = slice(int(removed[l, k]), n) if direction > 0 else slice(n, int(removed[l, k]))
+                yield float(costs[l][k][group].sum()) / delta, l, k, trial
 
     while ratio(removed) > budget:
         options = list(candidates(+1))
@@ -140,4 +146,4 @@ def fit_to_budget(skel: Skeleton, removed: torch.Tensor, attn: torch.Tensor, mlp
         if not options:
             break
         removed = max(options, key=lambda o: o[0])[3]
-    return removed
+    return removed.to(like)

@@ -3,7 +3,8 @@
 Phases, each resumable from an atomic checkpoint written at every epoch boundary (and every
 `checkpoint_every` steps): search (primal-dual over weights, ratios, gates and duals) -> hard
 decisions fitted to the budget -> physical slimming -> post-training of the slimmed model with KD.
-The reported accuracy and MACs are those of the slimmed model that is saved.
+Monitoring reads the validation split; the test split is read once, at the end. The reported
+accuracy and MACs are those of the slimmed model that is saved.
 
 Under torchrun the weights train with DistributedDataParallel and the search state stays identical
 on every rank (distributed.py says how); rank 0 alone writes checkpoints, the model and the report.
@@ -11,6 +12,7 @@ on every rank (distributed.py says how); rank 0 alone writes checkpoints, the mo
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,18 +22,21 @@ import torch
 from torch import nn
 
 from . import distributed
-from .budget import check_budget, skeleton_of
+from .adapters import adapter_for
+from .budget import check_budget
 from .data import DataConfig, build_data
-from .distill import KD_KINDS, KDConfig, distillation_loss
-from .engine import (autocast, evaluate, load_checkpoint, make_optimizer, optimizer_step, predict_logits, progress,
-                     resolve_device, save_checkpoint, seed_everything, throughput)
+from .distill import KDConfig, distillation_loss
+from .engine import (Schedule, autocast, compare_throughput, evaluate, load_checkpoint, make_optimizer, model_dtype,
+                     optimizer_step, predict_logits, progress, resolve_device, save_checkpoint, seed_everything)
 from .errors import UVCError
-from .flops import macs
-from .gates import LayerPlan, make_compressible
-from .io import arch_of, atomic_write_text, build_from_arch, ensure_writable_dir, save
-from .models import load_model
-from .primal_dual import SKIP_MODES, PrimalDual, SearchConfig
-from .slim import slim
+from .flops import macs, skeleton_of
+from .gates import make_compressible
+from .io import atomic_write_text, ensure_writable_dir
+from .models import load_model, save
+from .plan import LayerPlan
+from .report import write_report
+from .search import Search, SearchConfig
+from .slim import arch_of, build_from_arch, slim
 
 log = logging.getLogger("uvc")
 CHECKPOINT = "checkpoint.pt"
@@ -39,48 +44,80 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass
 class CompressConfig:
-    """Everything `uvc compress` takes. The defaults compress the bundled teacher to half its MACs."""
+    """Everything `uvc compress` takes. The defaults compress the bundled teacher to half its MACs.
 
-    model: str | None = None  # timm name, folder saved by uvc.save, or None for the bundled teacher
+    `data` may be given as a string (a data set name or an ImageFolder path): it becomes `DataConfig(data=...)`.
+    """
+
+    model: str | None = None  # timm name, folder saved by uvc.save or save_pretrained, or None for the bundled teacher
     checkpoint: str | None = None  # local weights for a timm `model`
     pretrained: bool = False
+    img_size: int | None = None  # build a timm `model` at this image size (position embeddings are resampled)
     teacher: str | None = None  # default: the input model itself
     budget: float = 0.5
     out: str = "runs/compress"
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    post_epochs: float = 2.0
-    post_lr: float = 3e-4
-    post_weight_decay: float = 0.05
-    post_warmup_epochs: float = 0.1
+    post: Schedule = field(default_factory=lambda: Schedule(epochs=2.0, lr=3e-4, weight_decay=0.05, warmup_epochs=0.1))
     seed: int = 0
     device: str = "auto"
     resume: bool = False
     checkpoint_every: int = 0  # extra checkpoints every N steps (0: only at epoch and phase ends)
     log_every: int = 10
     throughput_batch: int = 64
+    throughput_rounds: int = 8  # rounds of >= 1 s each, the dense and the slimmed model alternating
     eval_during_search: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.data, str):
+            self.data = DataConfig(data=self.data)
 
     def validate(self) -> None:
         if not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
             raise UVCError(f"budget {self.budget} is outside (0, 1]; it is the fraction of MACs to keep, e.g. 0.5")
-        if self.kd.kind not in KD_KINDS:
-            raise UVCError(f"KD kind {self.kd.kind!r} is not one of {', '.join(KD_KINDS)}")
-        if self.search.skip not in SKIP_MODES:
-            raise UVCError(f"skip mode {self.search.skip!r} is not one of {', '.join(SKIP_MODES)}")
-        if self.search.epochs <= 0 or self.post_epochs < 0 or self.search.warmup_epochs < 0:
-            raise UVCError("search epochs must be > 0, and post-training and warm-up epochs >= 0")
+        self.data.validate()
+        self.search.validate()
+        self.kd.validate()
+        self.post.validate("post-training")
+        if self.img_size is not None and self.img_size < 1:
+            raise UVCError(f"--img-size must be a positive number of pixels, got {self.img_size}")
+
+
+@dataclass
+class RunState:
+    """Where a run is and what it has measured: saved in every checkpoint, so a resumed run goes on from here."""
+
+    budget: float
+    dense_macs: int
+    phase: str = "search"  # search | post
+    step: int = 0
+    history: list[dict] = field(default_factory=list)  # logged training figures
+    evals: list[dict] = field(default_factory=list)  # validation top-1 per epoch
+    top1_teacher: float | None = None  # test
+    top1_val_teacher: float | None = None
+    top1_after_search: float | None = None  # validation, right after slimming
+    plan: list[dict] | None = None
 
 
 def _batches(loader, epoch: int, skip: int):
     """The batches of one epoch after the first `skip` (resuming mid-epoch replays the same order)."""
-    for setter in (getattr(loader, "set_epoch", None), getattr(getattr(loader, "sampler", None), "set_epoch", None)):
-        if setter is not None:
-            setter(epoch)
+    loader.set_epoch(epoch)
     for i, batch in enumerate(loader):
         if i >= skip:
             yield batch
+
+
+def _rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])  # mixup's draws
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])  # the Gumbel samples of a GPU run
 
 
 class Run:
@@ -91,61 +128,64 @@ class Run:
         self.cfg = cfg
         seed_everything(cfg.seed)  # the same seed on every rank: see distributed.py
         self.device = distributed.setup(resolve_device(cfg.device))
+        timm_kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
         with distributed.main_first():
-            student = model if model is not None else load_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
+            student = load_model(model if model is not None else cfg.model, checkpoint=cfg.checkpoint,
+                                 pretrained=cfg.pretrained, **timm_kwargs)
             if teacher is None:
                 teacher = load_model(cfg.teacher) if cfg.teacher else copy.deepcopy(student)
-        self.teacher = teacher.to(self.device).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.data = build_data(cfg.data, seed=cfg.seed)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        model_input = adapter_for(student).input_size(student)
+        self.data = build_data(cfg.data, seed=cfg.seed, input_size=model_input)
         self.input_size = self.data.input_size
-        self._check_compatible(student)
+        self._check_compatible(student, model_input)
         self.skel = skeleton_of(student, self.input_size)
         check_budget(cfg.budget, self.skel, cfg.search.prune, cfg.search.skip != "none")
         self.out = ensure_writable_dir(cfg.out)
         self.dense_macs = macs(student, self.input_size)
         # The copy trains even when `model` is frozen (e.g. the very object passed as the teacher).
         self.student = make_compressible(copy.deepcopy(student)).requires_grad_(True).to(self.device)
+        self.dtype = model_dtype(self.student)
         self.train_student = distributed.wrap(self.student, self.device)
         self.dense = student
-        self.pd = PrimalDual(self.student, cfg.budget, cfg.search, self.skel).to(self.device)
+        self.search = Search(self.student, cfg.budget, cfg.search, self.skel)
         self.steps_per_epoch = len(self.data.train)
         if self.steps_per_epoch == 0:
             raise UVCError("the training set is smaller than one batch; lower --batch-size or use more data")
-        self.search_steps = max(1, round(cfg.search.epochs * self.steps_per_epoch))
+        self.search_steps = max(1, cfg.search.schedule.steps(self.steps_per_epoch))
         self.warmup_steps = round(cfg.search.warmup_epochs * self.steps_per_epoch)
-        self.post_steps = round(cfg.post_epochs * self.steps_per_epoch)
-        self.optimizer, self.scheduler = make_optimizer(self.student, cfg.search.lr, cfg.search.weight_decay,
-                                                        cfg.search.epochs, self.steps_per_epoch,
-                                                        cfg.search.lr_warmup_epochs)
+        self.post_steps = cfg.post.steps(self.steps_per_epoch)
+        self.optimizer, self.scheduler = make_optimizer(self.student, cfg.search.schedule, self.steps_per_epoch)
         self.slimmed: nn.Module | None = None
         self.train_slimmed: nn.Module | None = None
-        self.state = {"phase": "search", "step": 0, "history": [], "evals": [], "metrics": {},
-                      "budget": cfg.budget, "dense_macs": self.dense_macs}
+        self.state = RunState(budget=cfg.budget, dense_macs=self.dense_macs)
 
-    def _check_compatible(self, student: nn.Module) -> None:
-        x = torch.zeros(1, *self.input_size)
-        try:
-            with torch.no_grad():
-                s_out, t_out = predict_logits(student.eval(), x), predict_logits(self.teacher.cpu(), x)
-        except RuntimeError as e:
-            raise UVCError(f"the model does not accept this data's input of shape {tuple(self.input_size)}: {e}") from e
-        finally:
-            self.teacher.to(self.device)
+    def _check_compatible(self, student: nn.Module, model_input: tuple[int, int, int]) -> None:
+        """Refuse, before anything runs, data whose images or classes the model cannot take."""
+        dynamic = getattr(student, "dynamic_img_size", False)
+        data_input = tuple(self.data.input_size)
+        if model_input[0] != data_input[0] or (not dynamic and tuple(model_input) != data_input):
+            name = self.cfg.model or type(student).__name__
+            size = "x".join(map(str, model_input))
+            raise UVCError(f"{name} takes {size} images but {self.data.name} provides {'x'.join(map(str, data_input))}: "
+                           f"pass --data DIR (an ImageFolder tree with train/ and val/, cropped to {size}) for this model, "
+                           "or a model built for this data (the bundled teacher for Fashion-MNIST)")
+        x = torch.zeros(1, *self.input_size, dtype=model_dtype(student))
+        with torch.no_grad():
+            s_out = predict_logits(student.eval(), x)
+            t_out = predict_logits(self.teacher, x.to(self.device, model_dtype(self.teacher)))
         if s_out.shape[-1] != self.data.num_classes or t_out.shape[-1] != self.data.num_classes:
             raise UVCError(f"the data has {self.data.num_classes} classes but the model predicts {s_out.shape[-1]} "
                            f"and the teacher {t_out.shape[-1]}; pass a model trained for this data")
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> None:
-        if self.state["phase"] == "search":
+        if self.state.phase == "search":
             self._check_ranks_agree()
         if distributed.is_main():
-            state = dict(self.state, rng=torch.get_rng_state(), np_rng=np.random.get_state(),
-                         optimizer=self.optimizer.state_dict())
-            if self.state["phase"] == "search":
-                state.update(student=self.student.state_dict(), search=self.pd.search_state())
+            state = {"run": asdict(self.state), "rng": _rng_states(), "optimizer": self.optimizer.state_dict()}
+            if self.state.phase == "search":
+                state.update(student=self.student.state_dict(), search=self.search.search_state())
             else:
                 state.update(arch=arch_of(self.slimmed), slimmed=self.slimmed.state_dict())
             save_checkpoint(self.out / CHECKPOINT, state)
@@ -153,46 +193,46 @@ class Run:
 
     def _check_ranks_agree(self) -> None:
         """The search state and the masks it implies must be bit-identical on every rank."""
-        distributed.same_on_all_ranks("the search state", [*self.pd.state_dict().values(), *self.student.buffers()])
+        distributed.same_on_all_ranks("the search state", [*self.search.state_dict().values(), *self.student.buffers()])
 
     def resume(self) -> bool:
         path = self.out / CHECKPOINT
         if not path.is_file():
             log.info("no checkpoint in %s; starting from the beginning", self.out)
             return False
-        state = load_checkpoint(path)
-        if state.get("budget") != self.cfg.budget or state.get("dense_macs") != self.dense_macs:
+        state = load_checkpoint(path)  # on the CPU; every load below copies onto this run's device and dtype
+        run = RunState(**state["run"])
+        if run.budget != self.cfg.budget or run.dense_macs != self.dense_macs:
             raise UVCError(f"{path} belongs to a run with another model or budget; use another --out or drop --resume")
-        if state["phase"] == "search":
+        if run.phase == "search":
             self.student.load_state_dict(state["student"])
-            self.pd.load_search_state(state["search"])
+            self.search.load_search_state(state["search"])
         else:
-            self._start_post_training(build_from_arch(state["arch"]))
+            self._start_post_training(build_from_arch(state["arch"]).to(self.device, self.dtype))
             self.slimmed.load_state_dict(state["slimmed"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        np.random.set_state(state["np_rng"])  # mixup's draws
-        self.state = {k: state[k] for k in ("phase", "step", "history", "evals", "metrics", "budget", "dense_macs")}
-        log.info("resumed from %s: %s step %d", path, state["phase"], state["step"])
+        _set_rng_states(state["rng"])
+        self.state = run
+        log.info("resumed from %s: %s step %d", path, run.phase, run.step)
         return True
 
     # ---- phases ------------------------------------------------------------------------------
     def _loop(self, total: int, step_fn, desc: str) -> None:
         spe = self.steps_per_epoch
-        bar = progress(range(total), desc=desc, initial=self.state["step"], total=total)
-        while self.state["step"] < total:
-            step = self.state["step"]
+        bar = progress(range(total), desc=desc, initial=self.state.step, total=total)
+        while self.state.step < total:
+            step = self.state.step
             for x, y in _batches(self.data.train, step // spe, step % spe):
-                x, y = x.to(self.device), y.to(self.device)
+                x, y = x.to(self.device, self.dtype), y.to(self.device)
                 if self.data.mixup is not None:
                     x, y = self.data.mixup(x, y)
-                figures = step_fn(x, y, self.state["step"])
-                self.state["step"] += 1
-                step = self.state["step"]
+                figures = step_fn(x, y, self.state.step)
+                self.state.step += 1
+                step = self.state.step
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in figures.items()})
                 if step % self.cfg.log_every == 0 or step == total:
-                    self.state["history"].append({"phase": self.state["phase"], "step": step, **figures})
+                    self.state.history.append({"phase": self.state.phase, "step": step, **figures})
                 if step % spe == 0 or step == total:
                     self._end_of_epoch(step // spe if step % spe == 0 else step / spe)
                 if step % spe == 0 or step == total or (self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0):
@@ -202,23 +242,24 @@ class Run:
         bar.close()
 
     def _end_of_epoch(self, epoch: float) -> None:
-        phase = self.state["phase"]
+        phase = self.state.phase
         if phase == "search" and not self.cfg.eval_during_search:
             return
-        model = self.slimmed if phase == "post" else self.student
         if phase == "search":
-            self.pd.apply_masks(self.student)
-            self.pd.sample_gates(self.student, training=False)
-        top1 = evaluate(model, self.data.test, self.device, desc=f"eval {phase}")
-        ratio = float(self.pd.resource(hard=True).detach()) if phase == "search" else macs(self.slimmed, self.input_size) / self.dense_macs
-        self.state["evals"].append({"phase": phase, "epoch": epoch, "top1": top1, "R": ratio})
-        log.info("%s epoch %.2f: top-1 %.2f%% at R = %.3f", phase, epoch, top1, ratio)
+            self.search.mark_groups()
+            self.search.sample_gates(training=False)
+            model, ratio = self.student, float(self.search.resource(hard=True).detach())
+        else:
+            model, ratio = self.slimmed, macs(self.slimmed, self.input_size) / self.dense_macs
+        top1 = evaluate(model, self.data.val, self.device, desc=f"val {phase}")
+        self.state.evals.append({"phase": phase, "epoch": epoch, "top1_val": top1, "R": ratio})
+        log.info("%s epoch %.2f: validation top-1 %.2f%% at R = %.3f", phase, epoch, top1, ratio)
 
     def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Task + KD loss; the student and teacher forward passes run under bf16 autocast on CUDA."""
-        with autocast(self.device):
+        with autocast(self.device, self.dtype):
             out = model(x)
-            teacher_logits = None if self.cfg.kd.kind == "none" else predict_logits(self.teacher, x)
+            teacher_logits = None if self.cfg.kd.kind == "none" else predict_logits(self.teacher, x.to(model_dtype(self.teacher)))
         return distillation_loss(out, y, teacher_logits, self.cfg.kd, self.data.label_smoothing)
 
     def _set_distilled_training(self, model: nn.Module) -> None:
@@ -226,17 +267,22 @@ class Run:
             model.set_distilled_training(self.cfg.kd.kind != "none")
 
     def search_step(self, x, y, step: int) -> dict:
-        searching = step >= self.warmup_steps
+        """One iteration of the primal-dual search (the order is Search's docstring's)."""
+        search = self.search
         self.student.train()
-        self.pd.apply_masks(self.student)
-        self.pd.sample_gates(self.student, training=True)
+        search.mark_groups()
+        search.sample_gates(training=True)
         loss = optimizer_step(self._loss(self.train_student, x, y), self.optimizer, self.scheduler, step, "search")
-        if self.pd.gate_logits.grad is not None:
+        if search.gate_logits.grad is not None:
             # The only rank-dependent input of the search step. What earlier steps accumulated is already
             # identical on every rank, so averaging the sum averages this step's task gradient.
-            distributed.all_reduce_mean_(self.pd.gate_logits.grad)
-        self.pd.proximal_shrink(self.student, self.optimizer.param_groups[0]["lr"])
-        return {"loss": distributed.mean_over_ranks(loss), **self.pd.step(searching)}
+            distributed.all_reduce_mean_(search.gate_logits.grad)
+        search.proximal_shrink(self.optimizer.param_groups[0]["lr"])
+        search.gate_step()
+        if step >= self.warmup_steps:
+            search.ratio_step()
+            search.dual_step()
+        return {"loss": distributed.mean_over_ranks(loss), **search.figures()}
 
     def post_step(self, x, y, step: int) -> dict:
         self.slimmed.train()
@@ -244,15 +290,13 @@ class Run:
         return {"loss": distributed.mean_over_ranks(loss)}
 
     def _start_post_training(self, slimmed: nn.Module) -> None:
-        self.slimmed = slimmed.requires_grad_(True).to(self.device)
+        self.slimmed = slimmed.requires_grad_(True)
         self.train_slimmed = distributed.wrap(self.slimmed, self.device)
         self._set_distilled_training(self.slimmed)
-        self.optimizer, self.scheduler = make_optimizer(self.slimmed, self.cfg.post_lr, self.cfg.post_weight_decay,
-                                                        self.cfg.post_epochs, self.steps_per_epoch,
-                                                        self.cfg.post_warmup_epochs)
+        self.optimizer, self.scheduler = make_optimizer(self.slimmed, self.cfg.post, self.steps_per_epoch)
 
     def _finish_search(self) -> None:
-        plan = self.pd.final_plan(self.student)
+        plan = self.search.final_plan()
         self._check_ranks_agree()
         if distributed.world_size() > 1:
             log.info("all %d ranks hold the same search state and architecture", distributed.world_size())
@@ -260,67 +304,65 @@ class Run:
 
     def begin_post_training(self, slimmed: nn.Module, plan: list[LayerPlan]) -> None:
         """Switch to post-training `slimmed`: the search's result, or a model another method pruned (baselines)."""
-        self.state["metrics"].update(plan=[p.to_dict() for p in plan],
-                                     top1_after_search=evaluate(slimmed, self.data.test, self.device, desc="eval slimmed"))
-        log.info("slimmed to R = %.4f, top-1 before post-training %.2f%%",
-                 macs(slimmed, self.input_size) / self.dense_macs, self.state["metrics"]["top1_after_search"])
-        self.state.update(phase="post", step=0)
+        slimmed = slimmed.to(self.device, self.dtype)
+        self.state.plan = [p.to_dict() for p in plan]
+        self.state.top1_after_search = evaluate(slimmed, self.data.val, self.device, desc="val slimmed")
+        log.info("slimmed to R = %.4f, validation top-1 before post-training %.2f%%",
+                 macs(slimmed, self.input_size) / self.dense_macs, self.state.top1_after_search)
+        self.state.phase, self.state.step = "post", 0
         self._start_post_training(slimmed)
         self.checkpoint()
 
     def run(self) -> dict:
-        cfg = self.cfg
-        if not (cfg.resume and self.resume()):
-            self.state["metrics"]["top1_teacher"] = evaluate(self.teacher, self.data.test, self.device, desc="eval teacher")
-            log.info("teacher top-1 %.2f%%, dense model %.2f M MACs", self.state["metrics"]["top1_teacher"], self.dense_macs / 1e6)
+        if not (self.cfg.resume and self.resume()):
+            self.state.top1_teacher = evaluate(self.teacher, self.data.test, self.device, desc="test teacher")
+            self.state.top1_val_teacher = evaluate(self.teacher, self.data.val, self.device, desc="val teacher")
+            log.info("teacher top-1 %.2f%% (validation %.2f%%), dense model %.2f M MACs", self.state.top1_teacher,
+                     self.state.top1_val_teacher, self.dense_macs / 1e6)
         started = time.time()
-        if self.state["phase"] == "search":
+        if self.state.phase == "search":
             self._set_distilled_training(self.student)
             self._loop(self.search_steps, self.search_step, "search")
             self._finish_search()
         self._loop(self.post_steps, self.post_step, "post-train")
-        self.state["metrics"]["train_seconds_this_session"] = time.time() - started
-        return self._finish()
+        return self._finish(time.time() - started)
 
-    def _finish(self) -> dict:
+    def _finish(self, seconds: float) -> dict:
         model = self.slimmed.eval()
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(False)
-        top1 = evaluate(model, self.data.test, self.device, desc="eval final")  # every rank evaluates its shard
-        report = self._write_outputs(model, top1) if distributed.is_main() else None
+        # Every rank evaluates its shard; the test split is read here, once.
+        top1_val = evaluate(model, self.data.val, self.device, desc="val final")
+        top1 = evaluate(model, self.data.test, self.device, desc="test final")
+        report = self._write_outputs(model, top1, top1_val, seconds) if distributed.is_main() else None
         return distributed.broadcast_from_main(report)
 
-    def _write_outputs(self, model: nn.Module, top1: float) -> dict:
+    def _write_outputs(self, model: nn.Module, top1: float, top1_val: float, seconds: float) -> dict:
         """Rank 0's part of the end: throughput, the saved model, report.json and report.png."""
-        from .report import write_report
-
-        m = self.state["metrics"]
+        s = self.state
         slim_macs = macs(model, self.input_size)
-        dense_tp = throughput(self.dense, self.input_size, self.cfg.throughput_batch, self.device)
-        slim_tp = throughput(model, self.input_size, self.cfg.throughput_batch, self.device)
+        speed = compare_throughput({"dense": self.dense, "slimmed": model}, self.input_size, self.cfg.throughput_batch,
+                                   self.device, rounds=self.cfg.throughput_rounds)
         save(model.cpu(), self.out)
+        plan = [LayerPlan.from_dict(p) for p in s.plan]
         report = {
             "budget": self.cfg.budget, "macs_dense": self.dense_macs, "macs": slim_macs,
-            "ratio": slim_macs / self.dense_macs, "top1_teacher": m["top1_teacher"], "top1": top1,
-            "top1_after_search": m["top1_after_search"], "throughput_dense": dense_tp, "throughput": slim_tp,
-            "throughput_batch": self.cfg.throughput_batch, "device": str(self.device),
-            "processes": distributed.world_size(),
+            "ratio": slim_macs / self.dense_macs, "top1_teacher": s.top1_teacher, "top1_val_teacher": s.top1_val_teacher,
+            "top1": top1, "top1_val": top1_val, "top1_val_after_search": s.top1_after_search,
+            "throughput_dense": speed["dense"]["median"], "throughput": speed["slimmed"]["median"],
+            "throughput_detail": speed, "throughput_batch": self.cfg.throughput_batch, "device": str(self.device),
+            "processes": distributed.world_size(), "train_seconds_this_session": seconds,
             "params_dense": sum(p.numel() for p in self.dense.parameters()),
             "params": sum(p.numel() for p in model.parameters()),
-            "layers": [_layer_summary(p) for p in m["plan"]], "history": self.state["history"],
-            "evals": self.state["evals"], "config": _jsonable(asdict(self.cfg)),
+            "layers": [p.shape(d).to_dict() for p, d in zip(plan, self.skel.dim)],
+            "plan": s.plan, "history": s.history, "evals": s.evals, "config": _jsonable(asdict(self.cfg)),
         }
-        atomic_write_text(self.out / "report.json", _dumps(report))
+        atomic_write_text(self.out / "report.json", json.dumps(report, indent=1))
         write_report(report, self.out / "report.png")
         (self.out / CHECKPOINT).unlink(missing_ok=True)
-        log.info("compressed to R = %.4f (budget %.2f): top-1 %.2f%% (teacher %.2f%%), %.0f -> %.0f images/s",
-                 report["ratio"], self.cfg.budget, top1, m["top1_teacher"], dense_tp, slim_tp)
+        log.info("compressed to R = %.4f (budget %.2f): test top-1 %.2f%% (teacher %.2f%%), %.0f -> %.0f images/s",
+                 report["ratio"], self.cfg.budget, top1, s.top1_teacher, report["throughput_dense"], report["throughput"])
         return report
-
-
-def _layer_summary(plan: dict) -> dict:
-    return {"heads": len(plan["heads"]), "head_dim": len(plan["dims"][0]) if plan["dims"] else 0,
-            "neurons": len(plan["neurons"]), "attn": plan["attn"], "mlp": plan["mlp"]}
 
 
 def _jsonable(value):
@@ -331,20 +373,18 @@ def _jsonable(value):
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
-def _dumps(report: dict) -> str:
-    import json
-
-    return json.dumps(report, indent=1)
-
-
 def compress(cfg: CompressConfig | None = None, model: nn.Module | None = None, teacher: nn.Module | None = None,
              **overrides) -> dict:
-    """Compress a ViT to `cfg.budget` of its MACs; returns the report (also written to `cfg.out`)."""
+    """Compress a ViT to `cfg.budget` of its MACs; returns the report (also written to `cfg.out`).
+
+    `overrides` set fields of `cfg` by name, e.g. `compress(budget=0.3, data="/data/imagenet")`.
+    """
     cfg = cfg or CompressConfig()
     for key, value in overrides.items():
         if not hasattr(cfg, key):
             raise TypeError(f"unknown compress option {key!r}")
         setattr(cfg, key, value)
+    cfg.__post_init__()
     return Run(cfg, model=model, teacher=teacher).run()
 
 
@@ -354,7 +394,7 @@ def post_train(cfg: CompressConfig, slimmed: nn.Module, plan: list[LayerPlan], m
 
     Same data order, KD, optimizer, schedule, evaluation and report as `compress(cfg, model, teacher)`
     after its search, so baselines compare at equal training. `plan` gives the report its per-block
-    counts; `top1_after_search` is then the accuracy right after pruning.
+    shapes; `top1_val_after_search` is then the validation accuracy right after pruning.
     """
     run = Run(cfg, model=model, teacher=teacher)
     run.begin_post_training(slimmed, plan)

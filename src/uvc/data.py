@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from timm.data import Mixup, create_dataset, create_transform, resolve_data_config
+
 from . import distributed
 from .errors import UVCError
 
@@ -57,12 +59,20 @@ class DataConfig:
     val_limit: int | None = None
     test_limit: int | None = None
     augment: bool = True
-    input_size: int = 224  # ImageFolder only: the crop the model sees
+    input_size: int | None = None  # ImageFolder only: the crop the model sees (default: the model's image size)
     mixup: float | None = None  # mixup alpha (0: off)
     cutmix: float | None = None  # cutmix alpha (0: off)
     smoothing: float | None = None  # label smoothing
     aa: str | None = None  # ImageFolder only: timm auto-augment policy, "none" for none
     reprob: float | None = None  # ImageFolder only: random-erasing probability
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1 or self.workers < 0:
+            raise UVCError("batch sizes must be >= 1 and workers >= 0")
+        for name in ("train_limit", "val_limit", "test_limit", "input_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UVCError(f"{name.replace('_', ' ')} must be a positive number, got {value}")
 
     def recipe(self, image_folder: bool) -> dict:
         """The recipe fields with the data's defaults filled in."""
@@ -207,7 +217,6 @@ def _mixup(recipe: dict, num_classes: int, batch_size: int):
     """timm's Mixup/CutMix (one draw per batch, smoothed soft targets), or None when both are off."""
     if not (recipe["mixup"] or recipe["cutmix"]):
         return None
-    from timm.data import Mixup
 
     local = per_process_batch(batch_size, distributed.world_size())
     if local % 2:
@@ -216,8 +225,12 @@ def _mixup(recipe: dict, num_classes: int, batch_size: int):
                  num_classes=num_classes)
 
 
-def build_data(cfg: DataConfig, seed: int = 0) -> Dataset:
-    """Fashion-MNIST by name, else an ImageFolder tree with train/ and val/; sharded under torchrun."""
+def build_data(cfg: DataConfig, seed: int = 0, input_size: tuple[int, int, int] | None = None) -> Dataset:
+    """Fashion-MNIST by name, else an ImageFolder tree with train/ and val/; sharded under torchrun.
+
+    `input_size` is the model's (C, H, W): ImageFolder images are cropped to its size unless
+    `cfg.input_size` says otherwise.
+    """
     if cfg.data in ("fashion-mnist", "fashion_mnist", "fmnist"):
         recipe = cfg.recipe(image_folder=False)
         rank, world = distributed.rank(), distributed.world_size()
@@ -230,21 +243,48 @@ def build_data(cfg: DataConfig, seed: int = 0) -> Dataset:
         data = Dataset(train, evals["val"], evals["test"], 10, (1, 28, 28), "fashion-mnist")
     else:
         recipe = cfg.recipe(image_folder=True)
-        data = build_image_folder(cfg, recipe)
+        data = build_image_folder(cfg, recipe, seed, cfg.input_size or (input_size[-1] if input_size else 224))
     data.mixup = _mixup(recipe, data.num_classes, cfg.batch_size)
     data.label_smoothing = 0.0 if data.mixup else recipe["smoothing"]
     return data
 
 
-def build_image_folder(cfg: DataConfig, recipe: dict) -> Dataset:
-    """An ImageNet-style folder through timm's dataset, transform and loader factories.
+class EpochLoader:
+    """A DataLoader whose order and augmentation draws are fixed by (seed, epoch), so a resumed run replays them.
 
-    Training batches come from a DistributedSampler under torchrun. The test split is cut into
-    strided shards without padding (timm's distributed eval sampler repeats images to even out the
-    ranks, which would count some twice).
+    Every process draws the same permutation and takes its own strided part of it (a
+    DistributedSampler, also with one process); the workers' seeds come from a generator seeded
+    the same way, not from the global RNG.
     """
-    from timm.data import create_dataset, create_loader, create_transform, resolve_data_config
 
+    def __init__(self, dataset, batch_size: int, workers: int, seed: int, rank: int, world: int):
+        self.seed = seed
+        self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                           seed=seed, drop_last=True)
+        self.generator = torch.Generator()
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+                                                  num_workers=workers, drop_last=True, generator=self.generator,
+                                                  pin_memory=torch.cuda.is_available())
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(self.seed * 1000003 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, size: int) -> Dataset:
+    """An ImageNet-style folder through timm's dataset and transform factories, with DeiT's recipe.
+
+    Training batches come from an `EpochLoader`. The validation folder is cut into strided shards
+    without padding (timm's distributed eval sampler repeats images to even out the ranks, which
+    would count some twice); it serves as both `val` and `test`, since it is what the user gave.
+    """
     root = Path(cfg.data)
     if not root.is_dir():
         raise UVCError(
@@ -255,17 +295,22 @@ def build_image_folder(cfg: DataConfig, recipe: dict) -> Dataset:
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UVCError(f"{root} has no {split}/ folder: an ImageFolder dataset needs train/ and val/ class sub-folders")
-        splits[split] = create_dataset("", root=str(root), split=split, is_training=split == "train")
+        try:
+            splits[split] = create_dataset("", root=str(root), split=split, is_training=split == "train")
+        except RuntimeError as e:  # timm's reader finds no image files
+            raise UVCError(f"{root / split} holds no images in class sub-folders ({e}); put images "
+                           f"(.jpg, .png, ...) in {root / split}/CLASS/") from e
+        if len(splits[split]) == 0:
+            raise UVCError(f"{root / split} holds no images in class sub-folders; put images in {root / split}/CLASS/")
     classes = len(splits["train"].reader.class_to_idx)
-    if classes == 0 or len(splits["train"]) == 0:
-        raise UVCError(f"{root / 'train'} holds no images in class sub-folders")
-    data_cfg = resolve_data_config({"input_size": (3, cfg.input_size, cfg.input_size)})
+    data_cfg = resolve_data_config({"input_size": (3, size, size)})
     rank, world = distributed.rank(), distributed.world_size()
     transform = dict(mean=data_cfg["mean"], std=data_cfg["std"], interpolation="bicubic", crop_pct=data_cfg["crop_pct"])
-    train = create_loader(splits["train"], input_size=data_cfg["input_size"], batch_size=per_process_batch(cfg.batch_size, world),
-                          is_training=True, no_aug=not cfg.augment, auto_augment=recipe["aa"],
-                          re_prob=recipe["reprob"], re_mode="pixel", num_workers=cfg.workers,
-                          distributed=world > 1, use_prefetcher=False, **transform)  # the prefetcher assumes CUDA
+    train_set = splits["train"]
+    train_set.transform = create_transform(data_cfg["input_size"], is_training=True, no_aug=not cfg.augment,
+                                           auto_augment=recipe["aa"],
+                                           re_prob=recipe["reprob"], re_mode="pixel", **transform)
+    train = EpochLoader(train_set, per_process_batch(cfg.batch_size, world), cfg.workers, seed, rank, world)
     val = splits["val"]
     val.transform = create_transform(data_cfg["input_size"], is_training=False, **transform)
     test = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(rank, len(val), world)),

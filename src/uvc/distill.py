@@ -1,7 +1,7 @@
 """Distillation losses: soft KD, hard KD and DeiT's distillation-token KD.
 
-Soft KD averages the KL divergence per sample (`batchmean`); the reference divides by batch x
-classes, which makes its KD term ~1000x weaker than the formula it states (METHOD.md section 4).
+Soft KD averages the KL divergence per sample (`batchmean`); the paper's reference code divides by
+batch x classes, which makes its KD term ~1000x weaker than the formula it states.
 Labels are class indices or, after mixup/cutmix, soft targets [batch, classes]: cross-entropy on
 soft targets is timm's SoftTargetCrossEntropy.
 """
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import UVCError
+
 KD_KINDS = ("soft", "hard", "none")
 
 
@@ -21,6 +23,12 @@ class KDConfig:
     alpha: float = 0.5  # weight of the distillation term; the rest goes to the labels
     temperature: float = 1.0
 
+    def validate(self) -> None:
+        if self.kind not in KD_KINDS:
+            raise UVCError(f"KD kind {self.kind!r} is not one of {', '.join(KD_KINDS)}")
+        if not 0 <= self.alpha <= 1 or self.temperature <= 0:
+            raise UVCError(f"KD alpha must be in [0, 1] and the temperature > 0 (got {self.alpha}, {self.temperature})")
+
 
 def split_outputs(out):
     """(class logits, distillation logits or None): distilled DeiTs return a pair when training."""
@@ -29,17 +37,21 @@ def split_outputs(out):
     return out, None
 
 
+def _at_least_float32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.dtype == torch.float64 else t.float()
+
+
 def distillation_loss(student_out, labels: torch.Tensor, teacher_logits: torch.Tensor | None, cfg: KDConfig,
                       label_smoothing: float = 0.0) -> torch.Tensor:
     """(1 - a) CE(labels) + a KD(teacher), with the distillation token's head taking the KD term.
 
-    Without a teacher (or kind "none") it is plain cross-entropy. Logits are taken in float32 (they
-    are bf16 under autocast); `labels` may be indices or soft targets.
+    Without a teacher (or kind "none") it is plain cross-entropy. Logits in a half type (bf16 under
+    autocast) are taken in float32, float64 stays float64; `labels` may be indices or soft targets.
     """
     logits, dist_logits = split_outputs(student_out)
-    logits = logits.float()
-    dist_logits = None if dist_logits is None else dist_logits.float()
-    teacher_logits = None if teacher_logits is None else teacher_logits.float()
+    logits, dist_logits, teacher_logits = (_at_least_float32(t) for t in (logits, dist_logits, teacher_logits))
+    if labels.is_floating_point():
+        labels = labels.to(logits.dtype)
     ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     if cfg.kind == "none" or teacher_logits is None:
         return ce if dist_logits is None else (ce + F.cross_entropy(dist_logits, labels, label_smoothing=label_smoothing)) / 2

@@ -4,11 +4,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,13 +36,21 @@ def show_progress() -> bool:
     return os.environ.get("UVC_PROGRESS", "1") != "0" and distributed.is_main()
 
 
-def autocast(device: torch.device):
-    """bf16 autocast for forward passes on CUDA; nothing elsewhere, so CPU runs stay float32 bit for bit.
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype inputs must have to meet `model`'s first floating parameter (float32 without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def autocast(device: torch.device, dtype: torch.dtype = torch.float32):
+    """bf16 autocast for forward passes of float32 models on CUDA; nothing elsewhere, so CPU runs and
+    models in another dtype (float64, bf16) compute in their own dtype, bit for bit.
 
     (Channels-last memory format, the other usual GPU speed-up, is irrelevant for ViTs: their only
     convolution is the patch embedding; everything after it works on [batch, tokens, dim].)
     """
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type == "cuda" and dtype == torch.float32:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def progress(iterable, **kwargs):
@@ -56,10 +69,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, desc: str = "eval")
     """Top-1 accuracy in percent over the whole loader (over every rank's shard under torchrun)."""
     was_training = model.training
     model.eval()
+    dtype = model_dtype(model)
     correct = total = 0
     for x, y in progress(loader, desc=desc):
-        x, y = x.to(device), y.to(device)
-        with autocast(device):
+        x, y = x.to(device, dtype), y.to(device)
+        with autocast(device, dtype):
             correct += (predict_logits(model, x).argmax(-1) == y).sum().item()
         total += y.numel()
     model.train(was_training)
@@ -67,29 +81,48 @@ def evaluate(model: nn.Module, loader, device: torch.device, desc: str = "eval")
     return 100.0 * correct / max(total, 1)
 
 
-@torch.no_grad()
-def throughput(model: nn.Module, input_size: tuple[int, int, int], batch_size: int, device: torch.device,
-               repeats: int = 5, warmup: int = 2, min_seconds: float = 0.2) -> float:
-    """Images per second of inference (bf16 on CUDA): warm-up, then the median of `repeats` timed rounds."""
-    model = model.eval().to(device)
-    x = torch.randn(batch_size, *input_size, device=device)
+@torch.inference_mode()
+def compare_throughput(models: dict[str, nn.Module], input_size: tuple[int, int, int], batch_size: int,
+                       device: torch.device, rounds: int = 8, seconds: float = 1.0, warmup: int = 2,
+                       threads: int | None = None) -> dict[str, dict]:
+    """Images per second of inference for each model, timed in alternating rounds of >= `seconds`.
+
+    Alternating the models round by round (dense, slimmed, dense, slimmed, ...) makes a change of
+    background load hit both alike; the median of the rounds and their spread (min, max) are
+    reported. `threads` fixes torch's CPU thread count for the measurement (default: as it is).
+    bf16 autocast on CUDA, as in training.
+    """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or previous_threads)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with autocast(device):
-        for _ in range(warmup):
-            model(x)
+    try:
+        inputs = {}
+        for name, model in models.items():
+            model.eval().to(device)
+            dtype = model_dtype(model)
+            inputs[name] = torch.randn(batch_size, *input_size, device=device, dtype=dtype)
+            with autocast(device, dtype):
+                for _ in range(warmup):
+                    model(inputs[name])
         sync()
-        rates = []
-        for _ in range(repeats):
-            n, start = 0, time.perf_counter()
-            while True:
-                model(x)
-                n += 1
-                sync()
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_seconds:
-                    break
-            rates.append(n * batch_size / elapsed)
-    return statistics.median(rates)
+        rates: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, model in models.items():
+                with autocast(device, model_dtype(model)):
+                    n, start = 0, time.perf_counter()
+                    while True:
+                        model(inputs[name])
+                        n += 1
+                        sync()
+                        elapsed = time.perf_counter() - start
+                        if elapsed >= seconds:
+                            break
+                rates[name].append(n * batch_size / elapsed)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {name: {"median": statistics.median(r), "min": min(r), "max": max(r), "rounds": r,
+                   "threads": threads or previous_threads, "batch": batch_size, "seconds_per_round": seconds}
+            for name, r in rates.items()}
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -98,10 +131,11 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A training checkpoint this package wrote (it holds RNG states and configs, hence full unpickling), on the CPU."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a torn or foreign file raises many types
-        raise UVCError(f"checkpoint {path} cannot be read ({e}); delete it to start over") from e
+    except Exception as e:  # a torn or foreign file raises many types; torch's own advice does not apply here
+        raise UVCError(f"{path} is not a readable uvc checkpoint ({type(e).__name__}); delete it to start over") from e
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, step: int, where: str) -> float:
@@ -130,25 +164,37 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
     return total / max(steps, 1)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, epochs: int, steps_per_epoch: int,
-                   warmup_epochs: float = 0.0):
-    """AdamW without decay on norms and biases, cosine schedule stepped per update (timm's factories)."""
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
+@dataclass
+class Schedule:
+    """How long and how fast one phase trains: AdamW at `lr` with a linear warm-up over `warmup_epochs`,
+    then a cosine decay to lr / 100, stepped per update."""
 
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
-    total = max(epochs * steps_per_epoch, 1)
-    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=lr * 0.01,
-                                  warmup_t=int(warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 0.01,
-                                  t_in_epochs=False)
+    epochs: float
+    lr: float
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+
+    def validate(self, what: str, allow_zero: bool = True) -> None:
+        if self.epochs < 0 or (self.epochs == 0 and not allow_zero):
+            raise UVCError(f"{what} epochs must be {'>= 0' if allow_zero else '> 0'}, got {self.epochs}")
+        if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise UVCError(f"{what}: the learning rate, weight decay and warm-up must be >= 0")
+
+    def steps(self, steps_per_epoch: int) -> int:
+        return round(self.epochs * steps_per_epoch)
+
+
+def make_optimizer(model: nn.Module, schedule: Schedule, steps_per_epoch: int):
+    """AdamW without decay on norms and biases, cosine schedule stepped per update (timm's factories)."""
+    optimizer = create_optimizer_v2(model, "adamw", lr=schedule.lr, weight_decay=schedule.weight_decay)
+    total = max(schedule.steps(steps_per_epoch), 1)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=schedule.lr * 0.01,
+                                  warmup_t=int(schedule.warmup_epochs * steps_per_epoch),
+                                  warmup_lr_init=schedule.lr * 0.01, t_in_epochs=False)
     return optimizer, scheduler
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -1,55 +1,43 @@
-"""The resource model: multiply-accumulates of a ViT as a function of what is pruned and skipped.
+"""`uvc.macs(model)`: the resource model applied to a dense, masked or slimmed network.
 
-One formula serves three callers: the search (continuous counts and skip probabilities as tensors,
-so R is differentiable), the final budget check on hard decisions, and `macs(model)` on a dense or
-slimmed network. Conventions follow fvcore and the ViT papers (DeiT-Tiny at 224 px: ~1.26 G):
-linear layers, the patch-embedding conv and the two attention matmuls count; norms, softmax and
-activations do not.
+The formulas live in `resource.py`; this module reads the shapes off a model through its adapter.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from .models import adapter_for
+from .adapters import adapter_for
+from .resource import BlockShape, Skeleton, shape_macs
 
 
-def attention_macs(tokens, dim, width):
-    """qkv projection + scores and weighted sum (q k^T, A v) + output projection.
-
-    `width` = kept heads x kept head dimensions; all arguments may be tensors.
-    """
-    return tokens * dim * 3 * width + 2 * tokens * tokens * width + tokens * width * dim
-
-
-def mlp_macs(tokens, dim, hidden):
-    return 2 * tokens * dim * hidden
-
-
-def block_macs(tokens, dim, width, hidden, attn_keep=1.0, mlp_keep=1.0):
-    """One block; `*_keep` = 1 - skip probability (0 or 1 for hard decisions)."""
-    return attn_keep * attention_macs(tokens, dim, width) + mlp_keep * mlp_macs(tokens, dim, hidden)
-
-
-def block_shape(block: nn.Module):
-    """The shape of a timm Block, GatedBlock or SlimBlock (each knows its own)."""
-    from .gates import BlockShape
-
+def block_shape(block: nn.Module) -> BlockShape:
+    """The shape of a timm Block, GatedBlock or SlimBlock (the last two know their own)."""
     if hasattr(block, "shape"):
         return block.shape()
     attn, mlp = block.attn, block.mlp
-    return BlockShape(dim=attn.qkv.in_features, heads=attn.num_heads, attn_width=attn.num_heads * attn.head_dim,
+    return BlockShape(dim=attn.qkv.in_features, heads=attn.num_heads, head_dim=attn.head_dim,
                       hidden=mlp.fc1.out_features)
+
+
+def _input_size(model: nn.Module, input_size) -> tuple[int, int, int]:
+    return tuple(input_size or adapter_for(model).input_size(model))
 
 
 def macs(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> int:
     """Multiply-accumulates of one forward pass of one image, for a dense, gated or slimmed ViT."""
     adapter = adapter_for(model)
-    input_size = tuple(input_size or adapter.input_size(model))
+    input_size = _input_size(model, input_size)
     tokens = adapter.tokens(model, input_size)
     total = adapter.fixed_macs(model, input_size)
-    for block in adapter.blocks(model):
-        s = block_shape(block)
-        total += block_macs(tokens, s.dim, s.attn_width, s.hidden, float(s.attn and s.heads > 0),
-                            float(s.mlp and s.hidden > 0))
+    total += sum(shape_macs(tokens, block_shape(b)) for b in adapter.blocks(model))
     return int(round(total))
 
+
+def skeleton_of(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> Skeleton:
+    """The Skeleton of a dense or gated model (its blocks' full widths)."""
+    adapter = adapter_for(model)
+    input_size = _input_size(model, input_size)
+    blocks = list(adapter.blocks(model))
+    return Skeleton(tokens=adapter.tokens(model, input_size), dim=[b.attn.qkv.in_features for b in blocks],
+                    heads=[b.attn.num_heads for b in blocks], head_dim=[b.attn.head_dim for b in blocks],
+                    hidden=[b.mlp.fc1.out_features for b in blocks], fixed=adapter.fixed_macs(model, input_size))

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .io import atomic_write
+
 
 def write_report(report: dict, path: str | Path) -> None:
     """Draw report.png from a report dict (the same data as report.json)."""
-    import matplotlib
+    import matplotlib  # imported here, at the end of a run: matplotlib adds about a second to every start-up
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .io import atomic_write
 
     layers = report["layers"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
@@ -26,7 +26,7 @@ def write_report(report: dict, path: str | Path) -> None:
     ax.set(title="attention kept: heads x head width", xlabel="block", ylabel="q/k/v width")
 
     ax = axes[0, 1]
-    neurons = [l["neurons"] if l["mlp"] else 0 for l in layers]
+    neurons = [l["hidden"] if l["mlp"] else 0 for l in layers]
     ax.bar(idx, neurons, color="tab:orange")
     for i, l in enumerate(layers):
         if not l["mlp"]:
@@ -53,9 +53,12 @@ def write_report(report: dict, path: str | Path) -> None:
     for phase, color in (("search", "tab:green"), ("post", "tab:purple")):
         pts = [e for e in evals if e["phase"] == phase]
         if pts:
-            ax.plot([e["epoch"] for e in pts], [e["top1"] for e in pts], "o-", color=color, label=f"{phase} (test top-1)")
-    ax.axhline(report["top1_teacher"], color="k", ls="--", lw=1, label=f"teacher {report['top1_teacher']:.2f}%")
-    ax.set(title=f"accuracy: final {report['top1']:.2f}% at R = {report['ratio']:.3f}", xlabel="epoch of phase", ylabel="top-1 %")
+            ax.plot([e["epoch"] for e in pts], [e["top1_val"] for e in pts], "o-", color=color,
+                    label=f"{phase} (validation top-1)")
+    ax.axhline(report["top1_val_teacher"], color="k", ls="--", lw=1,
+               label=f"teacher {report['top1_val_teacher']:.2f}% (validation)")
+    ax.set(title=f"final: {report['top1_val']:.2f}% validation, {report['top1']:.2f}% test at R = {report['ratio']:.3f}",
+           xlabel="epoch of phase", ylabel="top-1 %")
     ax.legend(fontsize=8)
 
     fig.suptitle(f"uvc: {report['macs_dense'] / 1e6:.1f} M -> {report['macs'] / 1e6:.1f} M MACs, "

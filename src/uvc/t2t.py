@@ -23,12 +23,13 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from .errors import UVCError
-from .models import TimmViTAdapter, _pair, register_adapter
+from .adapters import check_blocks, pair, register_adapter
+from .resource import linear_macs
 
 
 def _split_grid(split: nn.Unfold, height: int, width: int) -> tuple[int, int]:
     """The token grid a soft split leaves: the unfold output size, floor((n + 2p - k) / s) + 1."""
-    kernel, stride, padding = _pair(split.kernel_size), _pair(split.stride), _pair(split.padding)
+    kernel, stride, padding = pair(split.kernel_size), pair(split.stride), pair(split.padding)
     return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip((height, width), kernel, stride, padding))
 
 
@@ -175,7 +176,7 @@ class T2TViT(nn.Module):
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  init_weights: bool = True):
         super().__init__()
-        height, width = _pair(img_size)
+        height, width = pair(img_size)
         self.config = dict(img_size=[height, width], in_chans=in_chans, num_classes=num_classes,
                            tokens_type=tokens_type, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                            mlp_ratio=mlp_ratio, token_dim=token_dim)
@@ -240,12 +241,12 @@ class T2TViTAdapter:
 
     def fixed_macs(self, model, input_size):
         """The whole T2T module (its attention products included) plus the classifier head."""
-        head = model.head.in_features * model.head.out_features if isinstance(model.head, nn.Linear) else 0
+        head = linear_macs(model.head.in_features, model.head.out_features) if isinstance(model.head, nn.Linear) else 0
         return model.tokens_to_token.macs(*input_size[1:]) + head
 
     def check(self, model):
         """The backbone must hold plain timm Blocks, checked exactly as for DeiT."""
-        TimmViTAdapter().check(model)
+        check_blocks(model.blocks)
 
     def spec(self, model):
         return {"adapter": self.name, "kwargs": dict(model.config)}

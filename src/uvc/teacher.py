@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .data import DataConfig, build_data
 from .distill import KDConfig, distillation_loss
-from .engine import (evaluate, load_checkpoint, make_optimizer, resolve_device, save_checkpoint,
+from .engine import (Schedule, evaluate, load_checkpoint, make_optimizer, resolve_device, save_checkpoint,
                      seed_everything, train_epoch)
 from .errors import UVCError
-from .io import atomic_write_text, ensure_writable_dir, load, read_weights, save, write_weights
-from .models import DEFAULT_TEACHER, TEACHER_ARGS, default_teacher_dir, load_state_dict_checked
+from .io import atomic_write_text, ensure_writable_dir, read_weights, write_weights
+from .models import DEFAULT_TEACHER, TEACHER_ARGS, default_teacher_dir, load, load_state_dict_checked, save
 
 log = logging.getLogger("uvc")
 TUTOR_WEIGHTS = "tutor.safetensors"
@@ -36,25 +37,29 @@ TUTOR_WEIGHTS = "tutor.safetensors"
 
 @dataclass
 class TeacherConfig:
+    """`uvc train-teacher`: the ViT's schedule and, optionally, a convnet tutor's (epochs 0: no tutor)."""
+
     out: str = str(default_teacher_dir())
-    epochs: int = 12
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
+    schedule: Schedule = field(default_factory=lambda: Schedule(epochs=12, lr=1e-3, weight_decay=0.05, warmup_epochs=1.0))
     label_smoothing: float = 0.1
     drop_path: float = 0.05
     seed: int = 0
     device: str = "auto"
     resume: bool = False
     init: str | None = None  # a folder written by an earlier run: start from its weights
-    tutor_epochs: int = 0  # > 0: train a convnet tutor this long first and distil it into the ViT
+    tutor: Schedule = field(default_factory=lambda: Schedule(epochs=0, lr=2e-3, weight_decay=0.05, warmup_epochs=1.0))
     tutor_alpha: float = 0.5  # weight of the tutor's hard labels; the rest goes to the true labels
-    tutor_lr: float = 2e-3
     tutor_from: str | None = None  # a folder of an earlier run with a tutor: reuse that tutor, train none
-    data: DataConfig = None
+    data: DataConfig = field(default_factory=DataConfig)
 
-    def __post_init__(self):
-        self.data = self.data or DataConfig()
+    def validate(self) -> None:
+        self.schedule.validate("teacher", allow_zero=False)
+        self.tutor.validate("tutor")
+        self.data.validate()
+        if self.tutor_from and self.tutor.epochs:
+            raise UVCError("--tutor-from reuses a trained tutor and --tutor-epochs trains a new one; pass only one")
+        if not 0 <= self.tutor_alpha <= 1:
+            raise UVCError(f"--tutor-alpha must be in [0, 1], got {self.tutor_alpha}")
 
 
 class ConvTutor(nn.Module):
@@ -77,16 +82,16 @@ class ConvTutor(nn.Module):
         return self.head(self.features(x))
 
 
-def _fit(model: nn.Module, data, device: torch.device, loss_fn, epochs: int, lr: float, cfg: "TeacherConfig",
+def _fit(model: nn.Module, data, device: torch.device, loss_fn, schedule: Schedule, resume: bool,
          ckpt: Path, name: str) -> list[dict]:
-    """Train `model` for `epochs` with an atomic checkpoint per epoch; returns the per-epoch history.
+    """Train `model` on `schedule` with an atomic checkpoint per epoch; returns the per-epoch history.
 
     The checkpoint is left in place (the caller removes it once everything is written), so that
     `--resume` after a kill in a later phase skips this one.
     """
-    optimizer, scheduler = make_optimizer(model, lr, cfg.weight_decay, epochs, len(data.train), cfg.warmup_epochs)
-    start, history = 0, []
-    if cfg.resume and ckpt.is_file():
+    optimizer, scheduler = make_optimizer(model, schedule, len(data.train))
+    start, history, epochs = 0, [], int(schedule.epochs)
+    if resume and ckpt.is_file():
         state = load_checkpoint(ckpt)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -95,9 +100,9 @@ def _fit(model: nn.Module, data, device: torch.device, loss_fn, epochs: int, lr:
     for epoch in range(start, epochs):
         data.train.set_epoch(epoch)
         loss = train_epoch(model, data.train, optimizer, scheduler, loss_fn, device, epoch, f"{name} epoch")
-        top1 = evaluate(model, data.test, device)
-        history.append({"epoch": epoch + 1, "loss": loss, "top1": top1})
-        log.info("%s epoch %d/%d: loss %.4f, test top-1 %.2f%%", name, epoch + 1, epochs, loss, top1)
+        top1 = evaluate(model, data.val, device)
+        history.append({"epoch": epoch + 1, "loss": loss, "top1_val": top1})
+        log.info("%s epoch %d/%d: loss %.4f, validation top-1 %.2f%%", name, epoch + 1, epochs, loss, top1)
         save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "epoch": epoch + 1, "history": history})
     return history
@@ -123,11 +128,11 @@ def _training_record(folder: str) -> dict | None:
 
 def train_teacher(cfg: TeacherConfig) -> dict:
     """Train the default teacher (after or with a convnet tutor, if asked); writes weights (fp16),
-    arch.json, a JSON record of its accuracy and, with a tutor, `tutor.safetensors`."""
-    from timm.models.vision_transformer import VisionTransformer
+    arch.json, a JSON record of its accuracy and, with a tutor, `tutor.safetensors`.
 
-    if cfg.tutor_from and cfg.tutor_epochs:
-        raise UVCError("--tutor-from reuses a trained tutor and --tutor-epochs trains a new one; pass only one")
+    Per-epoch figures are on the validation split; the test split is read once, from the saved file.
+    """
+    cfg.validate()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     out = ensure_writable_dir(cfg.out)
@@ -144,16 +149,15 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     tutor, tutor_record = None, None
     if cfg.tutor_from:
         tutor, tutor_record = _reuse_tutor(cfg.tutor_from)
-    elif cfg.tutor_epochs > 0:
+    elif cfg.tutor.epochs > 0:
         tutor = ConvTutor()
         checkpoints.append(out / "tutor_checkpoint.pt")
 
         def tutor_loss(m, x, y):
             return F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)
 
-        tutor_history = _fit(tutor.to(device), data, device, tutor_loss, cfg.tutor_epochs, cfg.tutor_lr, cfg,
-                             checkpoints[1], "tutor")
-        tutor_record = {"epochs": cfg.tutor_epochs, "top1": tutor_history[-1]["top1"], "history": tutor_history}
+        tutor_history = _fit(tutor.to(device), data, device, tutor_loss, cfg.tutor, cfg.resume, checkpoints[1], "tutor")
+        tutor_record = {"epochs": cfg.tutor.epochs, "top1_val": tutor_history[-1]["top1_val"], "history": tutor_history}
     if tutor is not None:
         write_weights(out / TUTOR_WEIGHTS, tutor.to(device).eval())
     kd = KDConfig(kind="hard" if tutor is not None else "none", alpha=cfg.tutor_alpha)
@@ -163,13 +167,15 @@ def train_teacher(cfg: TeacherConfig) -> dict:
             tutor_logits = tutor(x) if tutor is not None else None
         return distillation_loss(m(x), y, tutor_logits, kd, cfg.label_smoothing)
 
-    history = _fit(model, data, device, loss_fn, cfg.epochs, cfg.lr, cfg, checkpoints[0], "teacher")
+    history = _fit(model, data, device, loss_fn, cfg.schedule, cfg.resume, checkpoints[0], "teacher")
     model.eval()
     # Re-measure from the fp16 file actually shipped, so the stated accuracy is the bundled model's.
     save(model.cpu(), out, dtype=torch.float16)
     shipped = load(out)
     top1 = evaluate(shipped, data.test, torch.device("cpu"))
-    result = {"model": DEFAULT_TEACHER, "top1": top1, "epochs": cfg.epochs, "history": history,
+    top1_val = evaluate(shipped, data.val, torch.device("cpu"))
+    result = {"model": DEFAULT_TEACHER, "top1": top1, "top1_val": top1_val, "epochs": cfg.schedule.epochs,
+              "history": history,
               "config": {k: v for k, v in asdict(cfg).items() if k != "out"}, "tutor": tutor_record,
               "continues": earlier}
     atomic_write_text(Path(out) / "training.json", json.dumps(result, indent=1))

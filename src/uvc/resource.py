@@ -1,0 +1,129 @@
+"""The resource model: multiply-accumulates of a ViT as a function of what is kept, in one place.
+
+Conventions follow fvcore and the ViT papers (DeiT-Tiny at 224 px: ~1.26 G MACs): linear layers,
+the patch-embedding conv and the two attention matmuls count; norms, softmax and activations do
+not. Three callers use the same formulas: the search (counts and keep probabilities as tensors, so
+R is differentiable), the budget fit on hard decisions, and `uvc.macs(model)` on a dense, masked or
+slimmed network. This module knows nothing of models: `flops.py` reads shapes off a model.
+
+Per block, with H' kept heads of width d', M' kept neurons, N tokens, embedding D:
+
+    attention = N*D*3*H'd' (qkv) + 2*N*N*H'd' (scores, weighted sum) + N*H'd'*D (proj)
+    mlp       = 2*N*D*M'
+    block     = keep_attn * attention + keep_mlp * mlp        (keep: 1 - skip probability)
+    total     = fixed (patch embedding + classifier heads + a family's stem) + sum of blocks
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """What remains of one transformer block: the one type the FLOPs model, slimming and reports share.
+
+    `heads` heads of width `head_dim` each (one width per layer, so a slimmed layer is a plain
+    multi-head attention) and `hidden` MLP neurons, on a residual stream of width `dim`; `attn` /
+    `mlp` say whether each half still runs.
+    """
+
+    dim: int
+    heads: int
+    head_dim: int
+    hidden: int
+    attn: bool = True
+    mlp: bool = True
+
+    @property
+    def attn_width(self) -> int:
+        """Kept heads x kept dimensions per head: the width of q, k and v each."""
+        return self.heads * self.head_dim
+
+    @property
+    def runs_attn(self) -> bool:
+        return self.attn and self.attn_width > 0
+
+    @property
+    def runs_mlp(self) -> bool:
+        return self.mlp and self.hidden > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def attention_macs(tokens, dim, width):
+    """qkv projection + scores and weighted sum (q k^T, A v) + output projection; arguments may be tensors."""
+    return tokens * dim * 3 * width + 2 * tokens * tokens * width + tokens * width * dim
+
+
+def mlp_macs(tokens, dim, hidden):
+    return 2 * tokens * dim * hidden
+
+
+def block_macs(tokens, dim, width, hidden, attn_keep=1.0, mlp_keep=1.0):
+    """One block; `*_keep` = 1 - skip probability (0 or 1 for hard decisions)."""
+    return attn_keep * attention_macs(tokens, dim, width) + mlp_keep * mlp_macs(tokens, dim, hidden)
+
+
+def shape_macs(tokens: int, shape: BlockShape) -> int:
+    """One block's MACs from its hard shape."""
+    return block_macs(tokens, shape.dim, shape.attn_width, shape.hidden, int(shape.runs_attn), int(shape.runs_mlp))
+
+
+def patch_embed_macs(grid: tuple[int, int], patch: tuple[int, int], in_chans: int, dim: int) -> int:
+    """A strided conv with kernel = stride = patch: one patch x channels -> dim product per grid cell."""
+    return grid[0] * grid[1] * patch[0] * patch[1] * in_chans * dim
+
+
+def linear_macs(in_features: int, out_features: int, tokens: int = 1) -> int:
+    """A linear layer applied to `tokens` vectors (a classifier head reads one)."""
+    return tokens * in_features * out_features
+
+
+@dataclass
+class Skeleton:
+    """The sizes that fix a ViT's MACs: token count, group counts per block, and the MACs outside the blocks.
+
+    Groups per block: H heads, d dimensions per head, M neurons. `macs(removed, ...)` is the
+    differentiable whole-model sum the search optimises.
+    """
+
+    tokens: int
+    dim: list[int]
+    heads: list[int]
+    head_dim: list[int]
+    hidden: list[int]
+    fixed: int
+
+    @property
+    def depth(self) -> int:
+        return len(self.heads)
+
+    def sizes(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """[L, 3] number of groups of each kind per block, on `like`'s device and dtype (float32 on CPU without it)."""
+        rows = [[h, d, m] for h, d, m in zip(self.heads, self.head_dim, self.hidden)]
+        return like.new_tensor(rows) if like is not None else torch.tensor(rows, dtype=torch.float)
+
+    def macs(self, removed: torch.Tensor, attn_keep: torch.Tensor, mlp_keep: torch.Tensor) -> torch.Tensor:
+        """MACs with `removed[l] = (heads, dims per head, neurons)` gone; tensors carry gradients.
+
+        Everything is computed on `removed`'s device and dtype.
+        """
+        kept = self.sizes(removed) - removed
+        width = kept[:, 0] * kept[:, 1]
+        total = removed.new_tensor(float(self.fixed))
+        for l in range(self.depth):
+            total = total + block_macs(self.tokens, self.dim[l], width[l], kept[:, 2][l], attn_keep[l], mlp_keep[l])
+        return total
+
+    @cached_property
+    def dense_macs(self) -> float:
+        zeros, ones = torch.zeros(self.depth, 3, dtype=torch.float64), torch.ones(self.depth, dtype=torch.float64)
+        return float(self.macs(zeros, ones, ones))
+
+    def ratio(self, removed: torch.Tensor, attn_keep: torch.Tensor, mlp_keep: torch.Tensor) -> torch.Tensor:
+        """R = MACs / dense MACs."""
+        return self.macs(removed, attn_keep, mlp_keep) / self.dense_macs
