@@ -21,7 +21,7 @@ def unfused(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def fvcore_macs(model: torch.nn.Module, input_size, exclude_norms: bool = True) -> int:
-    """fvcore's count; norms excluded by default because uvc's resource model leaves them out (METHOD.md 2)."""
+    """fvcore's count; norms excluded by default because uvc's resource model leaves them out (docs/method.md)."""
     from fvcore.nn import FlopCountAnalysis
 
     was_fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}

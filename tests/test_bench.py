@@ -1,6 +1,11 @@
-"""The smallest piece of each benchmark part: baselines reach their budget, post-training, timings, the summary."""
+"""The smallest piece of each benchmark part: the run plan, equal training, the frozen control, baselines
+reaching their budget, post-training, timings, and the summary's statistics and verdicts."""
 import copy
+import dataclasses
+import json
+import statistics
 import sys
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -9,8 +14,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 import uvc
 import uvc.budget
-from uvc.compress import CompressConfig, post_train
-from uvc.data import DataConfig
+from uvc.compress import CompressConfig, Run, post_train
+from uvc.data import DataConfig, TensorBatches
 from uvc.engine import Schedule
 from uvc.search import SearchConfig
 
@@ -18,10 +23,13 @@ from conftest import fvcore_macs, small_vit, unfused
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import baselines
+import run as bench
 import speed
 import summary
 
 INPUT = (1, 28, 28)
+# Bench settings small enough for a test: 4 steps of 32 images per epoch.
+TINY = dataclasses.replace(bench.QUICK, train_limit=128, val_limit=64, test_limit=64, batch_size=32, calibration_images=64)
 
 
 def tiny_vit():
@@ -29,6 +37,102 @@ def tiny_vit():
     return VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, depth=2, num_heads=2).eval()
 
 
+# ---- what the benchmark runs -----------------------------------------------------------------
+def test_full_run_plan_seeds_the_main_methods_and_runs_each_ablation_once():
+    runs = bench.planned_runs(bench.FULL)
+    assert len(runs) == len(set(runs)) == 38
+    assert bench.FULL.budgets == (0.3, 0.5) and bench.FULL.seeds >= 3
+    for budget in bench.FULL.budgets:
+        for method in summary.MAIN_METHODS:
+            assert sorted(s for m, b, s in runs if (m, b) == (method, budget)) == [0, 1, 2]
+        for method in summary.ABLATIONS:
+            assert [s for m, b, s in runs if (m, b) == (method, budget)] == [0]
+    assert set(summary.BASELINES) <= set(summary.MAIN_METHODS) and "control" in summary.MAIN_METHODS
+    assert runs[:len(summary.LABELS) * 2] == [(m, b, 0) for b in (0.3, 0.5) for m in (*summary.MAIN_METHODS, *summary.ABLATIONS)]
+
+
+def test_quick_settings_are_small():
+    q = bench.QUICK
+    assert q.budgets == (0.5,) and q.seeds == 1
+    assert q.train_limit <= 2048 and q.val_limit <= 1000 and q.test_limit <= 2000
+    assert q.search_epochs + q.post_epochs <= 2 and q.speed_rounds <= 2 and q.cost_steps <= 8
+    assert len(bench.planned_runs(q)) == len(summary.LABELS)  # every method once: the whole pipeline is exercised
+    folder, md = bench.places(quick=True)
+    assert md != bench.ROOT / "BENCHMARKS.md" and "runs" in folder.parts  # a pipeline check keeps the full tables
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5])
+def test_every_method_trains_equally_long_with_the_same_data_optimizer_and_kd(tmp_path, budget):
+    s = bench.FULL
+    cfgs = {m: bench.compress_config(s, budget, tmp_path / m, m, seed=2) for m in summary.LABELS}
+    uvc_cfg = cfgs["uvc"]
+    for method, cfg in cfgs.items():
+        search = cfg.search.schedule.epochs if method in summary.SEARCHED else 0
+        assert search + cfg.post.epochs == s.search_epochs + s.post_epochs == uvc_cfg.search.schedule.epochs + uvc_cfg.post.epochs
+        assert (search, cfg.post.epochs) == bench.training_epochs(s, method)
+        assert cfg.seed == 2 and cfg.data == uvc_cfg.data and cfg.budget == budget
+        assert (cfg.post.lr, cfg.post.weight_decay, cfg.post.warmup_epochs) == (uvc_cfg.post.lr, uvc_cfg.post.weight_decay, uvc_cfg.post.warmup_epochs)
+        assert cfg.kd == (uvc_cfg.kd if method != "uvc_no_kd" else dataclasses.replace(uvc_cfg.kd, kind="none"))
+        assert not cfg.eval_during_search and cfg.throughput_rounds == 1 and cfg.throughput_batch == 8
+    for baseline in ("uniform", "tp_magnitude", "tp_taylor", "compensated"):
+        assert cfgs[baseline].post.epochs == uvc_cfg.search.schedule.epochs + uvc_cfg.post.epochs
+    assert uvc_cfg.data.train_limit == s.train_limit and uvc_cfg.data.val_limit == s.val_limit
+    assert (uvc_cfg.search.frozen, uvc_cfg.search.skip, uvc_cfg.search.prune) == (False, "both", True)
+    control = cfgs["control"].search
+    assert (control.frozen, control.skip, control.prune) == (True, "none", True)
+    assert control.schedule == uvc_cfg.search.schedule and control.warmup_epochs == uvc_cfg.search.warmup_epochs
+    assert cfgs["uvc_no_skip"].search.skip == "none" and not cfgs["uvc_no_skip"].search.frozen
+    assert not cfgs["uvc_no_prune"].search.prune
+
+
+def _search_state(run: Run) -> dict:
+    return {k: v.detach().clone() for k, v in run.search.state_dict().items()}
+
+
+def test_the_control_trains_the_uniform_plan_and_moves_no_ratio_gate_or_dual(tmp_path, fmnist_available):
+    if not fmnist_available:
+        pytest.skip("Fashion-MNIST is missing")
+    moved = {}
+    for method in ("control", "uvc"):
+        cfg = bench.compress_config(TINY, 0.5, tmp_path / method, method)
+        cfg.search.warmup_epochs = 0  # so that UVC's ratios and duals move from the first step
+        model = tiny_vit()
+        run = Run(cfg, model=model, teacher=model)
+        before, weights = _search_state(run), run.student.blocks[0].attn.qkv.weight.detach().clone()
+        if method == "control":  # it starts at the uniform plan
+            assert torch.equal(run.search.removed().detach(), uvc.budget.uniform_removal(run.skel, 0.5).to(before["ratios"]))
+        for step, (x, y) in enumerate(islice(run.data.train, 3)):
+            run.search_step(x, y, step)
+        after = _search_state(run)
+        moved[method] = {k for k in before if not torch.equal(before[k], after[k])}
+        assert not torch.equal(weights, run.student.blocks[0].attn.qkv.weight)  # the weights train in both
+    assert moved["control"] == set(), moved["control"]  # ratios, gate logits, y, z, step count: untouched
+    assert {"y", "z", "ratios"} <= moved["uvc"]  # the same three steps move UVC's search
+
+
+def test_teacher_is_evaluated_once_per_split_and_other_models_as_always(fmnist_available):
+    if not fmnist_available:
+        pytest.skip("Fashion-MNIST is missing")
+    from uvc.data import load_fashion_mnist
+
+    teacher, other = tiny_vit(), tiny_vit()
+    val, test = (TensorBatches(*load_fashion_mnist(split, limit=64), 32, train=False) for split in ("val", "test"))
+    calls = []
+    evaluate = bench.PIPELINE.evaluate
+    bench.PIPELINE.evaluate = lambda model, loader, *a, **k: calls.append(model) or evaluate(model, loader, *a, **k)
+    try:
+        with bench.teacher_evaluated_once(teacher):
+            first = [bench.PIPELINE.evaluate(teacher, loader, torch.device("cpu"), desc="t") for loader in (val, test)]
+            again = [bench.PIPELINE.evaluate(teacher, loader, torch.device("cpu"), desc="t") for loader in (val, test)]
+            bench.PIPELINE.evaluate(other, val, torch.device("cpu"))
+            bench.PIPELINE.evaluate(other, val, torch.device("cpu"))
+        assert first == again and calls == [teacher, teacher, other, other]
+    finally:
+        bench.PIPELINE.evaluate = evaluate
+    assert bench.PIPELINE.evaluate is evaluate
+
+
+# ---- baselines -------------------------------------------------------------------------------
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
 def test_uniform_plan_hits_the_budget_and_keeps_the_largest_groups(budget):
     model = small_vit()
@@ -65,12 +169,48 @@ def test_torch_pruned_model_is_slimmed_without_changing_its_function():
         assert torch.allclose(unfused(pruned)(x), uvc.slim(pruned)(x), atol=1e-5)
 
 
+def _check_baseline(method, tmp_path, budget=0.5):
+    teacher = tiny_vit()
+    state = copy.deepcopy(teacher.state_dict())
+    cfg = bench.compress_config(TINY, budget, tmp_path, method)
+    slimmed, plan = bench.prune_baseline(method, teacher, budget, cfg, TINY)
+    assert budget - 0.01 <= uvc.macs(slimmed) / uvc.macs(teacher) <= budget
+    assert [len(p.neurons) for p in plan] == [b.config()["hidden"] for b in slimmed.blocks]
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in state.items())  # the teacher is left as it was
+
+
+def test_uniform_baseline_reaches_the_budget(tmp_path):
+    _check_baseline("uniform", tmp_path)
+
+
+def test_compensated_baseline_reaches_the_budget(tmp_path, fmnist_available):
+    pytest.importorskip("uvc.oneshot", exc_type=ImportError)  # being written beside this bench
+    if not fmnist_available:
+        pytest.skip("Fashion-MNIST is missing")
+    _check_baseline("compensated", tmp_path)
+
+
+def test_a_control_run_and_a_baseline_run_report_what_the_tables_need(tmp_path, fmnist_available):
+    if not fmnist_available:
+        pytest.skip("Fashion-MNIST is missing")
+    teacher = tiny_vit()
+    with bench.teacher_evaluated_once(teacher):
+        records = [bench.run_method(m, 0.5, 1, teacher, TINY, tmp_path / m) for m in ("control", "uniform")]
+    for record in records:
+        assert record["seed"] == 1 and sum(record["epochs"]) == TINY.search_epochs + TINY.post_epochs
+        assert summary.in_window(record["ratio"], 0.5)
+        assert {"top1", "top1_val", "top1_val_before_post", "top1_teacher", "top1_val_teacher"} <= set(record)
+        assert record["top1_teacher"] == records[0]["top1_teacher"]
+        json.dumps(record)  # goes into results.json
+    assert records[0]["epochs"] == [TINY.search_epochs, TINY.post_epochs] and records[1]["epochs"][0] == 0
+
+
 def test_post_train_reports_the_slimmed_model(tmp_path, fmnist_available):
     if not fmnist_available:
         pytest.skip("Fashion-MNIST is missing")
     model = tiny_vit()
     plan = uvc.budget.uniform_plan(model, 0.5)
-    cfg = CompressConfig(out=str(tmp_path), budget=0.5, post=Schedule(1, 3e-4), throughput_batch=4, throughput_rounds=1,
+    cfg = CompressConfig(out=str(tmp_path), budget=0.5, device="cpu", post=Schedule(1, 3e-4), throughput_batch=4, throughput_rounds=1,
                          data=DataConfig(train_limit=128, test_limit=64, batch_size=64),
                          search=SearchConfig(schedule=Schedule(1, 3e-4)))
     report = post_train(cfg, uvc.slim(model, plan), plan, model=copy.deepcopy(model), teacher=model)
@@ -82,44 +222,124 @@ def test_post_train_reports_the_slimmed_model(tmp_path, fmnist_available):
 def test_step_cost_and_speed_pair_measure_positive_times(tmp_path, fmnist_available):
     if not fmnist_available:
         pytest.skip("Fashion-MNIST is missing")
-    cfg = CompressConfig(out=str(tmp_path), data=DataConfig(train_limit=128, test_limit=64, batch_size=32))
+    cfg = CompressConfig(out=str(tmp_path), device="cpu", data=DataConfig(train_limit=128, test_limit=64, batch_size=32))
     cost = speed.step_cost(cfg, tiny_vit(), steps=2, warmup=1)
     assert cost["search_s"] > 0 and cost["plain_s"] > 0 and cost["ratio"] == cost["search_s"] / cost["plain_s"]
     model = tiny_vit()
-    pair = speed.speed_pair(model, uvc.slim(model, uvc.budget.uniform_plan(model, 0.5)), INPUT, 4, rounds=1, seconds=0.05)
-    assert pair["speedup"] == pair["slimmed"] / pair["dense"] > 0
+    pair = speed.speed_pair(model, uvc.slim(model, uvc.budget.uniform_plan(model, 0.5)), INPUT, 4, rounds=3, seconds=0.02, threads=1)
+    assert pair["speedup"] == pair["slimmed"] / pair["dense"] > 0 and pair["threads"] == 1
+    for name in ("dense", "slimmed"):
+        low, high = pair[f"{name}_range"]
+        assert 0 < low <= pair[name] <= high
 
 
-def fake_results(mode="full"):
-    def run(method, budget, top1):
-        return {"method": method, "budget": budget, "ratio": budget - 0.002, "top1": top1, "top1_before_post": 50.0,
-                "top1_teacher": 90.0, "params": 1e6, "seconds": 10.0}
+# ---- the summary -----------------------------------------------------------------------------
+def fake_run(method, budget, seed, top1, ratio=None, val=None):
+    return {"method": method, "budget": budget, "seed": seed, "epochs": [1.0, 1.0] if method in summary.SEARCHED else [0.0, 2.0],
+            "ratio": budget - 0.002 if ratio is None else ratio, "top1": top1, "top1_val": top1 + 1 if val is None else val,
+            "top1_val_before_post": 50.0 + seed, "top1_teacher": 90.0, "top1_val_teacher": 95.0, "params": 1e6, "seconds": 10.0}
 
+
+def fake_results(mode="full", accuracy=None):
     budgets = (0.3, 0.5) if mode == "full" else (0.5,)
-    accuracy = [run(m, b, 89.8 if m == "uvc" else 85.0) for b in budgets for m in summary.LABELS]
+    if accuracy is None:
+        seeds = 3 if mode == "full" else 1
+        accuracy = [fake_run(m, b, s, 89.8 + 0.1 * s if m == "uvc" else 85.0 + 0.1 * s)
+                    for b in budgets for s in range(seeds) for m in summary.MAIN_METHODS]
+        accuracy += [fake_run(m, b, 0, 86.0) for b in budgets for m in summary.ABLATIONS]
+    pair = {"dense": 100.0, "slimmed": 150.0, "dense_range": [90.0, 110.0], "slimmed_range": [140.0, 160.0], "speedup": 1.5}
     return {
-        "mode": mode, "command": "python bench/run.py", "date": "today", "seconds": 60, "teacher": "bundled",
-        "settings": {"budgets": budgets, "train_limit": 1000, "test_limit": None, "batch_size": 64, "search_epochs": 1,
-                     "search_warmup_epochs": 0.2, "post_epochs": 1, "taylor_batches": 2, "speed_batches": [1, 64],
-                     "speed_repeats": 3},
+        "format": summary.RESULTS_FORMAT, "mode": mode, "command": "python bench/run.py", "date": "today", "finished": "later",
+        "seconds": 60, "teacher": "bundled vit_tiny_patch7_fmnist",
+        "settings": {"budgets": budgets, "seeds": 3, "train_limit": 1000, "val_limit": None, "test_limit": None,
+                     "batch_size": 64, "search_epochs": 1, "search_warmup_epochs": 0.2, "post_epochs": 1, "taylor_batches": 2,
+                     "calibration_images": 1000, "speed_batches": [1, 64], "speed_rounds": 3},
         "machine": {"cpu": "cpu", "logical_cpus": 2, "threads": 2, "torch": "t", "timm": "t", "torch_pruning": "t",
                     "python": "3", "os": "linux", "gpu": None},
-        "load_average_start": [0, 0, 0], "load_average_end": [0, 0, 0], "accuracy": accuracy,
-        "speed": [{"method": r["method"], "budget": r["budget"], "ratio": r["ratio"],
-                   "pairs": [{"batch": b, "dense": 100.0, "slimmed": 150.0, "speedup": 1.5} for b in (1, 64)]} for r in accuracy],
-        "deit_small": {"ratio": 0.5, "speed": [{"batch": 1, "dense": 10.0, "slimmed": 18.0, "speedup": 1.8}]},
+        "load_average_start": [0.5, 0.25, 0.0], "load_average_end": [2.0, 1.5, 1.0], "accuracy": accuracy,
+        "speed": [{"method": "uvc", "budget": b, "seed": 0, "ratio": b - 0.002,
+                   "pairs": [{"batch": batch, **pair} for batch in (1, 64)]} for b in budgets],
+        "deit_small": [{"budget": 0.5, "ratio": 0.49, "width_multiple": w, "layers": [{"heads": 6, "head_dim": 32, "hidden": 768}],
+                        "speed": [{"batch": 1, **pair}]} for w in (1, 8)],
         "search_cost": {"steps": 5, "batch": 64, "search_s": 0.2, "plain_s": 0.1, "ratio": 2.0},
     }
 
 
-def test_summary_reports_every_target_including_misses(tmp_path):
-    summary.write_summary(fake_results(), tmp_path / "BENCHMARKS.md", tmp_path / "results")
+def test_mean_std_is_the_sample_std_and_beating_needs_a_gap_above_the_larger_std():
+    assert summary.mean_std([88.0, 89.0, 90.0]) == (89.0, 1.0)
+    assert summary.mean_std([88.0]) == (88.0, None)
+    assert summary.fmt([88.0, 89.0, 90.0]) == "89.00 ± 1.00" and summary.fmt([88.0]) == "88.00 (1 seed)"
+    assert summary.compare([89.0, 89.2, 89.4], [88.0, 88.1, 88.2]) == 1  # gap 1.2 > std 0.2
+    assert summary.compare([88.0, 88.1, 88.2], [89.0, 89.2, 89.4]) == -1
+    assert summary.compare([89.0, 89.1, 89.2], [88.0, 88.8, 89.6]) == 0  # gap 0.3 < std 0.8: no winner
+    assert summary.compare([89.0], [80.0, 80.1]) is None  # one seed: no spread, nothing decided
+    assert summary.in_window(0.49, 0.5) and summary.in_window(0.5, 0.5)
+    assert not summary.in_window(0.489, 0.5) and not summary.in_window(0.5001, 0.5)
+
+
+def test_summary_tables_show_mean_std_of_test_and_validation_and_mark_missed_budgets(tmp_path):
+    accuracy = [fake_run(m, b, s, top1, val=val) for b in (0.3, 0.5) for m, s, top1, val in (
+        ("uvc", 0, 88.0, 91.0), ("uvc", 1, 89.0, 91.5), ("uvc", 2, 90.0, 92.0),
+        ("control", 0, 85.0, 90.0), ("control", 1, 85.0, 90.0), ("control", 2, 85.0, 90.0))]
+    accuracy += [fake_run("uvc_no_prune", 0.5, 0, 84.0, ratio=0.42), fake_run("uniform", 0.5, 0, 84.0, ratio=0.501)]
+    results = fake_results(accuracy=accuracy)
+    rows = {r[0]: r for r in summary.accuracy_rows(results, 0.5)}
+    uvc_row = rows[summary.LABELS["uvc"]]
+    assert uvc_row[1] == 3 and uvc_row[2] == "1 + 1" and uvc_row[3] == "0.498" and uvc_row[4] == "ok"
+    assert uvc_row[5] == "89.00 ± 1.00" and uvc_row[6] == "-1.00" and uvc_row[7] == "91.50 ± 0.50" and uvc_row[8] == "51.00 ± 1.00"
+    assert rows[summary.LABELS["control"]][5] == "85.00 ± 0.00" and rows[summary.LABELS["control"]][9] == "UVC beats it"
+    assert rows[summary.LABELS["uvc_no_prune"]][4].startswith("**MISSED**")  # R 0.42 below [0.49, 0.5]
+    assert rows[summary.LABELS["uniform"]][4].startswith("**MISSED**")  # R 0.501 above the budget
+    assert rows[summary.LABELS["uniform"]][2] == "0 + 2" and rows[summary.LABELS["uniform"]][9] == "n/a (1 seed)"
+    summary.write_summary(results, tmp_path / "BENCHMARKS.md", tmp_path / "results")
     text = (tmp_path / "BENCHMARKS.md").read_text()
-    verdicts = {t[0]: t[2] for t in summary.targets(fake_results())}
-    assert list(verdicts.values()) == ["met", "met", "met", "**MISSED**", "**MISSED**"]  # speed 0.75 x 1/R, step 2.0 x
-    assert all(target in text for target in verdicts) and "GPU rows are omitted" in text
+    assert "89.00 ± 1.00" in text and "91.50 ± 0.50" in text and "training-set figure" in text
+    assert "test top-1 90.00%, validation top-1 95.00%" in text and "GPU rows are omitted" in text
+    assert "0.50, 0.25, 0.00" in text and "2.00, 1.50, 1.00" in text and "torch threads fixed at 2" in text
+    assert "100 [90, 110]" in text and "150 [140, 160]" in text  # median [min, max]
+    assert text.count("x 32, 768") == 2  # DeiT-Small at width multiples 1 and 8
     assert (tmp_path / "results" / "accuracy_vs_macs.png").stat().st_size > 10_000
+
+
+def test_targets_follow_the_beating_rule_and_say_when_the_search_adds_nothing(tmp_path):
+    verdicts = {t[0]: t[2] for t in summary.targets(fake_results())}  # UVC ~89.9 ± 0.1 against ~85.1 ± 0.1 everywhere
+    control, baselines_, teacher, speed_, step = [[v for k, v in verdicts.items() if word in k]
+                                                  for word in ("the control", "every baseline", "teacher", "speedup", "search step")]
+    assert control == ["met", "met"] and baselines_ == ["met", "met"]
+    assert teacher == ["met"]  # 90.0 - 89.9 <= 0.3 over 3 seeds
+    assert speed_ == ["**MISSED**"] and step == ["**MISSED**"]  # 0.75 x 1/R, search step 2.0 x
+
+    # UVC 88.0 ± 1.0 against the control 87.5 ± 0.1: a gap of 0.5 below the larger std 1.0
+    accuracy = [fake_run("uvc", 0.5, s, 87.0 + s) for s in range(3)] + [fake_run("control", 0.5, s, 87.4 + 0.1 * s) for s in range(3)]
+    accuracy += [fake_run("uniform", 0.5, s, 80.0 + 0.1 * s) for s in range(3)] + [fake_run("tp_magnitude", 0.5, s, 88.9 + 0.1 * s) for s in range(3)]
+    results = fake_results(accuracy=accuracy)
+    verdicts = {t[0]: t[2] for t in summary.targets(results)}
+    assert verdicts[next(k for k in verdicts if "the control" in k and "0.5" in k)] == "**MISSED**"
+    assert verdicts[next(k for k in verdicts if "the control" in k and "0.3" in k)] == "not measured"  # not run
+    assert verdicts[next(k for k in verdicts if "every baseline" in k and "0.5" in k)] == "**MISSED**"  # tp_magnitude ties
+    assert verdicts[next(k for k in verdicts if "teacher" in k)] == "**MISSED**"  # 90.0 - 88.0 > 0.3
+    findings = "\n".join(summary.findings(results))
+    assert "the search adds nothing here" in findings
+    summary.write_summary(results, tmp_path / "B.md", tmp_path / "results")
+    assert "the search adds nothing here" in (tmp_path / "B.md").read_text()
+
+    # UVC at R = 0.52 misses its budget: it cannot meet a target however accurate it is
+    accuracy = [fake_run("uvc", 0.5, s, 95.0 + 0.1 * s, ratio=0.52) for s in range(3)] + \
+               [fake_run(m, 0.5, s, 80.0 + 0.1 * s) for m in ("control", *summary.BASELINES) for s in range(3)]
+    assert [t[2] for t in summary.targets(fake_results(accuracy=accuracy)) if "0.5" in t[0]][:2] == ["**MISSED**", "**MISSED**"]
+
+
+def test_one_seed_decides_nothing_and_quick_mode_says_so(tmp_path):
     quick = fake_results("quick")
-    assert summary.targets(quick)[2][2] == "not measured"  # B = 0.3 is not run in quick mode
+    verdicts = [t[2] for t in summary.targets(quick)]
+    assert verdicts[:5] == ["not measured"] * 5  # B = 0.3 not run; one seed at B = 0.5: no spread, nothing decided
     summary.write_summary(quick, tmp_path / "quick.md", tmp_path / "results")
-    assert "Quick mode" in (tmp_path / "quick.md").read_text()
+    text = (tmp_path / "quick.md").read_text()
+    assert "Quick mode" in text and "(1 seed)" in text and "whether the search helps is not measured" in text
+
+
+def test_an_older_results_file_is_refused(tmp_path):
+    old = fake_results()
+    del old["format"]
+    with pytest.raises(SystemExit, match="older bench"):
+        summary.write_summary(old, tmp_path / "B.md", tmp_path / "results")

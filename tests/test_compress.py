@@ -35,7 +35,7 @@ def tiny_vit(seed=0):
 
 def tiny_config(out, budget=0.5, **search):
     return CompressConfig(
-        out=str(out), budget=budget, log_every=1, throughput_batch=16, throughput_rounds=1, post=Schedule(1, 3e-4),
+        out=str(out), budget=budget, device="cpu", log_every=1, throughput_batch=16, throughput_rounds=1, post=Schedule(1, 3e-4),
         data=DataConfig(train_limit=512, val_limit=256, test_limit=256, batch_size=64),
         search=SearchConfig(**{"schedule": Schedule(3, 3e-4, warmup_epochs=0.05), "warmup_epochs": 0.5, **search}),
     )
@@ -99,7 +99,8 @@ def run_cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "uvc", *args], capture_output=True, text=True, env=env, **kwargs)
 
 
-CLI_TINY = ["--train-limit", "512", "--test-limit", "256", "--batch-size", "64", "--search-epochs", "3",
+# The CPU path on every machine: GPU runs are tests/test_cuda.py's.
+CLI_TINY = ["--device", "cpu", "--train-limit", "512", "--val-limit", "256", "--test-limit", "256", "--batch-size", "64", "--search-epochs", "3",
             "--warmup-epochs", "0.5", "--post-epochs", "1"]
 
 
@@ -109,12 +110,23 @@ CLI_TINY = ["--train-limit", "512", "--test-limit", "256", "--batch-size", "64",
     (["--model", "deit_tiny_patch16_224", "--data-root", "/nonexistent"], "apt-get install -y dataset-fashion-mnist"),
     (["--model", "deit_tiny_patch16_224", "--data", "/nonexistent/imagenet"], "neither 'fashion-mnist' nor an existing"),
     (["--budget", "2"], "outside (0, 1]"),
+    (["--model", "deit_tiny_patch16_224"], "takes 3x224x224 images but fashion-mnist provides 1x28x28: pass --data DIR"),
+    (["--model", "deit_tiny_patch16_224", "--data", "{empty_folder}"], "holds no images in class sub-folders"),
+    (["--model", "deit_tiny_patch16_224", "--checkpoint", "{not_a_checkpoint}"], "is not a readable PyTorch checkpoint"),
+    (["--search-epochs", "0"], "search epochs must be > 0"),
+    (["--width-multiple", "0"], "width multiple must be >= 1"),
 ])
 def test_cli_bad_input_names_the_fix_and_writes_nothing(tmp_path, args, message):
+    for split in ("train", "val"):
+        (tmp_path / "empty" / split / "some_class").mkdir(parents=True)
+    (tmp_path / "notes.pth").write_text("these are not weights")
+    args = [a.format(empty_folder=tmp_path / "empty", not_a_checkpoint=tmp_path / "notes.pth") for a in args]
     out = tmp_path / "out"
     result = run_cli("compress", "--out", str(out), *args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert "weights_only" not in result.stderr  # torch's advice to unpickle arbitrary code is not ours to give
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, naming the fix
     assert not out.exists()
 
 

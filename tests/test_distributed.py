@@ -71,7 +71,7 @@ def test_soft_targets_are_timm_soft_target_cross_entropy():
 def test_recipe_defaults_depend_on_the_data():
     cfg = DataConfig()
     assert cfg.recipe(image_folder=False) == dict(mixup=0.0, cutmix=0.0, smoothing=0.0, aa=None, reprob=0.0)
-    assert cfg.recipe(image_folder=True) == dict(mixup=0.8, cutmix=1.0, smoothing=0.1, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
+    assert cfg.recipe(image_folder=True) == dict(mixup=0.8, cutmix=1.0, smoothing=0.1, aa="rand-m9-mstd0.5-inc1-mmax9", reprob=0.25)
     assert DataConfig(mixup=0.0, aa="none").recipe(image_folder=True)["aa"] is None
     with pytest.raises(uvc.UVCError, match="apply to ImageFolder data"):
         DataConfig(aa="rand-m9-mstd0.5-inc1").recipe(image_folder=False)
@@ -184,10 +184,44 @@ def test_image_folder_with_the_deit_recipe_on_two_processes(tmp_path):
     result = run_torchrun("compress", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "images"),
                           "--input-size", "32", "--workers", "0", "--batch-size", "4", "--budget", "0.5",
                           "--search-epochs", "3", "--warmup-epochs", "0.5", "--post-epochs", "1", "--reprob", "0.1",
-                          "--out", str(tmp_path / "out"))
+                          "--device", "cpu", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert 0.49 <= report["ratio"] <= 0.5 and report["processes"] == 2
     assert max(h["step"] for h in report["history"] if h["phase"] == "search") == 12  # 16 images, 4 a step, 3 epochs
     assert report["config"]["data"]["aa"] is None  # left to the recipe: DeiT's for ImageFolder data
     assert report["config"]["data"]["reprob"] == 0.1
+
+
+def test_image_folder_run_killed_mid_epoch_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """One process on ImageFolder data: a seeded sampler and seeded worker draws make a mid-epoch resume exact."""
+    from uvc.compress import CompressConfig, Run, compress
+    from uvc.engine import Schedule
+    from uvc.search import SearchConfig
+
+    write_image_folder(tmp_path / "images")
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, num_classes=2, embed_dim=64, depth=2, num_heads=2)
+
+    def config(out, resume=False):
+        return CompressConfig(out=str(out), budget=0.5, device="cpu", resume=resume, checkpoint_every=3,
+                              throughput_batch=4, throughput_rounds=1, post=Schedule(1, 3e-4),
+                              data=DataConfig(data=str(tmp_path / "images"), batch_size=4, workers=0),
+                              search=SearchConfig(schedule=Schedule(2, 3e-4), warmup_epochs=0.5))
+
+    compress(config(tmp_path / "straight"), model=model)
+    original, count = Run.checkpoint, {"n": 0}
+
+    def checkpoint_then_die(self):
+        original(self)
+        count["n"] += 1
+        if count["n"] == 1:  # step 3 of 4 in the first epoch: mid-epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        compress(config(tmp_path / "killed"), model=model)
+    monkeypatch.setattr(Run, "checkpoint", original)
+    compress(config(tmp_path / "killed", resume=True), model=model)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

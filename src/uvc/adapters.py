@@ -64,14 +64,20 @@ def check_block(block: nn.Module) -> str | None:
     attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
     if type(block) is not Block:
         return f"block type {type(block).__name__} (only timm's pre-norm Block is supported)"
-    if type(attn) is not Attention or getattr(attn, "gate", None) is not None:
-        return f"attention type {type(attn).__name__} (only timm's standard Attention, without an output gate)"
-    if not isinstance(attn.q_norm, nn.Identity) or not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
-        return "qk-norm or attention output norm (their statistics change when dimensions are pruned)"
+    if type(attn) is not Attention:
+        return f"attention type {type(attn).__name__} (only timm's standard Attention)"
+    if getattr(attn, "gate", None) is not None:
+        return "gated attention (an output gate, gated=True; only timm's standard Attention)"
+    if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
+        return "qk-norm (qk_norm=True; its statistics change when head dimensions are pruned)"
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+        return "attention output norm (scale_attn_norm=True; its statistics change when heads are pruned)"
     if attn.proj.out_features != attn.qkv.in_features:
         return "attention whose output width differs from its input width"
-    if type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity) or not isinstance(mlp.fc1, nn.Linear):
-        return f"MLP type {type(mlp).__name__} (only timm's Mlp of two linear layers, without a hidden norm; SwiGLU is not supported)"
+    if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
+        return f"MLP type {type(mlp).__name__} (only timm's Mlp of two linear layers; SwiGLU/GLU is not supported)"
+    if not isinstance(mlp.norm, nn.Identity):
+        return "MLP hidden norm (scale_mlp_norm=True; its statistics change when neurons are pruned)"
     if activation_name(mlp.act) is None:
         return f"MLP activation {type(mlp.act).__name__} (supported: {', '.join(ACTIVATIONS)})"
     if not (isinstance(block.norm1, nn.LayerNorm) and isinstance(block.norm2, nn.LayerNorm)):
@@ -120,6 +126,8 @@ class TimmViTAdapter:
 
     def _grid(self, model, input_size):
         ph, pw = pair(model.patch_embed.patch_size)
+        if getattr(model.patch_embed, "dynamic_img_pad", False):  # the input is padded up to whole patches
+            return -(-input_size[1] // ph), -(-input_size[2] // pw)
         return input_size[1] // ph, input_size[2] // pw
 
     def tokens(self, model, input_size):
@@ -127,11 +135,12 @@ class TimmViTAdapter:
         return gh * gw + model.num_prefix_tokens
 
     def fixed_macs(self, model, input_size):
-        """Patch embedding plus the classifier head(s), each reading one pooled vector."""
+        """Patch embedding plus the classifier head(s), each reading one pooled vector (every token without pooling)."""
         embed = patch_embed_macs(self._grid(model, input_size), pair(model.patch_embed.patch_size), input_size[0],
                                  model.embed_dim)
         heads = [m for m in (model.head, getattr(model, "head_dist", None)) if isinstance(m, nn.Linear)]
-        return embed + sum(linear_macs(h.in_features, h.out_features) for h in heads)
+        read = self.tokens(model, input_size) if model.global_pool == "" else 1
+        return embed + sum(linear_macs(h.in_features, h.out_features, read) for h in heads)
 
     def check(self, model):
         """Refuse ViT variants whose blocks the gates and slimming do not understand, naming the feature."""
@@ -139,9 +148,12 @@ class TimmViTAdapter:
             raise UVCError(f"{type(model).__name__} is a VisionTransformer subclass uvc does not know; "
                            "register it with uvc.adapters.register_vit_class if its blocks are timm's")
         if getattr(model, "attn_pool", None) is not None:
-            raise UVCError("ViTs with attention pooling (global_pool='map') are not supported; use a 'token' or 'avg' pooled ViT")
+            raise UVCError(f"ViTs with attention pooling (global_pool={model.global_pool!r}) are not supported; "
+                           "use a 'token' or 'avg' pooled ViT")
         if not isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d) or hasattr(model.patch_embed, "backbone"):
             raise UVCError("only ViTs with a plain convolutional patch embedding are supported (not hybrid CNN stems)")
+        if not isinstance(getattr(model.patch_embed, "norm", nn.Identity()), (nn.Identity, nn.LayerNorm)):
+            raise UVCError(f"patch-embedding norm {type(model.patch_embed.norm).__name__} is not supported (only LayerNorm)")
         check_blocks(model.blocks)
 
     def spec(self, model):
@@ -153,17 +165,28 @@ class TimmViTAdapter:
             global_pool=model.global_pool, embed_dim=model.embed_dim,
             class_token=model.cls_token is not None, no_embed_class=model.no_embed_class,
             reg_tokens=model.num_reg_tokens, pre_norm=not isinstance(model.norm_pre, nn.Identity),
-            final_norm=not isinstance(model.norm, nn.Identity), fc_norm=not isinstance(model.fc_norm, nn.Identity),
-            dynamic_img_size=model.dynamic_img_size, depth=0,
+            # timm makes fc_norm only when final_norm is set, and then in place of the final norm
+            final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+            fc_norm=not isinstance(model.fc_norm, nn.Identity),
+            pos_embed="learn" if model.pos_embed is not None else "none",
+            pool_include_prefix=getattr(model, "pool_include_prefix", False),
+            dynamic_img_size=model.dynamic_img_size,
+            dynamic_img_pad=getattr(model.patch_embed, "dynamic_img_pad", False), depth=0,
         )
-        norm = next((m for m in (model.norm, model.fc_norm, model.norm_pre) if isinstance(m, nn.LayerNorm)), None)
+        first = getattr(model.blocks[0], "norm1", None) if len(model.blocks) else None  # the blocks' eps first
+        norm = next((m for m in (first, model.norm, model.fc_norm, model.norm_pre) if isinstance(m, nn.LayerNorm)), None)
         spec = {"adapter": self.name, "class": type(model).__name__, "kwargs": kwargs,
                 "norm_eps": norm.eps if norm is not None else 1e-6}
+        if isinstance(getattr(model.patch_embed, "norm", None), nn.LayerNorm):
+            spec["embed_norm_eps"] = model.patch_embed.norm.eps
         if len(model.blocks) and isinstance(model.blocks[0], Block):
             block = model.blocks[0]
+            hidden = block.mlp.fc1.out_features
+            mlp_ratio = hidden / model.embed_dim
+            if int(model.embed_dim * mlp_ratio) != hidden:  # timm sizes the MLP as int(dim * mlp_ratio)
+                mlp_ratio = (hidden + 0.5) / model.embed_dim
             kwargs.update(
-                depth=len(model.blocks), num_heads=block.attn.num_heads,
-                mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+                depth=len(model.blocks), num_heads=block.attn.num_heads, mlp_ratio=mlp_ratio,
                 qkv_bias=block.attn.qkv.bias is not None, proj_bias=block.attn.proj.bias is not None,
                 init_values=1.0 if not isinstance(block.ls1, nn.Identity) else None,
             )
@@ -175,6 +198,8 @@ class TimmViTAdapter:
             raise UVCError(f"arch.json names an unknown model class {spec.get('class')!r}")
         kwargs = dict(spec["kwargs"])
         kwargs["img_size"], kwargs["patch_size"] = tuple(kwargs["img_size"]), tuple(kwargs["patch_size"])
+        if spec.get("embed_norm_eps") is not None:
+            kwargs["embed_norm_layer"] = partial(nn.LayerNorm, eps=spec["embed_norm_eps"])
         return VIT_CLASSES[spec["class"]](**kwargs, act_layer=ACTIVATIONS[spec.get("act") or "gelu"],
                                           norm_layer=partial(nn.LayerNorm, eps=spec.get("norm_eps", 1e-6)),
                                           weight_init="skip")

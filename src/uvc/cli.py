@@ -8,8 +8,11 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 
-from . import distributed
+from . import distributed, export
+from .adapters import adapter_for
 from .compress import CompressConfig, compress
 from .data import DataConfig
 from .distill import KDConfig
@@ -43,7 +46,7 @@ def _add_data_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     p.add_argument("--mixup", type=float, default=d.mixup, help="mixup alpha, 0 for off; " + default % (0.8, 0))
     p.add_argument("--cutmix", type=float, default=d.cutmix, help="cutmix alpha, 0 for off; " + default % (1.0, 0))
     p.add_argument("--smoothing", type=float, default=d.smoothing, help="label smoothing; " + default % (0.1, 0))
-    p.add_argument("--aa", default=d.aa, help="ImageFolder only: timm auto-augment policy or 'none' (default rand-m9-mstd0.5-inc1)")
+    p.add_argument("--aa", default=d.aa, help="ImageFolder only: timm auto-augment policy or 'none' (default rand-m9-mstd0.5-inc1-mmax9)")
     p.add_argument("--reprob", type=float, default=d.reprob, help="ImageFolder only: random-erasing probability (default 0.25)")
 
 
@@ -75,6 +78,25 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    model = load_model(a.model)
+    result = export.export_onnx(model, a.onnx)
+    print(f"{a.onnx}: batch axis dynamic, max |ONNX - PyTorch| = {result['max_abs_diff']:.1e} (checked in onnxruntime)")
+    if a.dense:
+        input_size = adapter_for(model).input_size(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            dense_path = Path(tmp) / "dense.onnx"
+            export.export_onnx(load_model(a.dense), dense_path, input_size)
+            speed = export.compare_throughput(dense_path, a.onnx, input_size, a.batch_size, rounds=a.rounds,
+                                              threads=a.threads)
+        for name in ("dense", "slimmed"):
+            r = speed[name]
+            print(f"onnxruntime {name:>7}: {r['median']:8.0f} images/s (median of {a.rounds} rounds, "
+                  f"{r['min']:.0f}-{r['max']:.0f}), batch {a.batch_size}, {speed['threads']} threads")
+        print(f"speedup {speed['speedup_median']:.2f}x")
+    return 0
+
+
 def cmd_compress(a) -> int:
     c = CompressConfig()
     search = SearchConfig(schedule=Schedule(a.search_epochs, a.lr, c.search.schedule.weight_decay,
@@ -85,7 +107,8 @@ def cmd_compress(a) -> int:
     cfg = CompressConfig(model=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, img_size=a.img_size,
                          teacher=a.teacher, budget=a.budget, out=a.out, data=_data_config(a), search=search, kd=kd,
                          post=Schedule(a.post_epochs, a.post_lr, c.post.weight_decay, c.post.warmup_epochs),
-                         seed=a.seed, device=a.device, resume=a.resume, checkpoint_every=a.checkpoint_every)
+                         seed=a.seed, device=a.device, resume=a.resume, checkpoint_every=a.checkpoint_every,
+                         deterministic=a.deterministic)
     try:
         report = compress(cfg)
         if not distributed.is_main():
@@ -154,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=C.seed)
     c.add_argument("--device", default=C.device, help="cpu, cuda, cuda:N or auto (under torchrun: one GPU per process)")
     c.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    c.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels: a resumed GPU run then ends bit-exactly where an unbroken one would")
     c.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every, help="also checkpoint every N steps")
     c.set_defaults(func=cmd_compress)
 
@@ -166,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", default=None, help="timm name or a model folder (default: the bundled teacher)")
     i.add_argument("--checkpoint", default=None)
     i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("export", help="write a model to ONNX (dynamic batch), checked against PyTorch in onnxruntime")
+    e.add_argument("model", help="a model folder (slimmed or not), a timm name, or a transformers folder")
+    e.add_argument("--onnx", required=True, help="the .onnx file to write")
+    e.add_argument("--dense", default=None,
+                   help="also time this dense model against MODEL in onnxruntime, alternating (e.g. the model you compressed)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--rounds", type=int, default=5, help="timed rounds of >= 1 s each")
+    e.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: one per core)")
+    e.set_defaults(func=cmd_export)
     return parser
 
 

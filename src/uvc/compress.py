@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -63,6 +65,7 @@ class CompressConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    deterministic: bool = False  # deterministic GPU kernels, so that a resumed GPU run is bit-exact (a little slower)
     checkpoint_every: int = 0  # extra checkpoints every N steps (0: only at epoch and phase ends)
     log_every: int = 10
     throughput_batch: int = 64
@@ -100,22 +103,15 @@ class RunState:
     plan: list[dict] | None = None
 
 
-def _batches(loader, epoch: int, skip: int):
-    """The batches of one epoch after the first `skip` (resuming mid-epoch replays the same order)."""
-    loader.set_epoch(epoch)
-    for i, batch in enumerate(loader):
-        if i >= skip:
-            yield batch
-
-
 def _rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])  # mixup's draws
+    random.setstate(states["python"])
     if states.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])  # the Gumbel samples of a GPU run
 
@@ -127,6 +123,10 @@ class Run:
         cfg.validate()
         self.cfg = cfg
         seed_everything(cfg.seed)  # the same seed on every rank: see distributed.py
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, later
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
         self.device = distributed.setup(resolve_device(cfg.device))
         timm_kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
         with distributed.main_first():
@@ -222,7 +222,8 @@ class Run:
         bar = progress(range(total), desc=desc, initial=self.state.step, total=total)
         while self.state.step < total:
             step = self.state.step
-            for x, y in _batches(self.data.train, step // spe, step % spe):
+            self.data.train.set_epoch(step // spe, skip=step % spe)  # a resume replays the same batches
+            for x, y in self.data.train:
                 x, y = x.to(self.device, self.dtype), y.to(self.device)
                 if self.data.mixup is not None:
                     x, y = self.data.mixup(x, y)
@@ -271,12 +272,14 @@ class Run:
         search = self.search
         self.student.train()
         search.mark_groups()
-        search.sample_gates(training=True)
+        search.sample_gates(training=not self.cfg.search.frozen)  # frozen: the hard start decisions, nothing dropped
         loss = optimizer_step(self._loss(self.train_student, x, y), self.optimizer, self.scheduler, step, "search")
         if search.gate_logits.grad is not None:
             # The only rank-dependent input of the search step. What earlier steps accumulated is already
             # identical on every rank, so averaging the sum averages this step's task gradient.
             distributed.all_reduce_mean_(search.gate_logits.grad)
+        if self.cfg.search.frozen:
+            return {"loss": distributed.mean_over_ranks(loss), **search.figures()}
         search.proximal_shrink(self.optimizer.param_groups[0]["lr"])
         search.gate_step()
         if step >= self.warmup_steps:

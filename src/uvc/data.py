@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -36,7 +37,9 @@ FASHION_MNIST_CLASSES = (
 )
 # DeiT's ImageNet recipe (Touvron et al. 2021, the UVC reference's data pipeline) for ImageFolder
 # data; Fashion-MNIST batches keep their own shift-and-flip augmentation and plain labels.
-DEIT_RECIPE = dict(mixup=0.8, cutmix=1.0, smoothing=0.1, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
+# The RandAugment magnitude is capped at 9 (mmax9): at DeiT's cap of 10, the "increasing" posterize keeps
+# 0 bits of each pixel, which Pillow >= 13 refuses with a ValueError (older Pillow blacked the image out).
+DEIT_RECIPE = dict(mixup=0.8, cutmix=1.0, smoothing=0.1, aa="rand-m9-mstd0.5-inc1-mmax9", reprob=0.25)
 PLAIN_RECIPE = dict(mixup=0.0, cutmix=0.0, smoothing=0.0, aa=None, reprob=0.0)
 
 
@@ -166,14 +169,16 @@ class TensorBatches:
         rank, world = shard
         local = per_process_batch(batch_size, world)
         self.part = slice(rank * local, (rank + 1) * local)
-        self.epoch = 0
+        self.epoch = self.skip = 0
 
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next iteration yields epoch `epoch`'s batches from batch `skip` on (the draws of the
+        skipped batches are still made, so the rest are what an unbroken epoch gives)."""
+        self.epoch, self.skip = epoch, skip
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
@@ -193,6 +198,10 @@ class TensorBatches:
         for i in range(len(self)):
             batch = order[i * self.batch_size:(i + 1) * self.batch_size]
             idx = batch[self.part]
+            if i < self.skip:  # make the skipped batch's draws, not its images
+                if self.train and self.augment:
+                    self._augment(self.images[idx[:1]], gen, len(batch))
+                continue
             x = self._normalise(self.images[idx])
             if self.train and self.augment:
                 x = self._augment(x, gen, len(batch))
@@ -249,30 +258,71 @@ def build_data(cfg: DataConfig, seed: int = 0, input_size: tuple[int, int, int] 
     return data
 
 
-class EpochLoader:
-    """A DataLoader whose order and augmentation draws are fixed by (seed, epoch), so a resumed run replays them.
+class _SeededSamples(torch.utils.data.Dataset):
+    """A dataset whose random augmentation of sample i in epoch e is seeded by (seed, e, i) alone.
 
-    Every process draws the same permutation and takes its own strided part of it (a
-    DistributedSampler, also with one process); the workers' seeds come from a generator seeded
-    the same way, not from the global RNG.
+    Then neither the worker that loads a sample nor the batches skipped on a resume change what a
+    sample looks like. The caller's RNG states are saved and restored around each draw, so the
+    main process's own draws (Gumbel samples, mixup) are untouched when no workers are used.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        seed = (self.seed * 1000003 + self.epoch) * 1000003 + i
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            item = self.dataset[i]
+        random.setstate(python_state)
+        return item
+
+
+class _ShardOrder(torch.utils.data.Sampler):
+    """This process's part of a (seed, epoch) permutation, whole batches only, from batch `skip` on."""
+
+    def __init__(self, size: int, batch: int, seed: int, rank: int, world: int):
+        self.size, self.batch, self.seed, self.rank, self.world = size, batch, seed, rank, world
+        self.epoch = self.skip = 0
+        self.batches = size // (batch * world)
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
+        mine = order[self.rank::self.world][:self.batches * self.batch]
+        return iter(mine[self.skip * self.batch:].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches - self.skip) * self.batch
+
+
+class EpochLoader:
+    """Training batches of an ImageFolder whose order and augmentation are fixed by (seed, epoch).
+
+    Every process draws the same permutation and takes its strided part of it; a resumed run starts
+    at its batch without loading the ones before, and sees the same images as an unbroken run.
     """
 
     def __init__(self, dataset, batch_size: int, workers: int, seed: int, rank: int, world: int):
-        self.seed = seed
-        self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                           seed=seed, drop_last=True)
-        self.generator = torch.Generator()
-        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
-                                                  num_workers=workers, drop_last=True, generator=self.generator,
+        self.samples = _SeededSamples(dataset, seed)
+        self.order = _ShardOrder(len(dataset), batch_size, seed, rank, world)
+        # Its own generator: each new iterator draws a worker seed from it, not from the global RNG
+        # (a resumed run creates its iterator at another step than an unbroken one does).
+        self.loader = torch.utils.data.DataLoader(self.samples, batch_size=batch_size, sampler=self.order,
+                                                  num_workers=workers, drop_last=True, generator=torch.Generator(),
                                                   pin_memory=torch.cuda.is_available())
-        self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(self.seed * 1000003 + epoch)
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next iteration yields epoch `epoch`'s batches from batch `skip` on."""
+        self.samples.epoch = self.order.epoch = epoch
+        self.order.skip = skip
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.order.batches
 
     def __iter__(self):
         return iter(self.loader)
@@ -314,5 +364,6 @@ def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, size: int) -> D
     val = splits["val"]
     val.transform = create_transform(data_cfg["input_size"], is_training=False, **transform)
     test = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(rank, len(val), world)),
-                                       batch_size=-(-cfg.eval_batch_size // world), num_workers=cfg.workers)
+                                       batch_size=-(-cfg.eval_batch_size // world), num_workers=cfg.workers,
+                                       generator=torch.Generator())  # evaluating leaves the global RNG alone
     return Dataset(train, test, test, classes, tuple(data_cfg["input_size"]), str(root))

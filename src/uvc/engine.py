@@ -81,47 +81,58 @@ def evaluate(model: nn.Module, loader, device: torch.device, desc: str = "eval")
     return 100.0 * correct / max(total, 1)
 
 
+def alternating_rates(runs: dict[str, Callable[[], None]], images_per_run: int, rounds: int,
+                      seconds: float) -> dict[str, dict]:
+    """Images per second of each `run()`, timed in rounds of >= `seconds`, the runs taking turns in each round.
+
+    Alternating round by round (dense, slimmed, dense, slimmed, ...) makes a change of background
+    load hit every run alike. Each run is called once untimed first. Returns per run the median,
+    min and max over the rounds and the rounds themselves.
+    """
+    for run in runs.values():
+        run()
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            n, start = 0, time.perf_counter()
+            while True:
+                run()
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds:
+                    break
+            rates[name].append(n * images_per_run / elapsed)
+    return {name: {"median": statistics.median(r), "min": min(r), "max": max(r), "rounds": r} for name, r in rates.items()}
+
+
 @torch.inference_mode()
 def compare_throughput(models: dict[str, nn.Module], input_size: tuple[int, int, int], batch_size: int,
-                       device: torch.device, rounds: int = 8, seconds: float = 1.0, warmup: int = 2,
+                       device: torch.device, rounds: int = 8, seconds: float = 1.0,
                        threads: int | None = None) -> dict[str, dict]:
-    """Images per second of inference for each model, timed in alternating rounds of >= `seconds`.
+    """Images per second of inference for each model (`alternating_rates`), bf16 autocast on CUDA as in training.
 
-    Alternating the models round by round (dense, slimmed, dense, slimmed, ...) makes a change of
-    background load hit both alike; the median of the rounds and their spread (min, max) are
-    reported. `threads` fixes torch's CPU thread count for the measurement (default: as it is).
-    bf16 autocast on CUDA, as in training.
+    `threads` fixes torch's CPU thread count for the measurement (default: as it is).
     """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or previous_threads)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    try:
-        inputs = {}
-        for name, model in models.items():
-            model.eval().to(device)
-            dtype = model_dtype(model)
-            inputs[name] = torch.randn(batch_size, *input_size, device=device, dtype=dtype)
+
+    def runner(model: nn.Module) -> Callable[[], None]:
+        model.eval().to(device)
+        dtype = model_dtype(model)
+        x = torch.randn(batch_size, *input_size, device=device, dtype=dtype)
+
+        def run() -> None:
             with autocast(device, dtype):
-                for _ in range(warmup):
-                    model(inputs[name])
-        sync()
-        rates: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(rounds):
-            for name, model in models.items():
-                with autocast(device, model_dtype(model)):
-                    n, start = 0, time.perf_counter()
-                    while True:
-                        model(inputs[name])
-                        n += 1
-                        sync()
-                        elapsed = time.perf_counter() - start
-                        if elapsed >= seconds:
-                            break
-                rates[name].append(n * batch_size / elapsed)
+                model(x)
+            sync()
+        return run
+
+    try:
+        rates = alternating_rates({name: runner(m) for name, m in models.items()}, batch_size, rounds, seconds)
     finally:
         torch.set_num_threads(previous_threads)
-    return {name: {"median": statistics.median(r), "min": min(r), "max": max(r), "rounds": r,
-                   "threads": threads or previous_threads, "batch": batch_size, "seconds_per_round": seconds}
+    return {name: {**r, "threads": threads or previous_threads, "batch": batch_size, "seconds_per_round": seconds}
             for name, r in rates.items()}
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 from pathlib import Path
 
 import timm
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.models import is_model, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -25,7 +23,7 @@ from . import hf
 from .adapters import check_supported
 from .errors import UVCError
 from .io import atomic_write_text, ensure_writable_dir, read_weights, write_weights
-from .slim import ARCH_FORMAT, arch_of, build_from_arch
+from .slim import ARCH_FORMAT, arch_of, build_from_arch, is_slim
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_TEACHER = "vit_tiny_patch7_fmnist"
@@ -111,7 +109,7 @@ def read_state_dict(path: Path) -> dict:
             # Released training checkpoints (timm's saver, T2T-ViT, DeiT) also pickle their argparse args.
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, SafetensorError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # a foreign file makes the unpickler raise almost anything (IndexError, KeyError, ...)
         # torch's own message advises weights_only=False, i.e. running the file's code: not advice to pass on.
         kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
         raise UVCError(f"{path} is not a readable {kind} checkpoint ({type(e).__name__}); pass a file of weights "
@@ -215,7 +213,8 @@ def load_model(model: str | nn.Module | None = None, checkpoint: str | None = No
         raise UVCError(f"{model} is a weights file; pass the architecture as --model NAME and the file as --checkpoint {model}")
     else:
         net = _create_timm(model, checkpoint, pretrained, timm_kwargs)
-    check_supported(net)
+    if not is_slim(net):  # a slimmed model is already uvc's own; the check is for blocks it will compress
+        check_supported(net)
     return net.eval()
 
 

@@ -48,6 +48,7 @@ class SearchConfig:
     prune: bool = True
     skip: str = "both"  # which skip gates exist: block, halves (attention / MLP), both, or none
     width_multiple: int = 1  # kept head and MLP widths at multiples of this (8 suits GPU kernels)
+    frozen: bool = False  # the benchmark's control: train the masked start plan, but move no count, gate or dual
     ratio_lr: float = 0.005
     gate_lr: float = 0.1
     gate_momentum: float = 0.9
