@@ -130,20 +130,21 @@ def fit_to_budget(skel: Skeleton, removed: torch.Tensor, attn: torch.Tensor, mlp
                     continue
                 trial = removed.clone()
                 trial[l, k] = n
-                delta = abs(ratio(trial) - current)
+                trial_ratio = ratio(trial)
+                delta = abs(trial_ratio - current)
                 if delta == 0:
                     continue
                 group = slice(int(removed[l, k]), n) if direction > 0 else slice(n, int(removed[l, k]))
-                yield float(costs[l][k][group].sum()) / delta, l, k, trial
+                yield float(costs[l][k][group].sum()) / delta, trial_ratio, trial
 
     while ratio(removed) > budget:
         options = list(candidates(+1))
         if not options:
             raise UVCError(f"cannot reach budget {budget}: the smallest model with these skip decisions has R = {ratio(removed):.4f}")
-        removed = min(options, key=lambda o: o[0])[3]
+        removed = min(options, key=lambda o: o[0])[2]
     while ratio(removed) < budget - tolerance / 4:
-        options = [o for o in candidates(-1) if ratio(o[3]) <= budget]
+        options = [o for o in candidates(-1) if o[1] <= budget]
         if not options:
             break
-        removed = max(options, key=lambda o: o[0])[3]
+        removed = max(options, key=lambda o: o[0])[2]
     return removed.to(like)

@@ -114,10 +114,8 @@ class Skeleton:
         """
         kept = self.sizes(removed) - removed
         width = kept[:, 0] * kept[:, 1]
-        total = removed.new_tensor(float(self.fixed))
-        for l in range(self.depth):
-            total = total + block_macs(self.tokens, self.dim[l], width[l], kept[:, 2][l], attn_keep[l], mlp_keep[l])
-        return total
+        blocks = block_macs(self.tokens, removed.new_tensor(self.dim), width, kept[:, 2], attn_keep, mlp_keep)
+        return self.fixed + blocks.sum()
 
     @cached_property
     def dense_macs(self) -> float:

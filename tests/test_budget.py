@@ -1,0 +1,43 @@
+"""The exact fit to a budget, in steps of one group or of a hardware-friendly width multiple."""
+import pytest
+import timm
+import torch
+
+import uvc
+from uvc.adapters import adapter_for
+from uvc.budget import fit_to_budget, plan_of_counts, removal_costs, uniform_plan, uniform_removal
+from uvc.flops import skeleton_of
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_fit_lands_in_the_window_with_widths_at_the_multiple(budget, multiple):
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224")
+    skel, blocks = skeleton_of(model), list(adapter_for(model).blocks(model))
+    ones = torch.ones(skel.depth)
+    start = uniform_removal(skel, budget, multiple)
+    removed = fit_to_budget(skel, start, ones, ones, removal_costs(blocks), budget, multiple=multiple)
+    plan = plan_of_counts(blocks, removed)
+    slimmed = uvc.slim(model, plan)
+    ratio = uvc.macs(slimmed) / uvc.macs(model)
+    assert budget - 0.01 <= ratio <= budget
+    widths = [(len(p.dims[0]), len(p.neurons)) for p in plan]
+    assert all(d % multiple == 0 and m % multiple == 0 for d, m in widths), widths
+    if multiple == 1:  # single steps: some width is not a multiple of 8 (the fit is finer)
+        assert any(d % 8 or m % 8 for d, m in widths)
+
+
+def test_uniform_plan_in_steps_of_eight_stays_under_the_budget():
+    model = timm.create_model("deit_tiny_patch16_224")
+    plan = uniform_plan(model, 0.5, multiple=8)
+    assert uvc.macs(uvc.slim(model, plan)) / uvc.macs(model) <= 0.5
+    assert {len(p.dims[0]) % 8 for p in plan} == {0} and {len(p.neurons) % 8 for p in plan} == {0}
+
+
+def test_a_budget_below_what_the_skips_allow_is_named():
+    model = timm.create_model("deit_tiny_patch16_224")
+    skel, blocks = skeleton_of(model), list(adapter_for(model).blocks(model))
+    ones = torch.ones(skel.depth)
+    with pytest.raises(uvc.UVCError, match="cannot reach budget"):
+        fit_to_budget(skel, torch.zeros(skel.depth, 3), ones, ones, removal_costs(blocks), 0.001)
