@@ -240,24 +240,34 @@ class Search(nn.Module):
     def final_plan(self, tolerance: float = 0.01) -> list[LayerPlan]:
         """Hard gates, counts fitted to B - tolerance <= R <= B, and the plan that slimming removes.
 
-        With pruning off, the budget is met by skipping more: the kept gates whose keep logit wins
-        by the smallest margin are flipped until R <= B.
+        With pruning off, the budget is first met by skipping more (the kept gate whose keep logit
+        wins by the smallest margin flips, until R <= B). Whatever the mode, when the skips leave R
+        below the window, the skipped gate closest to being kept is restored and width is removed
+        to land in the window: halves are too coarse to hit it alone, so the last fraction is width.
         """
         if not self.cfg.prune:
-            while float(self.resource(hard=True)) > self.budget:
-                margin = self.gate_logits[..., 1] - self.gate_logits[..., 0]
-                margin = torch.where(self.gate_enabled & (margin >= 0), margin, torch.inf)
-                if torch.isinf(margin).all():
-                    break
-                l, g = divmod(int(margin.argmin()), len(GATES))
-                self.gate_logits[l, g] = self.gate_logits[l, g].flip(0)
-        attn, mlp = self._halves(self.hard_keep())
-        removed = self.removed()
-        if self.cfg.prune:
-            removed = fit_to_budget(self.skel, removed, attn, mlp, removal_costs(self._blocks), self.budget,
-                                    tolerance, self.cfg.width_multiple)
-            self.ratios.copy_(removed / self.sizes)
+            while float(self.resource(hard=True)) > self.budget and self._flip_closest(skipped=False):
+                pass
+        costs, removed = removal_costs(self._blocks), self.removed().detach()
+        while True:
+            attn, mlp = self._halves(self.hard_keep())
+            removed = fit_to_budget(self.skel, removed, attn, mlp, costs, self.budget, tolerance,
+                                    self.cfg.width_multiple)
+            if float(self.skel.ratio(removed, attn, mlp)) >= self.budget - tolerance or not self._flip_closest(skipped=True):
+                break
+        self.ratios.copy_(removed / self.sizes)
         return plan_of_counts(self._blocks, removed, attn, mlp)
+
+    def _flip_closest(self, skipped: bool) -> bool:
+        """Flip the enabled gate closest to the other decision (a kept one to skip, or a skipped one to keep)."""
+        margin = self.gate_logits[..., 1] - self.gate_logits[..., 0]  # > 0: kept
+        side = (margin < 0) if skipped else (margin >= 0)
+        distance = torch.where(self.gate_enabled & side, margin.abs(), torch.inf)
+        if torch.isinf(distance).all():
+            return False
+        l, g = divmod(int(distance.argmin()), len(GATES))
+        self.gate_logits[l, g] = self.gate_logits[l, g].flip(0)
+        return True
 
     def search_state(self) -> dict:
         """Everything a resumed search needs, including gate gradients accumulated so far."""
