@@ -1,12 +1,19 @@
-"""UVC against baselines at equal MACs, measured speedup and search cost; writes BENCHMARKS.md.
+"""UVC against a frozen-search control and baselines at equal MACs and equal training; writes BENCHMARKS.md.
 
-    python bench/run.py            # full: budgets 0.3 / 0.5 / 0.7, at most ~60 min on 2 CPU cores
-    python bench/run.py --quick    # a few minutes: budget 0.5 only, small data
+    python bench/run.py            # full: budgets 0.3 / 0.5, 3 seeds, 38 runs, ~45 min on 2 free CPU cores
+    python bench/run.py --quick    # a few minutes: budget 0.5, one seed, small data (runs/bench/quick/)
 
-Every method starts from the same teacher and gets the same post-training (epochs, data order, KD,
-optimizer) through `uvc.compress.post_train`; UVC's own runs go through `uvc.compress`. Results
-go to bench/results/results.json (rewritten after every run, so `--resume` continues a killed
-benchmark), the plots to bench/results/, the tables to BENCHMARKS.md.
+Equal training: every method trains `search_epochs + post_epochs` epochs in all, with the seed's data
+order, AdamW and soft KD from the teacher. UVC, its ablations and the control go through
+`uvc.compress` (search, fit, slimming, post-training); the baselines are pruned without training and
+post-trained for the whole `search_epochs + post_epochs` by `uvc.compress.post_train`. The control
+is `uvc.compress` with `SearchConfig(frozen=True, skip="none")`: the uniform plan trained through the
+same masks and KD, nothing searched, so UVC against the control measures the search alone.
+
+Every run monitors the validation split; the test split is read once, at the end of each run.
+Results go to bench/results/results.json (quick mode: runs/bench/quick/results.json), rewritten after
+every run so that `--resume` continues a killed benchmark; the tables go to BENCHMARKS.md (quick mode:
+runs/bench/quick/BENCHMARKS.md, so a pipeline check never overwrites the full tables).
 """
 from __future__ import annotations
 
@@ -25,22 +32,22 @@ from pathlib import Path
 import torch
 
 import uvc
-from uvc.compress import CompressConfig, compress, post_train
-from uvc.data import DataConfig, build_data
-from uvc.distill import KDConfig
-from uvc.errors import UVCError
 from uvc.adapters import adapter_for
 from uvc.budget import uniform_plan
+from uvc.compress import CompressConfig, Run, compress, post_train
+from uvc.data import DataConfig, build_data
+from uvc.distill import KDConfig
 from uvc.engine import Schedule
+from uvc.errors import UVCError
 from uvc.search import SearchConfig
 
 from baselines import plan_of_slimmed, taylor_gradients, torch_pruning_to_budget
 from speed import deit_small_speed, speed_pair, step_cost
-from summary import LABELS, write_summary
+from summary import ABLATIONS, LABELS, MAIN_METHODS, RESULTS_FORMAT, SEARCHED, write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 log = logging.getLogger("bench")
+COMPENSATED_IMPORTANCE = "weight"  # the uniform baseline's ranking: "compensated" differs from "uniform" by the compensation
 
 
 @dataclass(frozen=True)
@@ -48,65 +55,108 @@ class Settings:
     """How much work each part gets; `--quick` swaps in QUICK."""
 
     budgets: tuple[float, ...]
-    train_limit: int | None  # training images used by the search and post-training (the teacher saw all 60k)
+    seeds: int  # seeds 0 .. seeds-1 for MAIN_METHODS; the ABLATIONS run seed 0 only
+    train_limit: int | None  # training images (of the 55,000 left after the validation split; the teacher saw all 60,000)
+    val_limit: int | None
     test_limit: int | None
     batch_size: int
-    search_epochs: float
+    search_epochs: float  # UVC / control search; the baselines post-train search_epochs + post_epochs instead
     search_warmup_epochs: float
     post_epochs: float
     taylor_batches: int
-    speed_batches: tuple[int, ...]
-    speed_repeats: int
+    calibration_images: int  # unlabeled training images for the compensated baseline
+    speed_batches: tuple[int, ...]  # teacher against UVC's slimmed models
+    speed_rounds: int
+    deit_batches: tuple[int, ...]
     cost_steps: int
     deit_budget: float = 0.5
+    deit_width_multiples: tuple[int, ...] = (1, 8)
 
 
-FULL = Settings(budgets=(0.3, 0.5, 0.7), train_limit=10_000, test_limit=None, batch_size=128, search_epochs=1.0,
-                search_warmup_epochs=0.2, post_epochs=1.0, taylor_batches=8, speed_batches=(1, 64), speed_repeats=5,
-                cost_steps=20)
-QUICK = Settings(budgets=(0.5,), train_limit=2048, test_limit=2000, batch_size=64, search_epochs=1.0,
-                 search_warmup_epochs=0.25, post_epochs=1.0, taylor_batches=2, speed_batches=(1, 64), speed_repeats=3,
-                 cost_steps=8)
+# Timings behind FULL (2-core CPU, free; the 2026-11-25 full run): a search step at batch 128 takes ~0.70 s,
+# a post-training step ~0.3-0.4 s, and a run evaluates ~20,000 slimmed images (validation before and after
+# post-training, test; the teacher once per invocation). With 6,400 training images (50 steps an epoch) a
+# search + post run takes ~65-75 s and a baseline ~50-80 s: 38 runs ~42 min, speed and search cost ~4 min.
+# 10,000 training images would take ~60 min.
+FULL = Settings(budgets=(0.3, 0.5), seeds=3, train_limit=6400, val_limit=None, test_limit=None, batch_size=128,
+                search_epochs=1.0, search_warmup_epochs=0.2, post_epochs=1.0, taylor_batches=8, calibration_images=1000,
+                speed_batches=(1, 64), speed_rounds=5, deit_batches=(1, 64), cost_steps=20)
+QUICK = Settings(budgets=(0.5,), seeds=1, train_limit=2048, val_limit=1000, test_limit=2000, batch_size=64,
+                 search_epochs=1.0, search_warmup_epochs=0.25, post_epochs=1.0, taylor_batches=2, calibration_images=1000,
+                 speed_batches=(1, 64), speed_rounds=2, deit_batches=(1,), cost_steps=8)
 
 
-def compress_config(s: Settings, budget: float, out: Path, method: str) -> CompressConfig:
-    """One configuration for every method; only the UVC ablations flip their one switch."""
+def planned_runs(s: Settings) -> list[tuple[str, float, int]]:
+    """(method, budget, seed) of every accuracy run, seed by seed, so that an interrupted benchmark
+    already holds one complete table."""
+    return [(method, budget, seed) for seed in range(s.seeds) for budget in s.budgets
+            for method in (*MAIN_METHODS, *ABLATIONS) if seed == 0 or method in MAIN_METHODS]
+
+
+def training_epochs(s: Settings, method: str) -> tuple[float, float]:
+    """(search epochs, post-training epochs) of a method: the same total for every method."""
+    return (s.search_epochs, s.post_epochs) if method in SEARCHED else (0.0, s.search_epochs + s.post_epochs)
+
+
+def compress_config(s: Settings, budget: float, out: Path, method: str, seed: int = 0) -> CompressConfig:
+    """One configuration for every method: only the control and the UVC ablations flip their switch, and
+    the baselines' post-training takes the epochs UVC spends searching."""
     defaults = CompressConfig()
-    search = SearchConfig(schedule=Schedule(s.search_epochs, defaults.search.schedule.lr, warmup_epochs=0.05),
-                          warmup_epochs=s.search_warmup_epochs,
-                          skip="none" if method == "uvc_no_skip" else "both", prune=method != "uvc_no_prune")
-    post = Schedule(s.post_epochs, defaults.post.lr, defaults.post.weight_decay, defaults.post.warmup_epochs)
-    return CompressConfig(budget=budget, out=str(out), device="cpu", post=post, eval_during_search=False,
-                          data=DataConfig(train_limit=s.train_limit, test_limit=s.test_limit, batch_size=s.batch_size),
-                          search=search, kd=KDConfig(kind="none" if method == "uvc_no_kd" else "soft"))
+    search_schedule = defaults.search.schedule
+    search = SearchConfig(
+        schedule=Schedule(s.search_epochs, search_schedule.lr, search_schedule.weight_decay, search_schedule.warmup_epochs),
+        warmup_epochs=s.search_warmup_epochs, frozen=method == "control",
+        skip="none" if method in ("control", "uvc_no_skip") else "both", prune=method != "uvc_no_prune")
+    post = Schedule(training_epochs(s, method)[1], defaults.post.lr, defaults.post.weight_decay, defaults.post.warmup_epochs)
+    data = DataConfig(train_limit=s.train_limit, val_limit=s.val_limit, test_limit=s.test_limit, batch_size=s.batch_size)
+    return CompressConfig(budget=budget, out=str(out), device="cpu", seed=seed, data=data, search=search, post=post,
+                          kd=KDConfig(kind="none" if method == "uvc_no_kd" else "soft"), eval_during_search=False,
+                          throughput_rounds=1, throughput_batch=8)  # speed is measured apart, in section 2
 
 
-def run_method(method: str, budget: float, teacher, s: Settings, out: Path) -> dict:
-    """Compress the teacher to `budget` with one method; returns the numbers the tables need."""
-    cfg = compress_config(s, budget, out, method)
+def prune_baseline(method: str, teacher, budget: float, cfg: CompressConfig, s: Settings):
+    """(slimmed model, plan) of a baseline, pruned from the teacher without training; the teacher is not changed."""
+    if method == "uniform":
+        plan = uniform_plan(teacher, budget)
+        return uvc.slim(teacher, plan), plan
+    if method == "compensated":
+        from uvc.oneshot import one_shot
+
+        batches = build_data(cfg.data, seed=cfg.seed).train
+        slimmed, plan, _ = one_shot(model=teacher, budget=budget, batches=batches, importance=COMPENSATED_IMPORTANCE,
+                                    compensate=True, calibration_images=s.calibration_images)
+        return slimmed, plan
+    criterion = method.removeprefix("tp_")
+    source = teacher
+    if criterion == "taylor":
+        source = taylor_gradients(teacher, build_data(cfg.data, seed=cfg.seed).train, s.taylor_batches)
+    slimmed = torch_pruning_to_budget(source, budget, criterion)
+    return slimmed, plan_of_slimmed(slimmed)
+
+
+def run_method(method: str, budget: float, seed: int, teacher, s: Settings, out: Path,
+               teacher_scores: dict[str, float]) -> dict:
+    """Compress the teacher to `budget` with one method and seed; returns the figures the tables need.
+
+    `teacher_scores` is the teacher's top-1 on each split, the same in every run (evaluation draws
+    no random numbers and the splits do not depend on the seed), so it is computed once.
+    """
+    cfg = compress_config(s, budget, out, method, seed)
     start = time.perf_counter()
-    if method.startswith("uvc"):
-        report = compress(cfg, model=teacher, teacher=teacher)
+    if method in SEARCHED:
+        report = compress(cfg, model=teacher, teacher=teacher, teacher_scores=teacher_scores)
     else:
-        if method == "uniform":
-            plan = uniform_plan(teacher, budget)
-            slimmed = uvc.slim(teacher, plan)
-        else:
-            criterion = method.removeprefix("tp_")
-            source = teacher
-            if criterion == "taylor":
-                train = build_data(cfg.data, seed=cfg.seed).train
-                source = taylor_gradients(teacher, train, s.taylor_batches)
-            slimmed = torch_pruning_to_budget(source, budget, criterion)
-            plan = plan_of_slimmed(slimmed)
-        report = post_train(cfg, slimmed, plan, model=teacher, teacher=teacher)
-    return {"method": method, "budget": budget, "ratio": report["ratio"], "macs": report["macs"],
-            "macs_dense": report["macs_dense"], "top1": report["top1"], "top1_before_post": report["top1_val_after_search"],
-            "top1_teacher": report["top1_teacher"], "params": report["params"], "layers": report["layers"],
-            "seconds": time.perf_counter() - start, "out": str(out.relative_to(ROOT))}
+        slimmed, plan = prune_baseline(method, teacher, budget, cfg, s)
+        report = post_train(cfg, slimmed, plan, model=teacher, teacher=teacher, teacher_scores=teacher_scores)
+    return {"method": method, "budget": budget, "seed": seed, "epochs": list(training_epochs(s, method)),
+            "ratio": report["ratio"], "macs": report["macs"], "macs_dense": report["macs_dense"],
+            "top1": report["top1"], "top1_val": report["top1_val"], "top1_val_before_post": report["top1_val_after_search"],
+            "top1_teacher": report["top1_teacher"], "top1_val_teacher": report["top1_val_teacher"],
+            "params": report["params"], "layers": report["layers"], "seconds": time.perf_counter() - start,
+            "out": os.path.relpath(out, ROOT)}
 
 
-def machine() -> dict:
+def machine(threads: int) -> dict:
     cpu = platform.processor() or "unknown"
     try:
         names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
@@ -116,7 +166,7 @@ def machine() -> dict:
     import timm
     import torch_pruning
 
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "timm": timm.__version__, "torch_pruning": getattr(torch_pruning, "__version__", "?"),
             "python": platform.python_version(), "os": platform.platform(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
@@ -131,36 +181,50 @@ def load_teacher(path: str | None):
                  "Or pass --teacher DIR (a model folder written by uvc.save) to benchmark another model.")
 
 
-def save(results: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / "results.json.tmp"
+def places(quick: bool) -> tuple[Path, Path]:
+    """(folder of results.json and the plots, BENCHMARKS.md) of a mode."""
+    if quick:
+        folder = ROOT / "runs" / "bench" / "quick"
+        return folder, folder / "BENCHMARKS.md"
+    return ROOT / "bench" / "results", ROOT / "BENCHMARKS.md"
+
+
+def save(results: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(RESULTS / "results.json")
+    tmp.replace(folder / "results.json")
 
 
-def previous_runs(results: dict) -> dict:
-    """Accuracy runs of an interrupted benchmark with the same settings and teacher, by (method, budget)."""
-    path = RESULTS / "results.json"
+def previous_runs(results: dict, folder: Path) -> dict:
+    """Accuracy runs of an earlier invocation with the same settings and teacher, by (method, budget, seed)."""
+    path = folder / "results.json"
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    if old.get("settings") != json.loads(json.dumps(results["settings"])) or old.get("teacher") != results["teacher"]:
-        log.warning("results.json is from other settings or another teacher; starting over")
+    same = (old.get("format") == RESULTS_FORMAT and old.get("settings") == json.loads(json.dumps(results["settings"]))
+            and old.get("teacher") == results["teacher"])
+    if not same:
+        log.warning("%s is from other settings, another teacher or an older bench; starting over", path)
         return {}
-    return {(r["method"], r["budget"]): r for r in old.get("accuracy", [])}
+    return {(r["method"], r["budget"], r["seed"]): r for r in old.get("accuracy", [])
+            if (ROOT / r["out"] / "model.safetensors").is_file()}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="budget 0.5 only and small data: a few minutes")
+    p.add_argument("--quick", action="store_true", help="budget 0.5, one seed, small data: a few minutes")
     p.add_argument("--teacher", default=None, help="a model folder saved by uvc.save (default: the bundled teacher)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for everything (fixed for the timings)")
-    p.add_argument("--resume", action="store_true", help="keep the accuracy runs already in bench/results/results.json")
+    p.add_argument("--resume", action="store_true", help="keep the finished accuracy runs of the same settings and teacher")
     p.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from results.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    folder, md_path = places(args.quick)
     if args.report_only:
-        write_summary(json.loads((RESULTS / "results.json").read_text()), ROOT / "BENCHMARKS.md", RESULTS)
+        if not (folder / "results.json").is_file():
+            sys.exit(f"bench: no {folder / 'results.json'} to report; run the benchmark first")
+        write_summary(json.loads((folder / "results.json").read_text()), md_path, folder)
         return 0
 
     try:
@@ -172,43 +236,55 @@ def main() -> int:
     teacher = load_teacher(args.teacher)
     started = time.perf_counter()
     results = {
-        "mode": "quick" if args.quick else "full", "settings": asdict(s),
+        "format": RESULTS_FORMAT, "mode": "quick" if args.quick else "full", "settings": asdict(s),
         "teacher": args.teacher or "bundled vit_tiny_patch7_fmnist",
         "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(), "load_average_start": os.getloadavg(), "accuracy": [], "speed": [],
+        "machine": machine(args.threads), "load_average_start": os.getloadavg(), "accuracy": [], "speed": [],
     }
-    done = previous_runs(results) if args.resume else {}
-    results["reused_runs"] = len(done)
+    done = previous_runs(results, folder) if args.resume else {}
+    todo = planned_runs(s)
+    results["reused_runs"] = sum(key in done for key in todo)
     out_root = ROOT / "runs" / "bench" / results["mode"]
+    log.info("%d accuracy runs, %d reused", len(todo), results["reused_runs"])
 
-    for budget in s.budgets:
-        for method in LABELS:
-            if (method, budget) not in done:
-                log.info("=== %s at B = %.2f", LABELS[method], budget)
-                done[(method, budget)] = run_method(method, budget, teacher, s, out_root / f"{method}-b{budget}")
-            results["accuracy"].append(done[(method, budget)])
-            save(results)
+    teacher_scores = None
+    for i, (method, budget, seed) in enumerate(todo, 1):
+        if (method, budget, seed) not in done:
+            log.info("=== [%d/%d] %s at B = %.2f, seed %d", i, len(todo), LABELS[method], budget, seed)
+            if teacher_scores is None:
+                teacher_scores = Run(compress_config(s, budget, out_root / "teacher", "uvc", 0), model=teacher,
+                                     teacher=teacher).score_teacher()
+            done[(method, budget, seed)] = run_method(method, budget, seed, teacher, s,
+                                                      out_root / f"{method}-b{budget}-s{seed}", teacher_scores)
+        results["accuracy"].append(done[(method, budget, seed)])
+        save(results, folder)
 
-    log.info("=== throughput: every slimmed model against the teacher")
+    log.info("=== throughput: the teacher against UVC's slimmed models of seed 0")
     input_size = adapter_for(teacher).input_size(teacher)
-    for run in results["accuracy"]:
+    for budget in s.budgets:
+        run = done[("uvc", budget, 0)]
         slimmed = uvc.load(ROOT / run["out"])
-        results["speed"].append({"method": run["method"], "budget": run["budget"], "ratio": run["ratio"],
-                                 "pairs": [speed_pair(teacher, slimmed, input_size, b, s.speed_repeats) for b in s.speed_batches]})
-    save(results)
+        results["speed"].append({"method": "uvc", "budget": budget, "seed": 0, "ratio": run["ratio"],
+                                 "pairs": [speed_pair(teacher, slimmed, input_size, b, s.speed_rounds, threads=args.threads)
+                                           for b in s.speed_batches]})
+    save(results, folder)
 
-    log.info("=== throughput: deit_small_patch16_224 at R <= %.2f", s.deit_budget)
-    results["deit_small"] = deit_small_speed(s.deit_budget, s.speed_batches, s.speed_repeats)
-    save(results)
+    log.info("=== throughput: deit_small_patch16_224 at R <= %.2f, widths at multiples of %s",
+             s.deit_budget, " and ".join(map(str, s.deit_width_multiples)))
+    results["deit_small"] = [deit_small_speed(s.deit_budget, s.deit_batches, s.speed_rounds, width_multiple=w,
+                                              threads=args.threads) for w in s.deit_width_multiples]
+    save(results, folder)
 
     log.info("=== search cost: UVC search step against a plain KD step")
     results["search_cost"] = step_cost(compress_config(s, 0.5, out_root / "step-cost", "uvc"), teacher, s.cost_steps)
     results["seconds"] = time.perf_counter() - started
+    results["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     results["load_average_end"] = os.getloadavg()
-    save(results)
-    write_summary(results, ROOT / "BENCHMARKS.md", RESULTS)
-    log.info("done in %.1f min: BENCHMARKS.md and %s", results["seconds"] / 60, RESULTS.relative_to(ROOT))
+    save(results, folder)
+    write_summary(results, md_path, folder)
+    log.info("done in %.1f min: %s and %s", results["seconds"] / 60, os.path.relpath(md_path, ROOT),
+             os.path.relpath(folder, ROOT))
     return 0
 
 

@@ -23,17 +23,23 @@ from uvc.engine import compare_throughput, make_optimizer, optimizer_step, predi
 CPU = torch.device("cpu")
 
 
-def speed_pair(dense: nn.Module, slimmed: nn.Module, input_size, batch: int, rounds: int, seconds: float = 1.0) -> dict:
-    """Images per second of both models at one batch size (medians, with min and max), and the speedup of the medians."""
-    rates = compare_throughput({"dense": dense, "slimmed": slimmed}, input_size, batch, CPU, rounds=rounds, seconds=seconds)
-    return {"batch": batch, "dense": rates["dense"]["median"], "slimmed": rates["slimmed"]["median"],
+def speed_pair(dense: nn.Module, slimmed: nn.Module, input_size, batch: int, rounds: int, seconds: float = 1.0,
+               threads: int | None = None) -> dict:
+    """Images per second of both models at one batch size: the median over the rounds with [min, max], and
+    the speedup of the medians. `threads` fixes torch's thread count for the measurement (default: as set)."""
+    rates = compare_throughput({"dense": dense, "slimmed": slimmed}, input_size, batch, CPU, rounds=rounds,
+                               seconds=seconds, threads=threads)
+    return {"batch": batch, "rounds": rounds, "threads": rates["dense"]["threads"],
+            "dense": rates["dense"]["median"], "slimmed": rates["slimmed"]["median"],
             "dense_range": [rates["dense"]["min"], rates["dense"]["max"]],
             "slimmed_range": [rates["slimmed"]["min"], rates["slimmed"]["max"]],
             "speedup": rates["slimmed"]["median"] / rates["dense"]["median"]}
 
 
-def deit_small_speed(budget: float, batches, rounds: int, width_multiple: int = 1) -> dict:
-    """deit_small_patch16_224 (random weights: speed does not depend on them) slimmed by the uniform plan."""
+def deit_small_speed(budget: float, batches, rounds: int, width_multiple: int = 1, threads: int | None = None,
+                     seconds: float = 1.0) -> dict:
+    """deit_small_patch16_224 (random weights: speed does not depend on them) slimmed by the uniform plan,
+    with kept head and MLP widths at multiples of `width_multiple`, against the dense model."""
     import timm
 
     torch.manual_seed(0)
@@ -41,8 +47,8 @@ def deit_small_speed(budget: float, batches, rounds: int, width_multiple: int = 
     slimmed = uvc.slim(dense, uniform_plan(dense, budget, multiple=width_multiple))
     input_size = (3, 224, 224)
     return {"budget": budget, "ratio": uvc.macs(slimmed, input_size) / uvc.macs(dense, input_size),
-            "layers": [b.config() for b in slimmed.blocks],
-            "width_multiple": width_multiple, "speed": [speed_pair(dense, slimmed, input_size, b, rounds) for b in batches]}
+            "layers": [b.config() for b in slimmed.blocks], "width_multiple": width_multiple,
+            "speed": [speed_pair(dense, slimmed, input_size, b, rounds, seconds, threads) for b in batches]}
 
 
 def step_cost(cfg: CompressConfig, teacher: nn.Module, steps: int, warmup: int = 3) -> dict:

@@ -1,51 +1,144 @@
-"""BENCHMARKS.md and the plots, from the results dict `run.py` measured (nothing here measures)."""
+"""BENCHMARKS.md and the plots, from the results dict `run.py` measured (nothing here measures).
+
+Accuracy rows aggregate the seeds of one (method, budget): mean ± sample standard deviation of the
+test top-1, the validation top-1 and the validation top-1 before post-training. One method *beats*
+another only when the difference of their means exceeds the larger of the two standard deviations;
+with a single seed there is no spread, so nothing is decided ("not measured"). A row whose achieved R
+(of any seed) lies outside [B - 0.01, B] is marked **MISSED**.
+"""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
-TARGET_DROP = 0.5  # points of top-1 UVC may lose at B = 0.5
+RESULTS_FORMAT = 2  # results.json written by this bench (seeds, validation figures); older files are refused
+R_TOLERANCE = 0.01  # a delivered model must land in [B - R_TOLERANCE, B]
+TARGET_TEACHER_GAP = 0.3  # points of test top-1 UVC may lose to the teacher at B = 0.5 (mean of the seeds)
+TARGET_SEEDS = 3  # seeds the teacher-gap target needs
+TARGET_BUDGETS = (0.3, 0.5)
 TARGET_SPEED = 0.85  # measured speedup / (1 / R) at batch 64
 TARGET_STEP = 1.3  # search step / plain KD step
 LABELS = {
     "uvc": "UVC",
-    "uvc_no_skip": "UVC w/o skipping",
-    "uvc_no_prune": "UVC w/o pruning (skipping only)",
-    "uvc_no_kd": "UVC w/o KD",
-    "uniform": "uniform ratio (magnitude) + KD",
+    "control": "control: uniform plan, frozen search",
+    "uniform": "uniform plan + KD",
     "tp_magnitude": "Torch-Pruning global magnitude + KD",
+    "compensated": "one-shot uniform plan + LS compensation + KD",
+    "uvc_no_skip": "UVC w/o skipping",
+    "uvc_no_prune": "UVC skip-only (w/o pruning)",
+    "uvc_no_kd": "UVC w/o KD",
     "tp_taylor": "Torch-Pruning global Taylor + KD",
 }
-BASELINES = ("uniform", "tp_magnitude", "tp_taylor")
+MAIN_METHODS = ("uvc", "control", "uniform", "tp_magnitude", "compensated")  # every seed
+ABLATIONS = ("uvc_no_skip", "uvc_no_prune", "uvc_no_kd", "tp_taylor")  # seed 0 only
+BASELINES = ("uniform", "tp_magnitude", "compensated")  # what "UVC beats every baseline" means
+SEARCHED = ("uvc", "control", "uvc_no_skip", "uvc_no_prune", "uvc_no_kd")  # go through uvc.compress (search + post)
+
+
+# ---- statistics ------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value: one seed has no spread)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) >= 2 else None
+
+
+def fmt(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f} (1 seed)"
+
+
+def compare(a: list[float], b: list[float]) -> int | None:
+    """1 if a beats b, -1 if b beats a, 0 if neither does; None when either has fewer than 2 seeds.
+
+    Beating means: the difference of the means exceeds the larger standard deviation.
+    """
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    if sa is None or sb is None:
+        return None
+    spread = max(sa, sb)
+    return 1 if ma - mb > spread else -1 if mb - ma > spread else 0
+
+
+def in_window(ratio: float, budget: float) -> bool:
+    return budget - R_TOLERANCE - 1e-9 <= ratio <= budget + 1e-9
+
+
+def rows_by_key(results: dict) -> dict[tuple[str, float], list[dict]]:
+    """The accuracy runs grouped by (method, budget), seeds in order."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in results["accuracy"]:
+        groups.setdefault((r["method"], r["budget"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in groups.items()}
+
+
+def values(runs: list[dict], key: str) -> list[float]:
+    return [r[key] for r in runs]
+
+
+def meets_budget(runs: list[dict]) -> bool:
+    return all(in_window(r["ratio"], r["budget"]) for r in runs)
 
 
 def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else "met" if ok else "**MISSED**"
 
 
+def _vs(a: str, b: str, runs_a: list[dict], runs_b: list[dict], key: str = "top1") -> str:
+    mean_a, std_a = mean_std(values(runs_a, key))
+    mean_b, std_b = mean_std(values(runs_b, key))
+    text = f"{a} {fmt(values(runs_a, key))} vs {b} {fmt(values(runs_b, key))}"
+    if std_a is not None and std_b is not None:
+        text += f" (difference {mean_a - mean_b:+.2f}, larger std {max(std_a, std_b):.2f})"
+    return text
+
+
+# ---- targets ---------------------------------------------------------------------------------
 def targets(results: dict) -> list[tuple[str, str, str]]:
-    """(target, what was measured, verdict) for each target of issue 4."""
-    acc = {(r["method"], r["budget"]): r for r in results["accuracy"]}
+    """(target, what was measured, verdict) for each target of issue 13; test top-1 decides, validation is shown."""
+    acc = rows_by_key(results)
     rows = []
-    uvc_half = acc.get(("uvc", 0.5))
-    if uvc_half:
-        drop = uvc_half["top1_teacher"] - uvc_half["top1"]
-        rows.append((f"UVC loses <= {TARGET_DROP} point at B = 0.5",
-                     f"{uvc_half['top1_teacher']:.2f}% -> {uvc_half['top1']:.2f}% ({-drop:+.2f})", _verdict(drop <= TARGET_DROP)))
-    else:
-        rows.append((f"UVC loses <= {TARGET_DROP} point at B = 0.5", "-", _verdict(None)))
-    for budget in (0.5, 0.3):
-        uvc_run = acc.get(("uvc", budget))
-        others = [acc[(b, budget)] for b in BASELINES if (b, budget) in acc]
-        if uvc_run and others:
-            best = max(others, key=lambda r: r["top1"])
-            rows.append((f"UVC beats every baseline at B = {budget}",
-                         f"UVC {uvc_run['top1']:.2f}% vs best baseline ({LABELS[best['method']]}) {best['top1']:.2f}%",
-                         _verdict(uvc_run["top1"] > best["top1"])))
+    for budget in TARGET_BUDGETS:
+        uvc_runs, control = acc.get(("uvc", budget)), acc.get(("control", budget))
+        name = f"UVC beats the control (uniform plan, frozen search, same training) at B = {budget}"
+        if not (uvc_runs and control):
+            rows.append((name, f"B = {budget} not run in this mode", _verdict(None)))
         else:
-            rows.append((f"UVC beats every baseline at B = {budget}", f"B = {budget} not run in this mode", _verdict(None)))
-    eff = [(r["budget"], p["speedup"] * r["ratio"]) for r in results["speed"] if r["method"] == "uvc"
-           for p in r["pairs"] if p["batch"] == 64]
-    rows.append((f"measured speedup >= {TARGET_SPEED} x 1/R at batch 64 (CPU), UVC models",
+            test = compare(values(uvc_runs, "top1"), values(control, "top1"))
+            ok = None if test is None else test == 1 and meets_budget(uvc_runs)
+            measured = f"test: {_vs('UVC', 'control', uvc_runs, control)}; validation: {_vs('UVC', 'control', uvc_runs, control, 'top1_val')}"
+            if not meets_budget(uvc_runs):
+                measured += "; UVC's R is outside its window"
+            rows.append((name, measured, _verdict(ok)))
+    for budget in TARGET_BUDGETS:
+        uvc_runs = acc.get(("uvc", budget))
+        name = f"UVC beats every baseline ({', '.join(BASELINES)}) at B = {budget}"
+        present = [b for b in BASELINES if (b, budget) in acc]
+        if not uvc_runs or not present:
+            rows.append((name, f"B = {budget} not run in this mode", _verdict(None)))
+            continue
+        outcomes = [compare(values(uvc_runs, "top1"), values(acc[(b, budget)], "top1")) for b in present]
+        if any(o is not None and o < 1 for o in outcomes) or not meets_budget(uvc_runs):
+            ok = False
+        elif None in outcomes or len(present) < len(BASELINES):
+            ok = None
+        else:
+            ok = True
+        measured = "; ".join(f"test: {_vs('UVC', b, uvc_runs, acc[(b, budget)])}" for b in present)
+        missing = [b for b in BASELINES if b not in present]
+        if missing:
+            measured += f"; not run: {', '.join(missing)}"
+        rows.append((name, measured, _verdict(ok)))
+    uvc_half = acc.get(("uvc", 0.5))
+    name = f"UVC within {TARGET_TEACHER_GAP} point of the teacher at B = 0.5 (test, mean of {TARGET_SEEDS} seeds)"
+    if uvc_half:
+        teacher = uvc_half[0]["top1_teacher"]
+        mean, _ = mean_std(values(uvc_half, "top1"))
+        ok = None if len(uvc_half) < TARGET_SEEDS else teacher - mean <= TARGET_TEACHER_GAP and meets_budget(uvc_half)
+        rows.append((name, f"teacher {teacher:.2f}, UVC {fmt(values(uvc_half, 'top1'))} ({mean - teacher:+.2f} point) "
+                     f"over {len(uvc_half)} seed(s)", _verdict(ok)))
+    else:
+        rows.append((name, "B = 0.5 not run in this mode", _verdict(None)))
+    eff = [(r["budget"], p["speedup"] * r["ratio"]) for r in results.get("speed", []) for p in r["pairs"] if p["batch"] == 64]
+    rows.append((f"measured speedup >= {TARGET_SPEED} x 1/R at batch 64 (CPU), UVC's models of seed 0",
                  ", ".join(f"B = {b}: {e:.2f} x 1/R" for b, e in eff) or "-",
                  _verdict(all(e >= TARGET_SPEED for _, e in eff) if eff else None)))
     cost = results.get("search_cost")
@@ -54,10 +147,70 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def findings(results: dict) -> list[str]:
+    """Plain sentences on what the search adds, one per budget, from the same rule as the targets."""
+    acc = rows_by_key(results)
+    lines = []
+    for budget in results["settings"]["budgets"]:
+        uvc_runs, control = acc.get(("uvc", budget)), acc.get(("control", budget))
+        if not (uvc_runs and control):
+            continue
+        outcome = compare(values(uvc_runs, "top1"), values(control, "top1"))
+        versus = _vs("UVC", "control", uvc_runs, control)
+        if outcome is None:
+            lines.append(f"- B = {budget}: one seed only, so whether the search helps is not measured ({versus}).")
+        elif outcome == 1:
+            lines.append(f"- B = {budget}: the search helps: UVC beats the control, which trains the uniform plan "
+                         f"with the same masked KD for the same epochs ({versus}).")
+        else:
+            worse = " (the control is better)" if outcome == -1 else ""
+            lines.append(f"- B = {budget}: UVC does not beat the control{worse}: **the search adds nothing here** ({versus}).")
+        beaten = [b for b in BASELINES if (b, budget) in acc
+                  and compare(values(acc[(b, budget)], "top1"), values(uvc_runs, "top1")) == 1]
+        if beaten:
+            lines.append(f"- B = {budget}: {', '.join(LABELS[b] for b in beaten)} beat(s) UVC.")
+    return lines
+
+
+# ---- tables and plots ------------------------------------------------------------------------
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _vs_uvc(method: str, runs: list[dict], uvc_runs: list[dict] | None) -> str:
+    if method == "uvc":
+        return "-"
+    if not uvc_runs:
+        return "no UVC row"
+    outcome = compare(values(uvc_runs, "top1"), values(runs, "top1"))
+    return {None: "n/a (1 seed)", 1: "UVC beats it", -1: "**beats UVC**", 0: "within spread"}[outcome]
+
+
+def accuracy_rows(results: dict, budget: float) -> list[list[str]]:
+    acc = rows_by_key(results)
+    uvc_runs = acc.get(("uvc", budget))
+    rows = []
+    for method in (*MAIN_METHODS, *ABLATIONS):
+        runs = acc.get((method, budget))
+        if not runs:
+            continue
+        search, post = runs[0]["epochs"]
+        ratio = statistics.fmean(values(runs, "ratio"))
+        window = "ok" if meets_budget(runs) else \
+            f"**MISSED** ({min(values(runs, 'ratio')):.3f}-{max(values(runs, 'ratio')):.3f})"
+        rows.append([LABELS[method], len(runs), f"{search:g} + {post:g}", f"{ratio:.3f}", window, fmt(values(runs, "top1")),
+                     f"{statistics.fmean(values(runs, 'top1')) - runs[0]['top1_teacher']:+.2f}",
+                     fmt(values(runs, "top1_val")), fmt(values(runs, "top1_val_before_post")),
+                     _vs_uvc(method, runs, uvc_runs),
+                     f"{statistics.fmean(values(runs, 'params')) / 1e6:.2f}", f"{statistics.fmean(values(runs, 'seconds')):.0f}"])
+    return rows
+
+
+def _rate(median: float, spread: list[float]) -> str:
+    digits = 0 if median >= 100 else 1
+    return f"{median:.{digits}f} [{spread[0]:.{digits}f}, {spread[1]:.{digits}f}]"
 
 
 def plot_accuracy(results: dict, path: Path) -> None:
@@ -66,15 +219,18 @@ def plot_accuracy(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    acc = rows_by_key(results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, label in LABELS.items():
-        runs = sorted((r for r in results["accuracy"] if r["method"] == method), key=lambda r: r["ratio"])
-        if runs:
-            style = "o-" if method.startswith("uvc") else "s--"
-            ax.plot([r["ratio"] for r in runs], [r["top1"] for r in runs], style, label=label, lw=2 if method == "uvc" else 1)
+        points = sorted((statistics.fmean(values(runs, "ratio")), *mean_std(values(runs, "top1")))
+                        for (m, _), runs in acc.items() if m == method)
+        if points:
+            style = "o-" if method in SEARCHED else "s--"
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] or 0 for p in points], fmt=style,
+                        capsize=3, label=label, lw=2 if method == "uvc" else 1)
     teacher = results["accuracy"][0]["top1_teacher"]
     ax.axhline(teacher, color="k", ls=":", lw=1, label=f"teacher {teacher:.2f}%")
-    ax.set(xlabel="R = MACs / teacher MACs (achieved)", ylabel="test top-1 %",
+    ax.set(xlabel="R = MACs / teacher MACs (achieved, mean over seeds)", ylabel="test top-1 % (mean ± std over seeds)",
            title=f"Fashion-MNIST, accuracy at equal MACs ({results['mode']} mode)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -89,83 +245,132 @@ def plot_speedup(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ideal_all = [2.0]
     for batch, marker in zip(results["settings"]["speed_batches"], "ox"):
-        ideal = [1 / r["ratio"] for r in results["speed"]]
-        measured = [p["speedup"] for r in results["speed"] for p in r["pairs"] if p["batch"] == batch]
-        ax.scatter(ideal, measured, marker=marker, label=f"Fashion-MNIST models, batch {batch}")
-    deit = results.get("deit_small")
-    if deit:
+        points = [(1 / r["ratio"], p["speedup"]) for r in results["speed"] for p in r["pairs"] if p["batch"] == batch]
+        ideal_all += [x for x, _ in points]
+        ax.scatter([x for x, _ in points], [y for _, y in points], marker=marker, label=f"UVC on Fashion-MNIST, batch {batch}")
+    for deit, marker in zip(results.get("deit_small", []), "*P"):
+        ideal_all.append(1 / deit["ratio"])
         for p in deit["speed"]:
-            ax.scatter([1 / deit["ratio"]], [p["speedup"]], marker="*", s=120, label=f"DeiT-Small, batch {p['batch']}")
-    top = max([1 / r["ratio"] for r in results["speed"]] + [2.0]) * 1.1
+            ax.scatter([1 / deit["ratio"]], [p["speedup"]], marker=marker, s=110,
+                       label=f"DeiT-Small uniform, widths x{deit['width_multiple']}, batch {p['batch']}")
+    top = max(ideal_all) * 1.1
     ax.plot([1, top], [1, top], "k:", lw=1, label="ideal: 1 / R")
     ax.plot([1, top], [TARGET_SPEED, TARGET_SPEED * top], "k--", lw=0.7, label=f"target: {TARGET_SPEED} / R")
-    ax.set(xlabel="ideal speedup 1 / R", ylabel="measured speedup (CPU)", title="measured inference speedup against the MACs ratio")
+    ax.set(xlabel="ideal speedup 1 / R", ylabel="measured speedup (CPU, median of rounds)",
+           title="measured inference speedup against the MACs ratio")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _header(results: dict) -> list[str]:
+    m, s = results["machine"], results["settings"]
+    load = lambda xs: ", ".join(f"{x:.2f}" for x in xs) if xs else "-"  # noqa: E731
+    bundled = results["teacher"].startswith("bundled")
+    return [
+        f"- command: `{results['command']}`",
+        f"- date: {results['date']} to {results.get('finished', '(unfinished)')}; wall time {results.get('seconds', 0) / 60:.1f} min"
+        + (f" ({results['reused_runs']} accuracy runs reused from an earlier invocation by --resume; their wall time "
+           "is not in this figure)" if results.get("reused_runs") else ""),
+        f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch threads fixed at {m['threads']} for everything; "
+        f"torch {m['torch']}, timm {m['timm']}, torch-pruning {m['torch_pruning']}, Python {m['python']}, {m['os']}",
+        f"- load average (1, 5, 15 min) at start {load(results['load_average_start'])}, at end "
+        f"{load(results.get('load_average_end'))} (the benchmark itself adds about its thread count; more is other work "
+        "sharing these cores)",
+        f"- GPU: {m['gpu'] or 'none on this machine: GPU rows are omitted, not estimated'}",
+        f"- teacher: {results['teacher']}" + ("" if bundled else " (passed with --teacher: not the bundled teacher)")
+        + f"; budgets {', '.join(str(b) for b in s['budgets'])}",
+        f"- data: Fashion-MNIST, {s['train_limit'] or 'all 55000'} training images, validation "
+        f"{s['val_limit'] or 'all 5000'} images (held out of the training images), test {s['test_limit'] or 'all 10000'} "
+        f"images (read once per run, at its end); batch {s['batch_size']}",
+        f"- equal training: every method trains {s['search_epochs'] + s['post_epochs']:g} epochs in all with the same data "
+        f"order (the seed's), AdamW and soft KD from the teacher: UVC, its ablations and the control search "
+        f"{s['search_epochs']:g} epoch(s) (UVC's warm-up {s['search_warmup_epochs']:g}) then post-train "
+        f"{s['post_epochs']:g}; the baselines are pruned without training and post-train "
+        f"{s['search_epochs'] + s['post_epochs']:g}",
+        f"- seeds: {s['seeds']} ({', '.join(LABELS[m] for m in MAIN_METHODS)}); the ablations "
+        f"({', '.join(LABELS[m] for m in ABLATIONS)}) seed 0 only; Taylor importance from {s['taylor_batches']} batches, "
+        f"compensation from {s['calibration_images']} unlabeled training images; throughput: {s['speed_rounds']} rounds "
+        "of >= 1 s per model after a warm-up call",
+    ]
+
+
 def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
+    if results.get("format") != RESULTS_FORMAT:
+        raise SystemExit(f"{plot_dir / 'results.json'} was written by an older bench/run.py (no seeds or validation "
+                         "figures); run the benchmark again")
     plot_dir.mkdir(parents=True, exist_ok=True)
     plot_accuracy(results, plot_dir / "accuracy_vs_macs.png")
     plot_speedup(results, plot_dir / "speedup.png")
-    rel = plot_dir.relative_to(md_path.parent)
-    m, s = results["machine"], results["settings"]
-    quick = results["mode"] == "quick"
+    rel = Path(plot_dir).resolve().relative_to(Path(md_path).parent.resolve())
+    s = results["settings"]
+    acc = rows_by_key(results)
+    first = results["accuracy"][0]
     out = ["# Benchmarks", ""]
-    if quick:
-        out += ["> **Quick mode**: small settings (below) to check the pipeline, not the full benchmark. "
-                "Accuracies from so little post-training are far from converged; run `make bench` for the full tables.", ""]
-    out += [
-        f"- command: `{results['command']}`",
-        f"- date: {results['date']}; wall time {results.get('seconds', 0) / 60:.1f} min"
-        + (f" ({results['reused_runs']} accuracy runs reused from an interrupted invocation by --resume)"
-           if results.get("reused_runs") else ""),
-        f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch threads fixed at {m['threads']}; "
-        f"torch {m['torch']}, timm {m['timm']}, torch-pruning {m['torch_pruning']}, Python {m['python']}, {m['os']}",
-        f"- load average (1, 5, 15 min) at start {', '.join(f'{x:.2f}' for x in results['load_average_start'])}, "
-        f"at end {', '.join(f'{x:.2f}' for x in results.get('load_average_end', []))} "
-        "(anything above 0 is other work sharing these cores during the timings)",
-        f"- GPU: {m['gpu'] or 'none on this machine: GPU rows are omitted, not estimated'}",
-        f"- teacher: {results['teacher']}"
-        + ("" if results["teacher"].startswith("bundled") else " (passed with --teacher: not the bundled teacher)")
-        + f"; budgets {', '.join(str(b) for b in s['budgets'])}",
-        f"- settings: {s['train_limit'] or 'all 60000'} training images, {s['test_limit'] or 'all 10000'} test images, "
-        f"batch {s['batch_size']}; UVC search {s['search_epochs']} epoch(s) (warm-up {s['search_warmup_epochs']}), "
-        f"post-training {s['post_epochs']} epoch(s) for every method, soft KD from the teacher (except the w/o-KD ablation); "
-        f"Taylor importance from {s['taylor_batches']} batches; throughput: median of {s['speed_repeats']} rounds after warm-up",
-        "", "## Targets", "",
-        _table(["target", "measured", "verdict"], [list(t) for t in targets(results)]),
-        "", "## 1. Accuracy at equal MACs (Fashion-MNIST test top-1)", "",
-        "Every method post-trains its slimmed model with the same epochs, data order, optimizer and KD "
-        "(`uvc.compress.post_train`); UVC variants also train during their search, the others are pruned "
-        "in one shot. R is measured on the delivered model with `uvc.macs`.", "",
-    ]
+    if results["mode"] == "quick":
+        out += ["> **Quick mode**: small settings (below) to check the pipeline, not the full benchmark. One seed, "
+                "so no comparison is decided; accuracies from so little training are far from converged. "
+                "`make bench` runs the full benchmark.", ""]
+    out += _header(results)
+    out += ["", "## Targets", "",
+            "One method beats another only when the difference of their mean test top-1 exceeds the larger of their "
+            "standard deviations over seeds (sample std); with one seed nothing is decided. A UVC row outside its "
+            f"budget window [B - {R_TOLERANCE}, B] cannot meet a target.", "",
+            _table(["target", "measured", "verdict"], [list(t) for t in targets(results)]), ""]
+    lines = findings(results)
+    if lines:
+        out += ["## What the search adds", "",
+                "The control trains the uniform plan (the search's starting point) with the same masked KD for the "
+                "search's epochs, ratios and gates frozen, then goes through the same fit, slimming and post-training. "
+                "UVC differs from it by the search alone.", "", *lines, ""]
+    out += ["## 1. Accuracy at equal MACs and equal training (Fashion-MNIST)", "",
+            f"Teacher: test top-1 {first['top1_teacher']:.2f}%, validation top-1 {first['top1_val_teacher']:.2f}%."
+            + (" The bundled teacher was trained on all 60,000 training images before the validation split existed, so "
+               "its validation figure is a **training-set figure**; every student starts from its weights, so the "
+               "students' validation figures run high too. Compare validation figures between methods, and read "
+               "accuracy against the teacher from the test figures." if results["teacher"].startswith("bundled") else ""),
+            "",
+            "Columns: seeds run; epochs of search + post-training (equal in total for every method); R = MACs / teacher "
+            "MACs of the delivered model (mean over seeds, measured by `uvc.macs`); whether every seed's R lies in "
+            f"[B - {R_TOLERANCE}, B]; test top-1 % and validation top-1 % (mean ± std over seeds); validation top-1 % "
+            "right after pruning / slimming, before post-training; the comparison with UVC by the rule above "
+            "(test top-1); parameters; wall seconds per run.", ""]
     for budget in s["budgets"]:
-        runs = [r for r in results["accuracy"] if r["budget"] == budget]
-        rows = [[LABELS[r["method"]], f"{r['ratio']:.3f}", f"{r['top1']:.2f}", f"{r['top1'] - r['top1_teacher']:+.2f}",
-                 f"{r['top1_before_post']:.2f}", f"{r['params'] / 1e6:.2f}", f"{r['seconds']:.0f}"] for r in runs]
-        out += [f"### B = {budget} (teacher {runs[0]['top1_teacher']:.2f}%)", "",
-                _table(["method", "R", "top-1 %", "vs teacher", "top-1 % before post-training", "params (M)", "wall s"], rows), ""]
+        out += [f"### B = {budget}", "",
+                _table(["method", "seeds", "epochs", "R (mean)", f"R in [B - {R_TOLERANCE}, B]", "test top-1 %",
+                        "vs teacher (test)", "val top-1 %", "val before post-training", "vs UVC (test)", "params (M)",
+                        "wall s"], accuracy_rows(results, budget)), ""]
     out += [f"![accuracy against MACs]({rel / 'accuracy_vs_macs.png'})", "",
             "## 2. Measured inference speed (CPU)", "",
-            "Images per second with `uvc.engine.throughput`; the teacher is timed right before each slimmed model. "
-            "Efficiency = measured speedup / ideal speedup (1 / R).", ""]
+            "`uvc.engine.compare_throughput`: the teacher and the slimmed model alternate in rounds of at least one "
+            "second in one process at the fixed thread count; images per second as the median over the rounds, "
+            "[min, max] beside it. Speedup = ratio of the medians; efficiency = speedup / ideal speedup (1 / R). "
+            "The models are UVC's of seed 0.", ""]
     rows = []
     for r in results["speed"]:
         for p in r["pairs"]:
             rows.append([LABELS[r["method"]], r["budget"], f"{r['ratio']:.3f}", f"{1 / r['ratio']:.2f}", p["batch"],
-                         f"{p['dense']:.0f}", f"{p['slimmed']:.0f}", f"{p['speedup']:.2f}", f"{p['speedup'] * r['ratio']:.2f}"])
-    out += [_table(["method", "B", "R", "1/R", "batch", "teacher img/s", "slimmed img/s", "speedup", "efficiency"], rows), ""]
-    deit = results.get("deit_small")
-    if deit:
-        out += [f"**DeiT-Small** (`deit_small_patch16_224`, 224 px, random weights) slimmed with the uniform plan "
-                f"(same keep ratio of head dimensions and MLP neurons in every block) to R = {deit['ratio']:.3f}:", "",
-                _table(["batch", "dense img/s", "slimmed img/s", "speedup", "efficiency"],
-                       [[p["batch"], f"{p['dense']:.1f}", f"{p['slimmed']:.1f}", f"{p['speedup']:.2f}",
-                         f"{p['speedup'] * deit['ratio']:.2f}"] for p in deit["speed"]]), ""]
+                         _rate(p["dense"], p["dense_range"]), _rate(p["slimmed"], p["slimmed_range"]),
+                         f"{p['speedup']:.2f}", f"{p['speedup'] * r['ratio']:.2f}"])
+    out += [_table(["model", "B", "R", "1/R", "batch", "teacher img/s", "slimmed img/s", "speedup", "efficiency"], rows), ""]
+    deits = results.get("deit_small", [])
+    if deits:
+        out += ["**DeiT-Small** (`deit_small_patch16_224`, 224 px, random weights: speed does not depend on them) slimmed "
+                "with the uniform plan (the same keep ratio of head dimensions and MLP neurons in every block) at "
+                f"B = {deits[0]['budget']}, once with any width and once with head and MLP widths kept at multiples of 8 "
+                "(`width_multiple`), which suits vectorised CPU and GPU kernels:", ""]
+        rows = []
+        for d in deits:
+            block = d["layers"][0]
+            for p in d["speed"]:
+                rows.append([d["width_multiple"], f"{d['ratio']:.3f}", f"{block['heads']} x {block['head_dim']}, {block['hidden']}",
+                             p["batch"], _rate(p["dense"], p["dense_range"]), _rate(p["slimmed"], p["slimmed_range"]),
+                             f"{p['speedup']:.2f}", f"{p['speedup'] * d['ratio']:.2f}"])
+        out += [_table(["width multiple", "R", "heads x head width, MLP width (block 0)", "batch", "dense img/s",
+                        "slimmed img/s", "speedup", "efficiency"], rows), ""]
     out += [f"![measured speedup]({rel / 'speedup.png'})", ""]
     cost = results.get("search_cost")
     if cost:
@@ -177,16 +382,27 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
                 _table(["step", "seconds", "ratio"],
                        [["UVC search step (`Run.search_step`)", f"{cost['search_s']:.3f}", f"{cost['ratio']:.2f}"],
                         ["plain KD step of the dense model", f"{cost['plain_s']:.3f}", "1.00"]]), ""]
-    out += ["## How the baselines are built", "",
-            "- **uniform**: `uvc.budget.uniform_removal` keeps the same fraction of head dimensions and MLP neurons in "
+    out += ["## How the methods are built", "",
+            "- **UVC**: `uvc.compress` with the default search (pruning and skipping, soft KD), then the exact fit to "
+            "the budget, slimming and post-training. Its ablations flip one switch each: `skip=\"none\"`, `prune=False` "
+            "(skip-only: it meets the budget by skipping whole halves and blocks alone, so it may land below the window), "
+            "KD kind `none`.",
+            "- **control**: the same `uvc.compress` with `SearchConfig(frozen=True, skip=\"none\")`: the search starts "
+            "at the uniform plan and only the weights train, through the same masks and KD, for the search's epochs; "
+            "no gate is sampled and no ratio, gate or dual moves. Same fit, slimming and post-training as UVC.",
+            "- **uniform**: `uvc.budget.uniform_plan` keeps the same fraction of head dimensions and MLP neurons in "
             "every block (R <= B); the kept ones have the largest squared weight norms (output-projection columns, "
-            "fc2 columns: the importance UVC uses). Then `uvc.slim`.",
+            "fc2 columns: the importance UVC uses). Then `uvc.slim` and post-training.",
+            "- **compensated**: `uvc.oneshot.one_shot` with the uniform allocation and weight-norm importance (the "
+            "uniform baseline's allocation and ranking, fitted to [B - 0.01, B]), then closed-form least-squares compensation of the "
+            f"layers that read the pruned groups on {s['calibration_images']} unlabeled training images; then post-training.",
             "- **Torch-Pruning**: `MetaPruner` with global ranking (`GroupMagnitudeImportance(p=2)` or "
             "`GroupTaylorImportance` from label-loss gradients) over attention head dimensions (the same ones in "
             "every head of a block, `num_heads` passed for timm's fused qkv) and MLP channels; the patch embedding and "
-            "classifier are ignored, so the embedding width stays. Its channel ratio is bisected until B - 0.005 <= R <= B "
-            "by `uvc.macs`. Whole-head removal is off: with 3 heads per block its global ranking can empty a block "
-            "(a crash at high ratios). The pruned network is rebuilt from uvc's slim blocks with the teacher's softmax "
-            "scale, so every method runs the same attention code in the speed table.",
-            "- All of them, and UVC, are post-trained by `uvc.compress.post_train` / `uvc.compress` with identical settings.", ""]
+            "classifier are ignored, so the embedding width stays. Its channel ratio is scanned, then bisected until "
+            "B - 0.005 <= R <= B by `uvc.macs`. Whole-head removal is off: with 3 heads per block its global ranking can "
+            "empty a block. The pruned network is rebuilt from uvc's slim blocks with the teacher's softmax scale.",
+            "- Every post-training is `uvc.compress.post_train` / `uvc.compress` with identical settings; the baselines' "
+            "post-training is as long as UVC's search and post-training together.", ""]
+    md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(out))

@@ -3,7 +3,6 @@ reaching their budget, post-training, timings, and the summary's statistics and 
 import copy
 import dataclasses
 import json
-import statistics
 import sys
 from itertools import islice
 from pathlib import Path
@@ -110,26 +109,13 @@ def test_the_control_trains_the_uniform_plan_and_moves_no_ratio_gate_or_dual(tmp
     assert {"y", "z", "ratios"} <= moved["uvc"]  # the same three steps move UVC's search
 
 
-def test_teacher_is_evaluated_once_per_split_and_other_models_as_always(fmnist_available):
+def test_given_teacher_scores_are_reported_and_the_teacher_is_not_evaluated(tmp_path, fmnist_available, monkeypatch):
     if not fmnist_available:
         pytest.skip("Fashion-MNIST is missing")
-    from uvc.data import load_fashion_mnist
-
-    teacher, other = tiny_vit(), tiny_vit()
-    val, test = (TensorBatches(*load_fashion_mnist(split, limit=64), 32, train=False) for split in ("val", "test"))
-    calls = []
-    evaluate = bench.PIPELINE.evaluate
-    bench.PIPELINE.evaluate = lambda model, loader, *a, **k: calls.append(model) or evaluate(model, loader, *a, **k)
-    try:
-        with bench.teacher_evaluated_once(teacher):
-            first = [bench.PIPELINE.evaluate(teacher, loader, torch.device("cpu"), desc="t") for loader in (val, test)]
-            again = [bench.PIPELINE.evaluate(teacher, loader, torch.device("cpu"), desc="t") for loader in (val, test)]
-            bench.PIPELINE.evaluate(other, val, torch.device("cpu"))
-            bench.PIPELINE.evaluate(other, val, torch.device("cpu"))
-        assert first == again and calls == [teacher, teacher, other, other]
-    finally:
-        bench.PIPELINE.evaluate = evaluate
-    assert bench.PIPELINE.evaluate is evaluate
+    teacher = tiny_vit()
+    monkeypatch.setattr(Run, "score_teacher", lambda self: pytest.fail("the teacher was evaluated again"))
+    record = bench.run_method("uniform", 0.5, 0, teacher, TINY, tmp_path / "u", {"test": 12.5, "val": 25.0})
+    assert (record["top1_teacher"], record["top1_val_teacher"]) == (12.5, 25.0)
 
 
 # ---- baselines -------------------------------------------------------------------------------
@@ -194,8 +180,12 @@ def test_a_control_run_and_a_baseline_run_report_what_the_tables_need(tmp_path, 
     if not fmnist_available:
         pytest.skip("Fashion-MNIST is missing")
     teacher = tiny_vit()
-    with bench.teacher_evaluated_once(teacher):
-        records = [bench.run_method(m, 0.5, 1, teacher, TINY, tmp_path / m) for m in ("control", "uniform")]
+    scores = None
+    records = []
+    for method in ("control", "uniform"):
+        cfg = bench.compress_config(TINY, 0.5, tmp_path / method, method, 1)
+        scores = scores or Run(cfg, model=teacher, teacher=teacher).score_teacher()
+        records.append(bench.run_method(method, 0.5, 1, teacher, TINY, tmp_path / method, scores))
     for record in records:
         assert record["seed"] == 1 and sum(record["epochs"]) == TINY.search_epochs + TINY.post_epochs
         assert summary.in_window(record["ratio"], 0.5)

@@ -106,7 +106,9 @@ def cmd_compress(a) -> int:
     kd = KDConfig(kind="none" if a.no_kd else a.kd, alpha=a.kd_alpha, temperature=a.kd_temperature)
     cfg = CompressConfig(model=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, img_size=a.img_size,
                          teacher=a.teacher, budget=a.budget, out=a.out, data=_data_config(a), search=search, kd=kd,
-                         post=Schedule(a.post_epochs, a.post_lr, c.post.weight_decay, c.post.warmup_epochs),
+                         post=Schedule(a.post_epochs if a.post_epochs is not None else 0.0 if a.one_shot else c.post.epochs,
+                                       a.post_lr, c.post.weight_decay, c.post.warmup_epochs),
+                         one_shot=a.one_shot, calibration_images=a.calibration_images,
                          seed=a.seed, device=a.device, resume=a.resume, checkpoint_every=a.checkpoint_every,
                          deterministic=a.deterministic)
     try:
@@ -161,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--search-epochs", type=float, default=C.search.schedule.epochs)
     c.add_argument("--warmup-epochs", type=float, default=C.search.warmup_epochs,
                    help="search epochs before the counts and duals move")
-    c.add_argument("--post-epochs", type=float, default=C.post.epochs)
+    c.add_argument("--post-epochs", type=float, default=None,
+                   help=f"KD post-training of the slimmed model (default {C.post.epochs:g}; 0 with --one-shot)")
     c.add_argument("--lr", type=float, default=C.search.schedule.lr, help="weight learning rate during the search")
     c.add_argument("--post-lr", type=float, default=C.post.lr)
     c.add_argument("--kd", choices=("soft", "hard"), default=C.kd.kind)
@@ -171,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which skip gates to learn")
     c.add_argument("--width-multiple", type=int, default=C.search.width_multiple,
                    help="keep head and MLP widths at multiples of this (8 suits GPU kernels)")
+    c.add_argument("--one-shot", action="store_true",
+                   help="no search and no training: rank groups on calibration images, fit the budget, compensate "
+                        "the layers that read removed groups by least squares, slim (add --post-epochs N for KD)")
+    c.add_argument("--calibration-images", type=int, default=C.calibration_images,
+                   help="unlabeled training images for --one-shot")
     c.add_argument("--no-prune", action="store_true", help="ablation: skipping only")
     c.add_argument("--no-skip", action="store_true", help="ablation: pruning only")
     c.add_argument("--no-kd", action="store_true", help="ablation: labels only")

@@ -35,6 +35,7 @@ from .flops import macs, skeleton_of
 from .gates import make_compressible
 from .io import atomic_write_text, ensure_writable_dir
 from .models import load_model, save
+from .oneshot import one_shot
 from .plan import LayerPlan
 from .report import write_report
 from .search import Search, SearchConfig
@@ -62,6 +63,8 @@ class CompressConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     post: Schedule = field(default_factory=lambda: Schedule(epochs=2.0, lr=3e-4, weight_decay=0.05, warmup_epochs=0.1))
+    one_shot: bool = False  # no search: rank groups, fit the plan, compensate by least squares, slim; then `post`
+    calibration_images: int = 1000  # unlabeled training images for one-shot importance and compensation
     seed: int = 0
     device: str = "auto"
     resume: bool = False
@@ -83,6 +86,8 @@ class CompressConfig:
         self.search.validate()
         self.kd.validate()
         self.post.validate("post-training")
+        if self.calibration_images < 1:
+            raise UVCError(f"--calibration-images must be >= 1, got {self.calibration_images}")
         if self.img_size is not None and self.img_size < 1:
             raise UVCError(f"--img-size must be a positive number of pixels, got {self.img_size}")
 
@@ -119,9 +124,11 @@ def _set_rng_states(states: dict) -> None:
 class Run:
     """One compression run: its models, data, state and the phase loops."""
 
-    def __init__(self, cfg: CompressConfig, model: nn.Module | None = None, teacher: nn.Module | None = None):
+    def __init__(self, cfg: CompressConfig, model: nn.Module | None = None, teacher: nn.Module | None = None,
+                 teacher_scores: dict[str, float] | None = None):
         cfg.validate()
         self.cfg = cfg
+        self.teacher_scores = teacher_scores
         seed_everything(cfg.seed)  # the same seed on every rank: see distributed.py
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, later
@@ -305,6 +312,16 @@ class Run:
             log.info("all %d ranks hold the same search state and architecture", distributed.world_size())
         self.begin_post_training(slim(self.student, plan), plan)
 
+    def _one_shot(self) -> None:
+        """Importance from calibration images, the plan fitted to the budget, compensation, slimming: no gradient step."""
+        dense = copy.deepcopy(self.dense).to(self.device, self.dtype)
+        calibration = (x.to(self.device, self.dtype) for x, _ in self.data.train)
+        slimmed, plan, stats = one_shot(dense, self.cfg.budget, calibration, calibration_images=self.cfg.calibration_images,
+                                        input_size=self.input_size)
+        log.info("one-shot: %s importance, %s allocation, compensated on %d images", stats["importance"],
+                 stats["allocation"], self.cfg.calibration_images)
+        self.begin_post_training(slimmed, plan)
+
     def begin_post_training(self, slimmed: nn.Module, plan: list[LayerPlan]) -> None:
         """Switch to post-training `slimmed`: the search's result, or a model another method pruned (baselines)."""
         slimmed = slimmed.to(self.device, self.dtype)
@@ -316,14 +333,21 @@ class Run:
         self._start_post_training(slimmed)
         self.checkpoint()
 
+    def score_teacher(self) -> dict[str, float]:
+        """The teacher's top-1 on the test and validation splits (a benchmark running many seeds computes it once)."""
+        return {"test": evaluate(self.teacher, self.data.test, self.device, desc="test teacher"),
+                "val": evaluate(self.teacher, self.data.val, self.device, desc="val teacher")}
+
     def run(self) -> dict:
         if not (self.cfg.resume and self.resume()):
-            self.state.top1_teacher = evaluate(self.teacher, self.data.test, self.device, desc="test teacher")
-            self.state.top1_val_teacher = evaluate(self.teacher, self.data.val, self.device, desc="val teacher")
+            scores = self.teacher_scores or self.score_teacher()
+            self.state.top1_teacher, self.state.top1_val_teacher = scores["test"], scores["val"]
             log.info("teacher top-1 %.2f%% (validation %.2f%%), dense model %.2f M MACs", self.state.top1_teacher,
                      self.state.top1_val_teacher, self.dense_macs / 1e6)
         started = time.time()
-        if self.state.phase == "search":
+        if self.state.phase == "search" and self.cfg.one_shot:
+            self._one_shot()
+        elif self.state.phase == "search":
             self._set_distilled_training(self.student)
             self._loop(self.search_steps, self.search_step, "search")
             self._finish_search()
@@ -377,10 +401,11 @@ def _jsonable(value):
 
 
 def compress(cfg: CompressConfig | None = None, model: nn.Module | None = None, teacher: nn.Module | None = None,
-             **overrides) -> dict:
+             teacher_scores: dict[str, float] | None = None, **overrides) -> dict:
     """Compress a ViT to `cfg.budget` of its MACs; returns the report (also written to `cfg.out`).
 
     `overrides` set fields of `cfg` by name, e.g. `compress(budget=0.3, data="/data/imagenet")`.
+    `teacher_scores` ({"test": top-1, "val": top-1}) skips evaluating the teacher when it is known.
     """
     cfg = cfg or CompressConfig()
     for key, value in overrides.items():
@@ -388,17 +413,17 @@ def compress(cfg: CompressConfig | None = None, model: nn.Module | None = None, 
             raise TypeError(f"unknown compress option {key!r}")
         setattr(cfg, key, value)
     cfg.__post_init__()
-    return Run(cfg, model=model, teacher=teacher).run()
+    return Run(cfg, model=model, teacher=teacher, teacher_scores=teacher_scores).run()
 
 
 def post_train(cfg: CompressConfig, slimmed: nn.Module, plan: list[LayerPlan], model: nn.Module | None = None,
-               teacher: nn.Module | None = None) -> dict:
+               teacher: nn.Module | None = None, teacher_scores: dict[str, float] | None = None) -> dict:
     """Post-train a model slimmed by another method exactly as `compress` post-trains its own result.
 
     Same data order, KD, optimizer, schedule, evaluation and report as `compress(cfg, model, teacher)`
     after its search, so baselines compare at equal training. `plan` gives the report its per-block
     shapes; `top1_val_after_search` is then the validation accuracy right after pruning.
     """
-    run = Run(cfg, model=model, teacher=teacher)
+    run = Run(cfg, model=model, teacher=teacher, teacher_scores=teacher_scores)
     run.begin_post_training(slimmed, plan)
     return run.run()

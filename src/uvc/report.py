@@ -45,8 +45,9 @@ def write_report(report: dict, path: str | Path) -> None:
         ax2 = ax.twinx()
         ax2.plot([steps[i] for i in search], [history[i]["z"] for i in search], color="tab:red", alpha=0.6, label="z")
         ax2.set_ylabel("dual z", color="tab:red")
-    ax.set(title="search: resource ratio and budget dual", xlabel="logged step", ylabel="R")
-    ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set(title="search: resource ratio and budget dual" if search else "no search (one-shot)", xlabel="logged step",
+           ylabel="R")
 
     ax = axes[1, 1]
     evals = report.get("evals", [])

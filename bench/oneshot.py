@@ -1,0 +1,109 @@
+"""One-shot pruning of the bundled teacher, with and without compensation (issue 14); no gradient step.
+
+    python bench/oneshot.py                    # budgets 0.5 and 0.3, ~15 min on 2 CPU cores
+    python bench/oneshot.py --budgets 0.5 --test-limit 2000   # quicker
+
+For each budget, importance ("weight", "activation") and allocation ("uniform", "global"), the
+teacher is pruned by `uvc.oneshot` and measured right after slimming: without compensation, with
+the bias fold only, and with the ridge refit against each target ("block", "stream"). Calibration:
+the first 1,000 images of the seeded training order (no augmentation, labels unused). Every choice
+(importance, allocation, target, ridge) is made on the validation split; test is reported beside
+it. Note: the bundled teacher was trained on all 60,000 training images, so its validation figures
+are optimistic for the teacher; they rank the pruned variants, nothing else.
+Times: wall and process CPU seconds of importance + plan + slimming, and of the compensation
+(evaluation excluded); another process may share the CPU, so wall times can be inflated.
+Writes bench/results/oneshot.json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import uvc
+from uvc.compensate import DEFAULT_RIDGE, compensate
+from uvc.data import DataConfig, build_data
+from uvc.engine import evaluate
+from uvc.oneshot import ALLOCATIONS, IMPORTANCES, one_shot, take_images
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {"none": None, "bias": dict(mode="bias"), "refit-block": dict(target="block"), "refit-stream": dict(target="stream")}
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
+    parser.add_argument("--calibration", type=int, default=1000)
+    parser.add_argument("--test-limit", type=int, default=None)
+    parser.add_argument("--out", default=str(RESULTS / "oneshot.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("UVC_PROGRESS", "0")
+    torch.set_num_threads(2)
+    cpu = torch.device("cpu")
+
+    teacher = uvc.load_model()
+    data = build_data(DataConfig(augment=False, batch_size=100, eval_batch_size=1000, test_limit=args.test_limit))
+    calibration = take_images(data.train, args.calibration)
+
+    def measure(model) -> dict:
+        return {"val": evaluate(model, data.val, cpu), "test": evaluate(model, data.test, cpu)}
+
+    results = {"teacher": measure(teacher), "calibration_images": args.calibration, "ridge": DEFAULT_RIDGE,
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 2 threads",
+               "rows": [], "ridge_sweep": []}
+    print(f"teacher: val {results['teacher']['val']:.2f} %, test {results['teacher']['test']:.2f} %", flush=True)
+    header = f"{'B':>4} {'importance':>10} {'allocation':>10} {'compensation':>13} {'R':>7} {'val':>6} {'test':>6} {'plan s':>7} {'comp s':>7}"
+    print(header + "\n" + "-" * len(header), flush=True)
+    for budget in args.budgets:
+        for importance in IMPORTANCES:
+            for allocation in ALLOCATIONS:
+                (slimmed, plan, stats), plan_time = timed(lambda: one_shot(
+                    teacher, budget, calibration, importance=importance, allocation=allocation, compensate=False))
+                for name, kwargs in VARIANTS.items():
+                    model, comp_time = copy.deepcopy(slimmed), {"wall_s": 0.0, "cpu_s": 0.0}
+                    if kwargs is not None:
+                        _, comp_time = timed(lambda: compensate(teacher, model, plan, calibration, **kwargs))
+                    row = {"budget": budget, "importance": importance, "allocation": allocation, "compensation": name,
+                           "ratio": stats["ratio"], **measure(model), "plan_time": plan_time, "compensation_time": comp_time,
+                           "counts": [p.counts for p in plan]}
+                    results["rows"].append(row)
+                    print(f"{budget:>4} {importance:>10} {allocation:>10} {name:>13} {row['ratio']:>7.4f} {row['val']:>6.2f} "
+                          f"{row['test']:>6.2f} {plan_time['wall_s']:>7.1f} {comp_time['wall_s']:>7.1f}", flush=True)
+
+    # Choices, on validation only: the compensated configuration with the best mean over budgets, then its ridge.
+    compensated = [r for r in results["rows"] if r["compensation"].startswith("refit")]
+    keys = sorted({(r["importance"], r["allocation"], r["compensation"]) for r in compensated})
+    mean_val = {k: sum(r["val"] for r in compensated if (r["importance"], r["allocation"], r["compensation"]) == k)
+                / len(args.budgets) for k in keys}
+    best = max(keys, key=mean_val.get)
+    results["mean_val"] = {" / ".join(k): round(v, 3) for k, v in mean_val.items()}
+    results["chosen"] = dict(zip(("importance", "allocation", "compensation"), best))
+    print(f"\nbest on validation (mean over budgets): {best}, {mean_val[best]:.2f} %", flush=True)
+    for budget in args.budgets:
+        slimmed, plan, _ = one_shot(teacher, budget, calibration, importance=best[0], allocation=best[1], compensate=False)
+        for ridge in RIDGES:
+            model = copy.deepcopy(slimmed)
+            compensate(teacher, model, plan, calibration, ridge=ridge, target=best[2].split("-")[1])
+            val = evaluate(model, data.val, cpu)
+            results["ridge_sweep"].append({"budget": budget, "ridge": ridge, "val": val})
+            print(f"ridge sweep: B {budget} lambda {ridge:g}: val {val:.2f}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

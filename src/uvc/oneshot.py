@@ -1,0 +1,178 @@
+"""One-shot compression: rank groups, fit a plan to the budget, slim, compensate; no gradient step.
+
+For users who hold a pretrained ViT but few images: a few hundred unlabeled images rank the groups
+(optionally) and feed the closed-form compensation (`uvc.compensate`), which recovers most of what
+pruning takes away in seconds on a CPU.
+
+Importance of a group is how much it feeds the residual stream, through the layer that reads it:
+- "weight": |column of proj / fc2|^2, the group's weight norm (what UVC's search ranks by);
+- "activation": |column|^2 * E[feature^2] over calibration tokens (Wanda-style): a neuron that is
+  rarely active costs little even if its weights are large.
+A head's importance is the sum over its dimensions. Allocation of the budget between blocks:
+- "uniform": the same keep fraction of head dims and neurons in every block (`uniform_removal`);
+- "global": groups removed across all blocks by least importance per MAC saved, importance relative
+  to the layer's total (`fit_to_budget`, as UVC's final fit does).
+Either way `fit_to_budget` lands the plan in [budget - 0.01, budget].
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+from .budget import fit_to_budget, uniform_removal
+from .flops import macs, skeleton_of
+from .compensate import DEFAULT_RIDGE, _images, compensate as _compensate
+from .errors import UVCError
+from .plan import LayerPlan
+from .slim import slim
+from .adapters import adapter_for
+
+
+IMPORTANCES = ("weight", "activation")
+ALLOCATIONS = ("uniform", "global")
+TOLERANCE = 0.01
+
+
+def take_images(batches: Iterable, count: int) -> list[torch.Tensor]:
+    """The first `count` images of `batches` (images or (images, labels) pairs), kept so both the
+    importance pass and the compensation see the same images even when `batches` is a generator."""
+    taken, seen = [], 0
+    for batch in batches:
+        x = _images(batch)[: count - seen]
+        if not len(x):
+            break
+        taken.append(x)
+        seen += len(x)
+    if not taken:
+        raise UVCError("one-shot compression needs calibration images; the batches gave none")
+    return taken
+
+
+@torch.no_grad()
+def group_importance(model: nn.Module, kind: str = "weight", images: list[torch.Tensor] | None = None
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per block: ([heads, head_dim] importance of each head dimension, [hidden] of each neuron)."""
+    if kind not in IMPORTANCES:
+        raise UVCError(f"importance {kind!r} is not one of {IMPORTANCES}")
+    blocks = list(adapter_for(model).blocks(model))
+    scores = [(b.attn.proj.weight.double().pow(2).sum(0).view(b.attn.num_heads, b.attn.head_dim),
+               b.mlp.fc2.weight.double().pow(2).sum(0)) for b in blocks]
+    if kind == "weight":
+        return scores
+    if not images:
+        raise UVCError('importance="activation" needs calibration images')
+    sums = [[0.0, 0.0] for _ in blocks]
+    count = [0]
+
+    def hook(l, k):
+        def record(module, args):
+            f = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[l][k] = sums[l][k] + f.pow(2).sum(0)
+            if l == 0 and k == 0:
+                count[0] += len(f)
+        return record
+
+    handles = [lin.register_forward_pre_hook(hook(l, k))
+               for l, b in enumerate(blocks) for k, lin in enumerate((b.attn.proj, b.mlp.fc2))]
+    was_training, p = model.training, next(model.parameters())
+    model.eval()
+    try:
+        for x in images:
+            model(x.to(p.device, p.dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return [(dims * (sums[l][0] / count[0]).view_as(dims), neurons * sums[l][1] / count[0])
+            for l, (dims, neurons) in enumerate(scores)]
+
+
+def _costs(scores) -> list[list[torch.Tensor]]:
+    """`fit_to_budget`'s costs: per block and kind (heads, one dim in every head, neurons), the
+    importance of the n-th group removed, ascending, relative to the layer's total of that kind."""
+    costs = []
+    for dims, neurons in scores:
+        heads = dims.sum(1)
+        costs.append([(heads.sort().values / heads.sum().clamp(min=1e-300)).float(),
+                      (dims.sort(1).values.sum(0) / dims.sum().clamp(min=1e-300)).float(),
+                      (neurons.sort().values / neurons.sum().clamp(min=1e-300)).float()])
+    return costs
+
+
+def _global_start(skel, costs, budget: float) -> torch.Tensor:
+    """A removal close to the greedy's: every group whose relative importance per MAC is below one
+    threshold goes, the threshold bisected to the budget. `fit_to_budget` from all-kept would find
+    the same order one group at a time, which takes minutes on 12 blocks; from here it takes steps."""
+    sizes, ones = skel.sizes(), torch.ones(skel.depth)
+    per_width = [4 * skel.tokens * d + 2 * skel.tokens ** 2 for d in skel.dim]  # qkv + proj + scores + A v
+    per_group = torch.tensor([[skel.head_dim[l] * per_width[l], skel.heads[l] * per_width[l], 2 * skel.tokens * skel.dim[l]]
+                              for l in range(skel.depth)], dtype=torch.float64)
+
+    def removed_at(t: float) -> torch.Tensor:
+        r = torch.zeros_like(sizes)
+        for l in range(skel.depth):
+            for k in range(3):
+                n = int((costs[l][k].double() / per_group[l, k] <= t).sum())
+                r[l, k] = min(n, int(sizes[l, k]) - 1)
+        return r
+
+    thresholds = sorted({float(c) / float(per_group[l, k]) for l in range(skel.depth) for k in range(3) for c in costs[l][k]})
+    lo, hi = 0, len(thresholds) - 1  # smallest threshold with R <= budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if float(skel.ratio(removed_at(thresholds[mid]), ones, ones)) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return removed_at(thresholds[lo])
+
+
+def plan_from_scores(scores, removed: torch.Tensor) -> list[LayerPlan]:
+    """Per block, drop the `removed[l] = (heads, dims per head, neurons)` least important groups;
+    every kept head keeps its own most important dims, the same count in each (slimming needs one width)."""
+    plan = []
+    for (dims, neurons), (nh, nd, nm) in zip(scores, removed.long().tolist()):
+        heads, head_dim = dims.shape
+        kept_heads = sorted(dims.sum(1).topk(heads - nh).indices.tolist())
+        plan.append(LayerPlan(heads=kept_heads, dims=[sorted(dims[h].topk(head_dim - nd).indices.tolist()) for h in kept_heads],
+                              neurons=sorted(neurons.topk(len(neurons) - nm).indices.tolist())))
+    return plan
+
+
+def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "uniform", input_size=None) -> list[LayerPlan]:
+    """The plan for `budget` from per-group importance `scores` (see `group_importance`)."""
+    if allocation not in ALLOCATIONS:
+        raise UVCError(f"allocation {allocation!r} is not one of {ALLOCATIONS}")
+    if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise UVCError(f"budget {budget} is outside (0, 1]; it is the fraction of the dense model's MACs to keep, e.g. 0.5")
+    skel = skeleton_of(model, input_size)
+    costs = _costs(scores)
+    start = uniform_removal(skel, budget) if allocation == "uniform" else _global_start(skel, costs, budget)
+    ones = torch.ones(skel.depth)
+    return plan_from_scores(scores, fit_to_budget(skel, start, ones, ones, costs, budget, TOLERANCE))
+
+
+@torch.no_grad()
+def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str = "activation",
+             allocation: str = "uniform", compensate: bool = True, calibration_images: int = 1000,
+             ridge: float = DEFAULT_RIDGE, input_size=None) -> tuple[nn.Module, list[LayerPlan], dict]:
+    """Compress `model` to `budget` (fraction of its MACs) without training: (slimmed, plan, stats).
+
+    `batches` gives calibration images (labels, if any, are ignored); the first
+    `calibration_images` are used for activation importance and for compensation. The input
+    model is not changed. Raises UVCError if the slimmed model misses [budget - 0.01, budget].
+    """
+    images = take_images(batches, calibration_images)
+    scores = group_importance(model, importance, images)
+    plan = one_shot_plan(model, budget, scores, allocation, input_size)
+    slimmed = slim(model, plan)
+    ratio = macs(slimmed, input_size) / macs(model, input_size)
+    if not budget - TOLERANCE <= ratio <= budget:
+        raise UVCError(f"one-shot plan reached R = {ratio:.4f}, outside [{budget - TOLERANCE:.3f}, {budget}]")
+    stats = {"importance": importance, "allocation": allocation, "ratio": ratio}
+    if compensate:
+        stats["compensation"] = _compensate(model, slimmed, plan, images, ridge=ridge, max_images=calibration_images)
+    return slimmed, plan, stats
