@@ -11,7 +11,8 @@ the first 1,000 images of the seeded training order (no augmentation, labels unu
 it. Note: the bundled teacher was trained on all 60,000 training images, so its validation figures
 are optimistic for the teacher; they rank the pruned variants, nothing else.
 Times: wall and process CPU seconds of importance + plan + slimming, and of the compensation
-(evaluation excluded); another process may share the CPU, so wall times can be inflated.
+(evaluation excluded). Another process may share the CPU: then run with --threads 1, since two
+torch threads on one free core spin against each other (measured 83 s instead of 8 s).
 Writes bench/results/oneshot.json.
 """
 from __future__ import annotations
@@ -37,6 +38,10 @@ VARIANTS = {"none": None, "bias": dict(mode="bias"), "refit-block": dict(target=
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
+def counts(layer) -> dict:
+    return {"heads": len(layer.heads), "head_dim": len(layer.dims[0]) if layer.dims else 0, "neurons": len(layer.neurons)}
+
+
 def timed(fn):
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
@@ -48,10 +53,12 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--calibration", type=int, default=1000)
     parser.add_argument("--test-limit", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads; use 1 while another process holds a core (2 threads on 1 free core run ~10x slower)")
     parser.add_argument("--out", default=str(RESULTS / "oneshot.json"))
     args = parser.parse_args()
     os.environ.setdefault("UVC_PROGRESS", "0")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
 
     teacher = uvc.load_model()
@@ -62,7 +69,7 @@ def main() -> None:
         return {"val": evaluate(model, data.val, cpu), "test": evaluate(model, data.test, cpu)}
 
     results = {"teacher": measure(teacher), "calibration_images": args.calibration, "ridge": DEFAULT_RIDGE,
-               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 2 threads",
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads",
                "rows": [], "ridge_sweep": []}
     print(f"teacher: val {results['teacher']['val']:.2f} %, test {results['teacher']['test']:.2f} %", flush=True)
     header = f"{'B':>4} {'importance':>10} {'allocation':>10} {'compensation':>13} {'R':>7} {'val':>6} {'test':>6} {'plan s':>7} {'comp s':>7}"
@@ -78,7 +85,7 @@ def main() -> None:
                         _, comp_time = timed(lambda: compensate(teacher, model, plan, calibration, **kwargs))
                     row = {"budget": budget, "importance": importance, "allocation": allocation, "compensation": name,
                            "ratio": stats["ratio"], **measure(model), "plan_time": plan_time, "compensation_time": comp_time,
-                           "counts": [p.counts for p in plan]}
+                           "counts": [counts(p) for p in plan]}
                     results["rows"].append(row)
                     print(f"{budget:>4} {importance:>10} {allocation:>10} {name:>13} {row['ratio']:>7.4f} {row['val']:>6.2f} "
                           f"{row['test']:>6.2f} {plan_time['wall_s']:>7.1f} {comp_time['wall_s']:>7.1f}", flush=True)

@@ -39,6 +39,7 @@ from uvc.data import DataConfig, build_data
 from uvc.distill import KDConfig
 from uvc.engine import Schedule
 from uvc.errors import UVCError
+from uvc.oneshot import one_shot
 from uvc.search import SearchConfig
 
 from baselines import plan_of_slimmed, taylor_gradients, torch_pruning_to_budget
@@ -47,7 +48,8 @@ from summary import ABLATIONS, LABELS, MAIN_METHODS, RESULTS_FORMAT, SEARCHED, w
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")
-COMPENSATED_IMPORTANCE = "weight"  # the uniform baseline's ranking: "compensated" differs from "uniform" by the compensation
+# The uniform baseline's ranking and allocation: "compensated" differs from "uniform" by the compensation alone.
+COMPENSATED_IMPORTANCE = "weight"
 
 
 @dataclass(frozen=True)
@@ -120,11 +122,9 @@ def prune_baseline(method: str, teacher, budget: float, cfg: CompressConfig, s: 
         plan = uniform_plan(teacher, budget)
         return uvc.slim(teacher, plan), plan
     if method == "compensated":
-        from uvc.oneshot import one_shot
-
         batches = build_data(cfg.data, seed=cfg.seed).train
         slimmed, plan, _ = one_shot(model=teacher, budget=budget, batches=batches, importance=COMPENSATED_IMPORTANCE,
-                                    compensate=True, calibration_images=s.calibration_images)
+                                    allocation="uniform", compensate=True, calibration_images=s.calibration_images)
         return slimmed, plan
     criterion = method.removeprefix("tp_")
     source = teacher

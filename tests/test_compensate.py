@@ -8,6 +8,7 @@ from timm.models.vision_transformer import VisionTransformer
 import uvc
 from uvc.compensate import HALVES, _branch, _scaled, block_inputs, compensate
 from uvc.adapters import adapter_for
+from uvc.budget import uniform_plan
 from uvc.oneshot import one_shot
 
 
@@ -139,3 +140,14 @@ def test_one_shot_meets_the_budget_and_is_deterministic():
             assert [p.to_dict() for p in plan] == [p.to_dict() for p in plan2]
             for (name, p), q in zip(slimmed.state_dict().items(), again.state_dict().values()):
                 assert torch.equal(p, q), name
+
+
+def test_t2t_vit_is_compensated_through_its_adapter():
+    torch.manual_seed(0)
+    dense = uvc.load_model("t2t_vit_7", img_size=32, num_classes=10)
+    plan = uniform_plan(dense, 0.5)
+    before, after = uvc.slim(dense, plan), uvc.slim(dense, plan)
+    stats = compensate(dense, after, plan, [torch.randn(16, 3, 32, 32)])
+    assert len(stats["layers"]) == 2 * len(dense.blocks)
+    held_out = [torch.randn(8, 3, 32, 32)]
+    assert logits_error(after, dense, held_out) < logits_error(before, dense, held_out)

@@ -174,3 +174,16 @@ def test_killed_run_resumes_to_the_same_model(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((p / "report.json").read_text()) for p in (tmp_path / "straight", out))
     assert ra["layers"] == rb["layers"] and ra["top1"] == rb["top1"]
+
+
+def test_one_shot_compression_meets_the_budget_without_training(tmp_path):
+    """--one-shot: no search and, by default, no post-training; the slimmed, compensated model is saved."""
+    model_dir = tmp_path / "tiny"
+    uvc.save(tiny_vit(), model_dir)
+    result = run_cli("compress", "--model", str(model_dir), "--one-shot", "--calibration-images", "128",
+                     "--out", str(tmp_path / "out"), *CLI_TINY[:8])
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert 0.49 <= report["ratio"] <= 0.5 and uvc.macs(uvc.load(tmp_path / "out")) == report["macs"]
+    assert report["history"] == [] and report["config"]["one_shot"] and report["config"]["post"]["epochs"] == 0
+    assert report["top1_val"] == report["top1_val_after_search"]  # nothing trained after slimming

@@ -315,7 +315,7 @@ class Run:
     def _one_shot(self) -> None:
         """Importance from calibration images, the plan fitted to the budget, compensation, slimming: no gradient step."""
         dense = copy.deepcopy(self.dense).to(self.device, self.dtype)
-        calibration = (x.to(self.device, self.dtype) for x, _ in self.data.train)
+        calibration = (x.to(self.device, self.dtype) for x, _ in self.data.calibration)
         slimmed, plan, stats = one_shot(dense, self.cfg.budget, calibration, calibration_images=self.cfg.calibration_images,
                                         input_size=self.input_size)
         log.info("one-shot: %s importance, %s allocation, compensated on %d images", stats["importance"],

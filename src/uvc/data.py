@@ -215,6 +215,7 @@ class Dataset:
     train: object
     val: object  # monitoring and every choice during a run
     test: object  # read once, at the end (ImageFolder data: the same val/ folder the user gave)
+    calibration: object  # the training images in a fixed order, without augmentation (one-shot pruning)
     num_classes: int
     input_size: tuple[int, int, int]
     name: str
@@ -249,7 +250,8 @@ def build_data(cfg: DataConfig, seed: int = 0, input_size: tuple[int, int, int] 
         for split, limit in (("val", cfg.val_limit), ("test", cfg.test_limit)):
             x, y = load_fashion_mnist(split, cfg.root, limit)
             evals[split] = TensorBatches(x[rank::world], y[rank::world], cfg.eval_batch_size, train=False)
-        data = Dataset(train, evals["val"], evals["test"], 10, (1, 28, 28), "fashion-mnist")
+        calibration = TensorBatches(tx, ty, cfg.eval_batch_size, train=False)
+        data = Dataset(train, evals["val"], evals["test"], calibration, 10, (1, 28, 28), "fashion-mnist")
     else:
         recipe = cfg.recipe(image_folder=True)
         data = build_image_folder(cfg, recipe, seed, cfg.input_size or (input_size[-1] if input_size else 224))
@@ -363,7 +365,12 @@ def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, size: int) -> D
     train = EpochLoader(train_set, per_process_batch(cfg.batch_size, world), cfg.workers, seed, rank, world)
     val = splits["val"]
     val.transform = create_transform(data_cfg["input_size"], is_training=False, **transform)
+    plain_train = create_dataset("", root=str(root), split="train", is_training=False)
+    plain_train.transform = val.transform
+    # A fixed shuffle: the folder lists images class by class, and calibration takes the first ones.
+    calibration = torch.utils.data.DataLoader(plain_train, batch_size=cfg.eval_batch_size, shuffle=True,
+                                              generator=torch.Generator().manual_seed(0), num_workers=cfg.workers)
     test = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(rank, len(val), world)),
                                        batch_size=-(-cfg.eval_batch_size // world), num_workers=cfg.workers,
                                        generator=torch.Generator())  # evaluating leaves the global RNG alone
-    return Dataset(train, test, test, classes, tuple(data_cfg["input_size"]), str(root))
+    return Dataset(train, test, test, calibration, classes, tuple(data_cfg["input_size"]), str(root))

@@ -157,7 +157,7 @@ def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "un
 
 @torch.no_grad()
 def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str = "activation",
-             allocation: str = "uniform", compensate: bool = True, calibration_images: int = 1000,
+             allocation: str = "global", compensate: bool = True, calibration_images: int = 1000,
              ridge: float = DEFAULT_RIDGE, input_size=None) -> tuple[nn.Module, list[LayerPlan], dict]:
     """Compress `model` to `budget` (fraction of its MACs) without training: (slimmed, plan, stats).
 
