@@ -307,7 +307,6 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
     plot_speedup(results, plot_dir / "speedup.png")
     rel = Path(plot_dir).resolve().relative_to(Path(md_path).parent.resolve())
     s = results["settings"]
-    acc = rows_by_key(results)
     first = results["accuracy"][0]
     out = ["# Benchmarks", ""]
     if results["mode"] == "quick":

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -37,6 +41,31 @@ def fvcore_macs(model: torch.nn.Module, input_size, exclude_norms: bool = True) 
     finally:
         for m, fused in was_fused.items():
             m.fused_attn = fused
+
+
+def kill_after_first_checkpoint(command: list[str], out: Path, env: dict, sig=signal.SIGKILL,
+                                timeout: float = 120) -> None:
+    """Start `command`, wait until it has written out/checkpoint.pt and run on a little, then send `sig`.
+
+    Asserts that the kill landed mid-run: the checkpoint is there and the final model is not.
+    """
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoint.pt"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # past the first checkpoint, so the kill lands mid-run
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert ckpt.exists() and not (out / "model.safetensors").exists(), "the run ended before it could be killed"
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Two saved models hold bit-identical tensors under the same names."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.fixture(scope="session")

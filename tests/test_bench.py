@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 import uvc
 import uvc.budget
 from uvc.compress import CompressConfig, Run, post_train
-from uvc.data import DataConfig, TensorBatches
+from uvc.data import DataConfig
 from uvc.engine import Schedule
 from uvc.search import SearchConfig
 

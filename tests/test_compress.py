@@ -1,14 +1,11 @@
 """The UVC search end to end on a tiny ViT and real Fashion-MNIST images: budgets, stability, resume, errors."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 import uvc
@@ -17,7 +14,7 @@ from uvc.data import DataConfig
 from uvc.engine import Schedule
 from uvc.search import SearchConfig
 
-from conftest import fvcore_macs
+from conftest import fvcore_macs, kill_after_first_checkpoint, same_weights
 
 pytestmark = pytest.mark.usefixtures("require_fmnist")
 
@@ -157,21 +154,11 @@ def test_killed_run_resumes_to_the_same_model(tmp_path):
 
     out = tmp_path / "killed"
     env = dict(os.environ, UVC_PROGRESS="0", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "uvc", *common, "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ckpt = out / "checkpoint.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline and not ckpt.exists():
-        time.sleep(0.05)
-    time.sleep(0.5)  # let it run past the first checkpoint, so the kill lands mid-run
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists() and not (out / "model.safetensors").exists(), "the run ended before it could be killed"
+    kill_after_first_checkpoint([sys.executable, "-m", "uvc", *common, "--out", str(out)], out, env)
     resumed = run_cli(*common, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
-    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(tmp_path / "straight", out)
     ra, rb = (json.loads((p / "report.json").read_text()) for p in (tmp_path / "straight", out))
     assert ra["layers"] == rb["layers"] and ra["top1"] == rb["top1"]
 

@@ -6,14 +6,11 @@ the CPU, so `make test` passes on GPU machines and CPU machines alike.
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import uvc
 from uvc.compress import CompressConfig, compress
@@ -21,7 +18,7 @@ from uvc.data import DataConfig
 from uvc.engine import Schedule, compare_throughput
 from uvc.search import SearchConfig
 
-from conftest import random_plan, small_vit
+from conftest import kill_after_first_checkpoint, random_plan, same_weights, small_vit
 from test_compress import tiny_vit
 from test_device_dtype import search_tensors, stepped_search
 
@@ -74,20 +71,10 @@ def test_killed_cuda_run_resumes_bit_exactly(tmp_path):
     straight = run_cli(*common, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "uvc", *common, "--out", str(out)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / "checkpoint.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and not ckpt.exists():
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists() and not (out / "model.safetensors").exists(), "the run ended before it could be killed"
+    kill_after_first_checkpoint([sys.executable, "-m", "uvc", *common, "--out", str(out)], out, ENV, timeout=300)
     resumed = run_cli(*common, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(tmp_path / "straight", out)
 
 
 def test_throughput_on_cuda_times_both_models_alternately():

@@ -5,12 +5,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 import uvc
@@ -18,6 +16,7 @@ from uvc import distributed
 from uvc.data import DataConfig, TensorBatches, build_data
 from uvc.distill import KDConfig, distillation_loss
 
+from conftest import kill_after_first_checkpoint, same_weights
 from test_compress import CLI_TINY, run_cli, tiny_vit
 
 ENV = dict(os.environ, UVC_PROGRESS="0", OMP_NUM_THREADS="1")
@@ -145,22 +144,13 @@ def test_two_processes_match_one_process(tiny_model, two_process_run, tmp_path):
 
 def test_killed_two_process_run_resumes_to_the_same_model(tiny_model, two_process_run, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(torchrun_args(*compress_args(tiny_model, out)), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / "checkpoint.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline and not ckpt.exists():
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers, as a cluster's preemption would
-    proc.wait(timeout=60)
-    assert ckpt.exists() and not (out / "model.safetensors").exists(), "the run ended before it could be killed"
+    # SIGTERM: torchrun passes it on to both workers, as a cluster's preemption would.
+    kill_after_first_checkpoint(torchrun_args(*compress_args(tiny_model, out)), out, ENV, sig=signal.SIGTERM)
     resumed = run_torchrun(*compress_args(tiny_model, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
     straight, _ = two_process_run
-    a, b = load_file(str(straight / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(straight, out)
 
 
 def write_image_folder(root, classes=("dark", "light"), per_class=8, size=32):
@@ -223,5 +213,4 @@ def test_image_folder_run_killed_mid_epoch_resumes_to_the_same_model(tmp_path, m
         compress(config(tmp_path / "killed"), model=model)
     monkeypatch.setattr(Run, "checkpoint", original)
     compress(config(tmp_path / "killed", resume=True), model=model)
-    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "killed"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(tmp_path / "straight", tmp_path / "killed")

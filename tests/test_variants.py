@@ -12,7 +12,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 from timm.layers import Attention, SwiGLU, resample_abs_pos_embed
-from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock, ResPostBlock
+from timm.models.vision_transformer import ParallelThingsBlock, ResPostBlock
 
 import uvc
 
