@@ -9,6 +9,7 @@ with a single seed there is no spread, so nothing is decided ("not measured"). A
 from __future__ import annotations
 
 import statistics
+import json
 from pathlib import Path
 
 RESULTS_FORMAT = 2  # results.json written by this bench (seeds, validation figures); older files are refused
@@ -403,5 +404,38 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "empty a block. The pruned network is rebuilt from uvc's slim blocks with the teacher's softmax scale.",
             "- Every post-training is `uvc.compress.post_train` / `uvc.compress` with identical settings; the baselines' "
             "post-training is as long as UVC's search and post-training together.", ""]
+    out += data_efficiency(plot_dir)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(out))
+
+
+def data_efficiency(folder: Path) -> list[str]:
+    """Sections from bench/oneshot.py and bench/few_images.py, where their results exist."""
+    out = []
+    oneshot, few = folder / "oneshot.json", folder / "few_images.json"
+    if oneshot.is_file():
+        r = json.loads(oneshot.read_text())
+        rows = [[f"{x['budget']}", x["importance"], x["allocation"], x["compensation"], f"{x['ratio']:.4f}",
+                 f"{x['val']:.2f}", f"{x['test']:.2f}",
+                 f"{x['plan_time']['wall_s'] + x['compensation_time']['wall_s']:.1f}"] for x in r["rows"]]
+        out += ["## 4. One-shot pruning, no gradient step (issue 14)", "",
+                f"Command: `{r.get('command', 'python bench/oneshot.py')}`. The bundled teacher ({r['teacher']['test']:.2f} % "
+                f"test, {r['teacher']['val']:.2f} % validation) pruned to each budget without training; compensation "
+                f"(`uvc.compensate`) on {r['calibration_images']} unlabeled training images, ridge {r['ridge']}; "
+                "every choice made on validation (the defaults of `uvc compress --one-shot`: "
+                f"{r.get('chosen', '')}). Seconds: ranking, planning, slimming and compensation, evaluation excluded.", "",
+                _table(["B", "importance", "allocation", "compensation", "R", "val top-1", "test top-1", "seconds"], rows),
+                ""]
+    if few.is_file():
+        r = json.loads(few.read_text())
+        rows = [[f"{x['images']}", LABELS[x["method"]], f"{x['ratio']:.4f}", f"{x['top1_val_before_post']:.2f}",
+                 f"{x['top1_val']:.2f}", f"{x['top1']:.2f}", f"{x['top1'] - x['top1_teacher']:+.2f}",
+                 f"{x['seconds']:.0f}"] for x in r["runs"]]
+        out += ["## 5. Few training images (issue 14)", "",
+                f"Command: `{r['command']}`, {r['date']}, {r['machine']['threads']} thread(s), load average "
+                f"{r['load_average_start'][0]:.1f} -> {r['load_average_end'][0]:.1f}. B = {r['budget']}, one seed; "
+                "2 epochs of training for every method (UVC 1 search + 1 post-training, the others 2 of post-training) "
+                "over only the first N training images; validation and test as above.", "",
+                _table(["images", "method", "R", "val before post", "val top-1", "test top-1", "vs teacher (test)",
+                        "seconds"], rows), ""]
+    return out

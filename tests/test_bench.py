@@ -333,3 +333,19 @@ def test_an_older_results_file_is_refused(tmp_path):
     del old["format"]
     with pytest.raises(SystemExit, match="older bench"):
         summary.write_summary(old, tmp_path / "B.md", tmp_path / "results")
+
+
+def test_data_efficiency_sections_come_from_their_result_files(tmp_path):
+    assert summary.data_efficiency(tmp_path) == []  # nothing measured, nothing claimed
+    row = {"budget": 0.5, "importance": "activation", "allocation": "global", "compensation": "refit-stream",
+           "ratio": 0.4999, "val": 91.28, "test": 89.83, "plan_time": {"wall_s": 1.4}, "compensation_time": {"wall_s": 5.0}}
+    (tmp_path / "oneshot.json").write_text(json.dumps({"teacher": {"val": 91.58, "test": 90.21}, "calibration_images": 1000,
+                                                        "ridge": 1e-3, "rows": [row], "chosen": {}}))
+    run = {"images": 3000, "method": "compensated", "ratio": 0.5, "top1_val_before_post": 91.0, "top1_val": 91.2,
+           "top1": 89.9, "top1_teacher": 90.21, "seconds": 60}
+    (tmp_path / "few_images.json").write_text(json.dumps({"command": "python bench/few_images.py", "date": "today",
+                                                           "machine": {"threads": 1}, "load_average_start": [1, 1, 1],
+                                                           "load_average_end": [1, 1, 1], "budget": 0.5, "runs": [run]}))
+    text = "\n".join(summary.data_efficiency(tmp_path))
+    assert "| 0.5 | activation | global | refit-stream | 0.4999 | 91.28 | 89.83 | 6.4 |" in text
+    assert "| 3000 | " in text and "| 89.90 | -0.31 |" in text

@@ -1,0 +1,65 @@
+"""Compression with few training images (issue 14): 1,000 and 3,000 of Fashion-MNIST's, the rest unused.
+
+    python bench/few_images.py --threads 1      # B = 0.5, one seed; about 10 minutes on one core
+
+At equal training (2 epochs over the few images: UVC 1 search + 1 post-training, the baselines 2 of
+post-training), the bundled teacher is compressed by UVC, by the uniform plan + KD, and by one-shot
+pruning with least-squares compensation + KD; the calibration images of the compensation are
+among the same few images. Validation and test as in the benchmark protocol (bench/run.py).
+Writes bench/results/few_images.json; `python bench/run.py --report-only` puts it in BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+
+import torch
+
+from run import FULL, RESULTS, ROOT, compress_config, load_teacher, machine, run_method
+from uvc.compress import Run
+
+METHODS = ("uvc", "uniform", "compensated")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, nargs="+", default=[1000, 3000])
+    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    teacher = load_teacher(None)
+    started = time.perf_counter()
+    results = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "budget": args.budget,
+               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "machine": machine(args.threads), "load_average_start": os.getloadavg(), "runs": []}
+    scores = None
+    for images in args.images:
+        # Batches of 64 so that a thousand images still give 15 steps an epoch.
+        s = dataclasses.replace(FULL, budgets=(args.budget,), seeds=1, train_limit=images, batch_size=64,
+                                calibration_images=min(images, FULL.calibration_images))
+        for method in METHODS:
+            out = ROOT / "runs" / "bench" / "few_images" / f"{method}-n{images}"
+            if scores is None:
+                scores = Run(compress_config(s, args.budget, out, method), model=teacher, teacher=teacher).score_teacher()
+            record = run_method(method, args.budget, 0, teacher, s, out, scores)
+            results["runs"].append({"images": images, **record})
+            logging.info("%d images, %s: test %.2f%%, validation %.2f%% at R = %.4f", images, method, record["top1"],
+                         record["top1_val"], record["ratio"])
+    results["seconds"] = time.perf_counter() - started
+    results["load_average_end"] = os.getloadavg()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "few_images.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
