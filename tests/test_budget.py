@@ -7,6 +7,7 @@ import uvc
 from uvc.adapters import adapter_for
 from uvc.budget import fit_to_budget, plan_of_counts, removal_costs, uniform_plan, uniform_removal
 from uvc.flops import skeleton_of
+from uvc.importance import group_norms
 
 
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
@@ -17,8 +18,9 @@ def test_fit_lands_in_the_window_with_widths_at_the_multiple(budget, multiple):
     skel, blocks = skeleton_of(model), list(adapter_for(model).blocks(model))
     ones = torch.ones(skel.depth)
     start = uniform_removal(skel, budget, multiple)
-    removed = fit_to_budget(skel, start, ones, ones, removal_costs(blocks), budget, multiple=multiple)
-    plan = plan_of_counts(blocks, removed)
+    norms = [group_norms(b) for b in blocks]
+    removed = fit_to_budget(skel, start, ones, ones, removal_costs(norms), budget, multiple=multiple)
+    plan = plan_of_counts(norms, removed)
     slimmed = uvc.slim(model, plan)
     ratio = uvc.macs(slimmed) / uvc.macs(model)
     assert budget - 0.01 <= ratio <= budget
@@ -40,4 +42,4 @@ def test_a_budget_below_what_the_skips_allow_is_named():
     skel, blocks = skeleton_of(model), list(adapter_for(model).blocks(model))
     ones = torch.ones(skel.depth)
     with pytest.raises(uvc.UVCError, match="cannot reach budget"):
-        fit_to_budget(skel, torch.zeros(skel.depth, 3), ones, ones, removal_costs(blocks), 0.001)
+        fit_to_budget(skel, torch.zeros(skel.depth, 3), ones, ones, removal_costs([group_norms(b) for b in blocks]), 0.001)

@@ -16,7 +16,7 @@ from torch import nn
 from .adapters import adapter_for
 from .errors import UVCError
 from .flops import skeleton_of
-from .importance import group_norms, keep_masks
+from .importance import GroupNorms, group_norms, keep_masks
 from .plan import LayerPlan
 from .resource import Skeleton
 
@@ -67,31 +67,31 @@ def uniform_removal(skel: Skeleton, budget: float, multiple: int = 1) -> torch.T
     return removed_at(lo)
 
 
-def plan_of_counts(blocks, removed: torch.Tensor, attn: torch.Tensor | None = None,
+def plan_of_counts(norms: list[GroupNorms], removed: torch.Tensor, attn: torch.Tensor | None = None,
                    mlp: torch.Tensor | None = None) -> list[LayerPlan]:
-    """The plan removing `removed[l] = (heads, dims per head, neurons)` least important groups of each block."""
+    """The plan removing `removed[l] = (heads, dims per head, neurons)` least important groups of each block,
+    by the blocks' group importance `norms` (`importance.group_norms` or a data-aware variant)."""
     plan = []
-    for l, block in enumerate(blocks):
-        masks = keep_masks(group_norms(block), *[int(n) for n in removed[l]])
+    for l, block_norms in enumerate(norms):
+        masks = keep_masks(block_norms, *[int(n) for n in removed[l]])
         plan.append(LayerPlan.from_masks(*masks, attn=attn is None or bool(attn[l]), mlp=mlp is None or bool(mlp[l])))
     return plan
 
 
 def uniform_plan(model: nn.Module, budget: float, input_size=None, multiple: int = 1) -> list[LayerPlan]:
     """One keep ratio for every block, R <= budget; within a block the most important groups stay."""
-    blocks = adapter_for(model).blocks(model)
-    return plan_of_counts(blocks, uniform_removal(skeleton_of(model, input_size), budget, multiple))
+    norms = [group_norms(b) for b in adapter_for(model).blocks(model)]
+    return plan_of_counts(norms, uniform_removal(skeleton_of(model, input_size), budget, multiple))
 
 
-def removal_costs(blocks) -> list[list[torch.Tensor]]:
+def removal_costs(norms: list[GroupNorms]) -> list[list[torch.Tensor]]:
     """`costs[l][k]`: importance of each group of kind k (heads, dims, neurons) of block l, ascending,
     relative to the layer's total for that kind, so costs compare across layers and kinds."""
     costs = []
-    for block in blocks:
-        norms = group_norms(block)
+    for block_norms in norms:
         # Each head drops its own least important dimensions: the cost of the j-th removal is the
         # sum over heads of each head's j-th smallest dimension.
-        kinds = (norms.heads, norms.dims.sort(dim=1).values.sum(0), norms.neurons)
+        kinds = (block_norms.heads, block_norms.dims.sort(dim=1).values.sum(0), block_norms.neurons)
         costs.append([(k / k.sum().clamp(min=1e-12)).sort().values.float().cpu() for k in kinds])
     return costs
 

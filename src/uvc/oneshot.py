@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 
-from .budget import fit_to_budget, uniform_removal
+from .budget import fit_to_budget, plan_of_counts, removal_costs, uniform_removal
 from .flops import macs, skeleton_of
 from .compensate import DEFAULT_RIDGE, _images, compensate as _compensate
 from .errors import UVCError
+from .importance import GroupNorms, group_norms
 from .plan import LayerPlan
 from .slim import slim
 from .adapters import adapter_for
@@ -53,13 +54,13 @@ def take_images(batches: Iterable, count: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def group_importance(model: nn.Module, kind: str = "weight", images: list[torch.Tensor] | None = None
-                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per block: ([heads, head_dim] importance of each head dimension, [hidden] of each neuron)."""
+                     ) -> list[GroupNorms]:
+    """Per block, the importance of every head dimension and neuron: the weight norms (`group_norms`,
+    what the search and the uniform plan rank by), times E[feature^2] on the images for "activation"."""
     if kind not in IMPORTANCES:
         raise UVCError(f"importance {kind!r} is not one of {IMPORTANCES}")
     blocks = list(adapter_for(model).blocks(model))
-    scores = [(b.attn.proj.weight.double().pow(2).sum(0).view(b.attn.num_heads, b.attn.head_dim),
-               b.mlp.fc2.weight.double().pow(2).sum(0)) for b in blocks]
+    scores = [group_norms(b) for b in blocks]
     if kind == "weight":
         return scores
     if not images:
@@ -86,20 +87,8 @@ def group_importance(model: nn.Module, kind: str = "weight", images: list[torch.
         model.train(was_training)
         for h in handles:
             h.remove()
-    return [(dims * (sums[l][0] / count[0]).view_as(dims), neurons * sums[l][1] / count[0])
-            for l, (dims, neurons) in enumerate(scores)]
-
-
-def _costs(scores) -> list[list[torch.Tensor]]:
-    """`fit_to_budget`'s costs: per block and kind (heads, one dim in every head, neurons), the
-    importance of the n-th group removed, ascending, relative to the layer's total of that kind."""
-    costs = []
-    for dims, neurons in scores:
-        heads = dims.sum(1)
-        costs.append([(heads.sort().values / heads.sum().clamp(min=1e-300)).float(),
-                      (dims.sort(1).values.sum(0) / dims.sum().clamp(min=1e-300)).float(),
-                      (neurons.sort().values / neurons.sum().clamp(min=1e-300)).float()])
-    return costs
+    return [GroupNorms(dims=n.dims.double() * (sums[l][0] / count[0]).view_as(n.dims),
+                       neurons=n.neurons.double() * sums[l][1] / count[0]) for l, n in enumerate(scores)]
 
 
 def _global_start(skel, costs, budget: float) -> torch.Tensor:
@@ -130,18 +119,6 @@ def _global_start(skel, costs, budget: float) -> torch.Tensor:
     return removed_at(thresholds[lo])
 
 
-def plan_from_scores(scores, removed: torch.Tensor) -> list[LayerPlan]:
-    """Per block, drop the `removed[l] = (heads, dims per head, neurons)` least important groups;
-    every kept head keeps its own most important dims, the same count in each (slimming needs one width)."""
-    plan = []
-    for (dims, neurons), (nh, nd, nm) in zip(scores, removed.long().tolist()):
-        heads, head_dim = dims.shape
-        kept_heads = sorted(dims.sum(1).topk(heads - nh).indices.tolist())
-        plan.append(LayerPlan(heads=kept_heads, dims=[sorted(dims[h].topk(head_dim - nd).indices.tolist()) for h in kept_heads],
-                              neurons=sorted(neurons.topk(len(neurons) - nm).indices.tolist())))
-    return plan
-
-
 def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "uniform", input_size=None) -> list[LayerPlan]:
     """The plan for `budget` from per-group importance `scores` (see `group_importance`)."""
     if allocation not in ALLOCATIONS:
@@ -149,10 +126,10 @@ def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "un
     if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise UVCError(f"budget {budget} is outside (0, 1]; it is the fraction of the dense model's MACs to keep, e.g. 0.5")
     skel = skeleton_of(model, input_size)
-    costs = _costs(scores)
+    costs = removal_costs(scores)
     start = uniform_removal(skel, budget) if allocation == "uniform" else _global_start(skel, costs, budget)
     ones = torch.ones(skel.depth)
-    return plan_from_scores(scores, fit_to_budget(skel, start, ones, ones, costs, budget, TOLERANCE))
+    return plan_of_counts(scores, fit_to_budget(skel, start, ones, ones, costs, budget, TOLERANCE))
 
 
 @torch.no_grad()

@@ -248,7 +248,8 @@ class Search(nn.Module):
         if not self.cfg.prune:
             while float(self.resource(hard=True)) > self.budget and self._flip_closest(skipped=False):
                 pass
-        costs, removed = removal_costs(self._blocks), self.removed().detach()
+        norms = [group_norms(b) for b in self._blocks]
+        costs, removed = removal_costs(norms), self.removed().detach()
         while True:
             attn, mlp = self._halves(self.hard_keep())
             removed = fit_to_budget(self.skel, removed, attn, mlp, costs, self.budget, tolerance,
@@ -256,7 +257,7 @@ class Search(nn.Module):
             if float(self.skel.ratio(removed, attn, mlp)) >= self.budget - tolerance or not self._flip_closest(skipped=True):
                 break
         self.ratios.copy_(removed / self.sizes)
-        return plan_of_counts(self._blocks, removed, attn, mlp)
+        return plan_of_counts(norms, removed, attn, mlp)
 
     def _flip_closest(self, skipped: bool) -> bool:
         """Flip the enabled gate closest to the other decision (a kept one to skip, or a skipped one to keep)."""
