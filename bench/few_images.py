@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from run import FULL, RESULTS, ROOT, compress_config, load_teacher, machine, run_method
+from run import FULL, ROOT, compress_config, load_teacher, machine, run_method
 from uvc.compress import Run
 
 METHODS = ("uvc", "uniform", "compensated")
@@ -56,8 +56,9 @@ def main() -> int:
                          record["top1_val"], record["ratio"])
     results["seconds"] = time.perf_counter() - started
     results["load_average_end"] = os.getloadavg()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "few_images.json").write_text(json.dumps(results, indent=1))
+    results_dir = ROOT / "bench" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "few_images.json").write_text(json.dumps(results, indent=1))
     return 0
 
 
