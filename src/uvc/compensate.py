@@ -30,16 +30,15 @@ contribution; `mode="bias"` does only that fold, b += W0[:, removed] @ E[removed
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from .errors import UVCError
 from .adapters import adapter_for
+from .plan import LayerPlan
 
-if TYPE_CHECKING:
-    from uvc import LayerPlan
 
 MODES = ("refit", "bias")
 TARGETS = ("stream", "block")

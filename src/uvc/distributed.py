@@ -25,6 +25,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import UVCError
 
@@ -146,7 +147,5 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """
     if world_size() == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    forward_sync_buffers=False)
