@@ -108,11 +108,11 @@ def compress_config(s: Settings, budget: float, out: Path, method: str, seed: in
     search = SearchConfig(
         schedule=Schedule(s.search_epochs, search_schedule.lr, search_schedule.weight_decay, search_schedule.warmup_epochs),
         warmup_epochs=s.search_warmup_epochs, frozen=method == "control",
-        skip="none" if method in ("control", "uvc_no_skip") else "both", prune=method != "uvc_no_prune")
+        skip="both" if method == "uvc_skip" else "none", importance="norm" if method == "uvc_norm" else "taylor")
     post = Schedule(training_epochs(s, method)[1], defaults.post.lr, defaults.post.weight_decay, defaults.post.warmup_epochs)
     data = DataConfig(train_limit=s.train_limit, val_limit=s.val_limit, test_limit=s.test_limit, batch_size=s.batch_size)
     return CompressConfig(budget=budget, out=str(out), device="cpu", seed=seed, data=data, search=search, post=post,
-                          kd=KDConfig(kind="none" if method == "uvc_no_kd" else "soft"), eval_during_search=False,
+                          kd=KDConfig(), eval_during_search=False,
                           throughput_rounds=1, throughput_batch=8)  # speed is measured apart, in section 2
 
 

@@ -25,15 +25,14 @@ LABELS = {
     "uniform": "uniform plan + KD",
     "tp_magnitude": "Torch-Pruning global magnitude + KD",
     "compensated": "one-shot uniform plan + LS compensation + KD",
-    "uvc_no_skip": "UVC w/o skipping",
-    "uvc_no_prune": "UVC skip-only (w/o pruning)",
-    "uvc_no_kd": "UVC w/o KD",
+    "uvc_skip": "UVC with skip gates (--skip both)",
+    "uvc_norm": "UVC ranking by weight norms",
     "tp_taylor": "Torch-Pruning global Taylor + KD",
 }
 MAIN_METHODS = ("uvc", "control", "uniform", "tp_magnitude", "compensated")  # every seed
-ABLATIONS = ("uvc_no_skip", "uvc_no_prune", "uvc_no_kd", "tp_taylor")  # seed 0 only
+ABLATIONS = ("uvc_skip", "uvc_norm", "tp_taylor")  # seed 0 only
 BASELINES = ("uniform", "tp_magnitude", "compensated")  # what "UVC beats every baseline" means
-SEARCHED = ("uvc", "control", "uvc_no_skip", "uvc_no_prune", "uvc_no_kd")  # go through uvc.compress (search + post)
+SEARCHED = ("uvc", "control", "uvc_skip", "uvc_norm")  # go through uvc.compress (search + post)
 
 
 # ---- statistics ------------------------------------------------------------------------------

@@ -71,17 +71,18 @@ def test_every_method_trains_equally_long_with_the_same_data_optimizer_and_kd(tm
         assert (search, cfg.post.epochs) == bench.training_epochs(s, method)
         assert cfg.seed == 2 and cfg.data == uvc_cfg.data and cfg.budget == budget
         assert (cfg.post.lr, cfg.post.weight_decay, cfg.post.warmup_epochs) == (uvc_cfg.post.lr, uvc_cfg.post.weight_decay, uvc_cfg.post.warmup_epochs)
-        assert cfg.kd == (uvc_cfg.kd if method != "uvc_no_kd" else dataclasses.replace(uvc_cfg.kd, kind="none"))
+        assert cfg.kd == uvc_cfg.kd
         assert not cfg.eval_during_search and cfg.throughput_rounds == 1 and cfg.throughput_batch == 8
     for baseline in ("uniform", "tp_magnitude", "tp_taylor", "compensated"):
         assert cfgs[baseline].post.epochs == uvc_cfg.search.schedule.epochs + uvc_cfg.post.epochs
     assert uvc_cfg.data.train_limit == s.train_limit and uvc_cfg.data.val_limit == s.val_limit
-    assert (uvc_cfg.search.frozen, uvc_cfg.search.skip, uvc_cfg.search.prune) == (False, "both", True)
+    assert (uvc_cfg.search.frozen, uvc_cfg.search.skip, uvc_cfg.search.prune) == (False, "none", True)
+    assert uvc_cfg.search.importance == "taylor"
     control = cfgs["control"].search
     assert (control.frozen, control.skip, control.prune) == (True, "none", True)
     assert control.schedule == uvc_cfg.search.schedule and control.warmup_epochs == uvc_cfg.search.warmup_epochs
-    assert cfgs["uvc_no_skip"].search.skip == "none" and not cfgs["uvc_no_skip"].search.frozen
-    assert not cfgs["uvc_no_prune"].search.prune
+    assert cfgs["uvc_skip"].search.skip == "both" and not cfgs["uvc_skip"].search.frozen
+    assert cfgs["uvc_norm"].search.importance == "norm" and cfgs["uvc_norm"].search.skip == "none"
 
 
 def _search_state(run: Run) -> dict:
@@ -271,14 +272,14 @@ def test_summary_tables_show_mean_std_of_test_and_validation_and_mark_missed_bud
     accuracy = [fake_run(m, b, s, top1, val=val) for b in (0.3, 0.5) for m, s, top1, val in (
         ("uvc", 0, 88.0, 91.0), ("uvc", 1, 89.0, 91.5), ("uvc", 2, 90.0, 92.0),
         ("control", 0, 85.0, 90.0), ("control", 1, 85.0, 90.0), ("control", 2, 85.0, 90.0))]
-    accuracy += [fake_run("uvc_no_prune", 0.5, 0, 84.0, ratio=0.42), fake_run("uniform", 0.5, 0, 84.0, ratio=0.501)]
+    accuracy += [fake_run("uvc_skip", 0.5, 0, 84.0, ratio=0.42), fake_run("uniform", 0.5, 0, 84.0, ratio=0.501)]
     results = fake_results(accuracy=accuracy)
     rows = {r[0]: r for r in summary.accuracy_rows(results, 0.5)}
     uvc_row = rows[summary.LABELS["uvc"]]
     assert uvc_row[1] == 3 and uvc_row[2] == "1 + 1" and uvc_row[3] == "0.498" and uvc_row[4] == "ok"
     assert uvc_row[5] == "89.00 ± 1.00" and uvc_row[6] == "-1.00" and uvc_row[7] == "91.50 ± 0.50" and uvc_row[8] == "51.00 ± 1.00"
     assert rows[summary.LABELS["control"]][5] == "85.00 ± 0.00" and rows[summary.LABELS["control"]][9] == "UVC beats it"
-    assert rows[summary.LABELS["uvc_no_prune"]][4].startswith("**MISSED**")  # R 0.42 below [0.49, 0.5]
+    assert rows[summary.LABELS["uvc_skip"]][4].startswith("**MISSED**")  # R 0.42 below [0.49, 0.5]
     assert rows[summary.LABELS["uniform"]][4].startswith("**MISSED**")  # R 0.501 above the budget
     assert rows[summary.LABELS["uniform"]][2] == "0 + 2" and rows[summary.LABELS["uniform"]][9] == "n/a (1 seed)"
     summary.write_summary(results, tmp_path / "BENCHMARKS.md", tmp_path / "results")

@@ -29,22 +29,20 @@ def tiny_vit(dtype=torch.float32, seed=0):
 def search_tensors(search: Search) -> dict[str, torch.Tensor]:
     tensors = dict(search.named_parameters())
     tensors.update(search.named_buffers())
-    for group in search.gate_optimizer.state.values():
-        tensors.update({f"gate_optimizer.{k}": v for k, v in group.items() if torch.is_tensor(v)})
     return tensors
 
 
 def stepped_search(model, budget=0.5):
     """A search on `model` that has taken one whole iteration, so its optimizer holds state."""
     gated = uvc.make_compressible(model)
-    search = Search(gated, budget, SearchConfig(gate_accumulate=1), skeleton_of(gated))
-    search.mark_groups()
-    search.sample_gates(training=True)
+    search = Search(gated, budget, SearchConfig(), skeleton_of(gated))
+    search.mark_groups(fade=0.5, probe=True)
+    search.set_gates(fade=0.5, probe=True)
     dtype = gated.blocks[0].attn.qkv.weight.dtype
     gated(torch.randn(2, 1, 28, 28, dtype=dtype)).sum().backward()
+    search.record_importance()
     search.proximal_shrink(1e-3)
-    search.gate_step()
-    search.ratio_step()
+    search.allocation_step()
     search.dual_step()
     return gated, search
 
@@ -54,7 +52,7 @@ def test_search_state_is_made_in_the_model_dtype(dtype):
     _, search = stepped_search(tiny_vit(dtype))
     floating = {k: v for k, v in search_tensors(search).items() if v.is_floating_point()}
     assert floating and all(v.dtype == dtype for v in floating.values()), {k: v.dtype for k, v in floating.items()}
-    assert abs(search.figures()["R_hard"] - 0.5) < 0.05  # the uniform start, one ratio step on
+    assert abs(search.figures()["R"] - 0.5) < 0.05  # the uniform start, one ratio step on
 
 
 def test_search_state_of_a_bf16_model_stays_float32_and_its_masks_follow_the_model():

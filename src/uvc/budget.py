@@ -84,15 +84,19 @@ def uniform_plan(model: nn.Module, budget: float, input_size=None, multiple: int
     return plan_of_counts(norms, uniform_removal(skeleton_of(model, input_size), budget, multiple))
 
 
-def removal_costs(norms: list[GroupNorms]) -> list[list[torch.Tensor]]:
-    """`costs[l][k]`: importance of each group of kind k (heads, dims, neurons) of block l, ascending,
-    relative to the layer's total for that kind, so costs compare across layers and kinds."""
+def removal_costs(norms: list[GroupNorms], relative: bool = True) -> list[list[torch.Tensor]]:
+    """`costs[l][k]`: importance of each group of kind k (heads, dims, neurons) of block l, ascending.
+
+    Weight norms of different kinds and layers are not on one scale, so by default each is taken
+    relative to the layer's total for that kind. Importance already in loss units (the search's
+    Fisher estimates) compares as it is: `relative=False`.
+    """
     costs = []
     for block_norms in norms:
         # Each head drops its own least important dimensions: the cost of the j-th removal is the
         # sum over heads of each head's j-th smallest dimension.
         kinds = (block_norms.heads, block_norms.dims.sort(dim=1).values.sum(0), block_norms.neurons)
-        costs.append([(k / k.sum().clamp(min=1e-12)).sort().values.float().cpu() for k in kinds])
+        costs.append([((k / k.sum().clamp(min=1e-12)) if relative else k).sort().values.float().cpu() for k in kinds])
     return costs
 
 

@@ -101,7 +101,8 @@ def cmd_compress(a) -> int:
     c = CompressConfig()
     search = SearchConfig(schedule=Schedule(a.search_epochs, a.lr, c.search.schedule.weight_decay,
                                             c.search.schedule.warmup_epochs),
-                          warmup_epochs=a.warmup_epochs, prune=not a.no_prune, skip="none" if a.no_skip else a.skip,
+                          warmup_epochs=a.warmup_epochs, prune=not a.no_prune,
+                          skip="none" if a.no_skip else "both" if a.no_prune and a.skip == "none" else a.skip,
                           width_multiple=a.width_multiple)
     kd = KDConfig(kind="none" if a.no_kd else a.kd, alpha=a.kd_alpha, temperature=a.kd_temperature)
     cfg = CompressConfig(model=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, img_size=a.img_size,
@@ -170,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kd", choices=("soft", "hard"), default=C.kd.kind)
     c.add_argument("--kd-alpha", type=float, default=C.kd.alpha)
     c.add_argument("--kd-temperature", type=float, default=C.kd.temperature)
-    c.add_argument("--skip", choices=[m for m in SKIP_MODES if m != "none"], default=C.search.skip,
-                   help="which skip gates to learn")
+    c.add_argument("--skip", choices=SKIP_MODES, default=C.search.skip,
+                   help="which skip gates to learn (default none: on the bundled teacher skipping cost accuracy, see BENCHMARKS.md)")
     c.add_argument("--width-multiple", type=int, default=C.search.width_multiple,
                    help="keep head and MLP widths at multiples of this (8 suits GPU kernels)")
     c.add_argument("--one-shot", action="store_true",

@@ -38,7 +38,7 @@ from .models import load_model, save
 from .oneshot import one_shot
 from .plan import LayerPlan
 from .report import write_report
-from .search import Search, SearchConfig
+from .search import Search, SearchConfig, fade_at
 from .slim import arch_of, build_from_arch, slim
 
 log = logging.getLogger("uvc")
@@ -118,7 +118,7 @@ def _set_rng_states(states: dict) -> None:
     np.random.set_state(states["numpy"])  # mixup's draws
     random.setstate(states["python"])
     if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])  # the Gumbel samples of a GPU run
+        torch.cuda.set_rng_state_all(states["cuda"])  # dropout and mixup draws of a GPU run
 
 
 class Run:
@@ -161,6 +161,7 @@ class Run:
             raise UVCError("the training set is smaller than one batch; lower --batch-size or use more data")
         self.search_steps = max(1, cfg.search.schedule.steps(self.steps_per_epoch))
         self.warmup_steps = round(cfg.search.warmup_epochs * self.steps_per_epoch)
+        self.fade_steps = round(cfg.search.fade_epochs * self.steps_per_epoch)
         self.post_steps = cfg.post.steps(self.steps_per_epoch)
         self.optimizer, self.scheduler = make_optimizer(self.student, cfg.search.schedule, self.steps_per_epoch)
         self.slimmed: nn.Module | None = None
@@ -255,8 +256,8 @@ class Run:
             return
         if phase == "search":
             self.search.mark_groups()
-            self.search.sample_gates(training=False)
-            model, ratio = self.student, float(self.search.resource(hard=True).detach())
+            self.search.set_gates()
+            model, ratio = self.student, float(self.search.resource().detach())
         else:
             model, ratio = self.slimmed, macs(self.slimmed, self.input_size) / self.dense_macs
         top1 = evaluate(model, self.data.val, self.device, desc=f"val {phase}")
@@ -276,21 +277,20 @@ class Run:
 
     def search_step(self, x, y, step: int) -> dict:
         """One iteration of the primal-dual search (the order is Search's docstring's)."""
-        search = self.search
+        search, frozen = self.search, self.cfg.search.frozen
         self.student.train()
-        search.mark_groups()
-        search.sample_gates(training=not self.cfg.search.frozen)  # frozen: the hard start decisions, nothing dropped
+        fade = fade_at(step, self.fade_steps)  # the control fades its start plan in the same way
+        search.mark_groups(fade, probe=not frozen)
+        search.set_gates(fade, probe=not frozen)
         loss = optimizer_step(self._loss(self.train_student, x, y), self.optimizer, self.scheduler, step, "search")
-        if search.gate_logits.grad is not None:
-            # The only rank-dependent input of the search step. What earlier steps accumulated is already
-            # identical on every rank, so averaging the sum averages this step's task gradient.
-            distributed.all_reduce_mean_(search.gate_logits.grad)
-        if self.cfg.search.frozen:
+        if frozen:
             return {"loss": distributed.mean_over_ranks(loss), **search.figures()}
+        for grad in search.probe_gradients():
+            distributed.all_reduce_mean_(grad)  # the only rank-dependent inputs of the search step
+        search.record_importance()
         search.proximal_shrink(self.optimizer.param_groups[0]["lr"])
-        search.gate_step()
         if step >= self.warmup_steps:
-            search.ratio_step()
+            search.allocation_step()
             search.dual_step()
         return {"loss": distributed.mean_over_ranks(loss), **search.figures()}
 

@@ -265,7 +265,7 @@ class _SeededSamples(torch.utils.data.Dataset):
 
     Then neither the worker that loads a sample nor the batches skipped on a resume change what a
     sample looks like. The caller's RNG states are saved and restored around each draw, so the
-    main process's own draws (Gumbel samples, mixup) are untouched when no workers are used.
+    main process's own draws (mixup's) are untouched when no workers are used.
     """
 
     def __init__(self, dataset, seed: int):

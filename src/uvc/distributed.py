@@ -4,15 +4,15 @@ How the ranks stay identical. DistributedDataParallel keeps the weights identica
 rank from rank 0's weights and averages the weight gradients, so every rank takes the same
 optimizer step. Everything else the search updates is a deterministic function of those weights
 and of search state that is itself already identical:
-- Phi, the next group's norm and the masks are computed from the weights;
-- the ratio step uses y, z, Phi, the next norm and dR/dratio; the dual steps use Phi and R;
-- the gate step uses dR/dlogits and the task gradient of the gate logits.
-Only that last one depends on the rank's own batch, so it is the one value that is all-reduced
+- Phi, the next group's norm and the masks are computed from the weights and the Taylor estimates;
+- the allocation step uses z, the Taylor estimates and dR; the dual steps use Phi, the estimates and R;
+- the Taylor estimates use the gradients of the loss with respect to the masks and keep values.
+Only those last gradients depend on the rank's own batch, so they are the values that are all-reduced
 (averaged, like DDP averages weight gradients); nothing is broadcast, and no rank is special.
 `same_on_all_ranks` checks the outcome at every checkpoint instead of trusting it.
 
 Every rank seeds its generators alike, so the draws that a single process makes once per batch
-(the Gumbel samples of the skip gates, mixup's lambda) are the same on every rank, as they would
+(mixup's lambda) are the same on every rank, as they would
 be for one process on the whole batch. The ranks' data differs through disjoint shards. Identity
 of the search state does not depend on this: it holds with per-rank samples too.
 """

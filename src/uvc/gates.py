@@ -4,9 +4,12 @@
 (state-dict keys do not change) and multiplies:
 - q, k and v of head h, dimension j by `head_mask[h] * dim_mask[h, j]`,
 - the MLP hidden units by `neuron_mask`,
-- the attention and MLP residual branches by `attn_keep` / `mlp_keep` (1 - skip probability).
+- the attention and MLP residual branches by `attn_keep` / `mlp_keep`.
 With every mask at 1 the block computes what the timm block computes. The masks are buffers on the
 block's own device and in its dtype. A plan (`LayerPlan` per block) is their hard, integer form.
+During the search a group marked for removal can sit at a value between 0 and 1 (it fades out), and
+`probes` can replace the masks by leaf tensors of the same values, whose gradients are the loss's
+sensitivity to each group (the search's importance).
 """
 from __future__ import annotations
 
@@ -44,12 +47,18 @@ class GatedBlock(nn.Module):
         self.register_buffer("neuron_mask", torch.ones(self.mlp.fc1.out_features, **like), persistent=False)
         self.attn_keep: float | torch.Tensor = 1.0
         self.mlp_keep: float | torch.Tensor = 1.0
+        # (attention mask [H, d], neuron mask [M]) as leaf tensors whose .grad the search reads; None: the buffers.
+        self.probes: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def attention_mask(self) -> torch.Tensor:
+        """[H, d]: what multiplies q, k and v of each head dimension."""
+        return self.probes[0] if self.probes is not None else self.head_mask[:, None] * self.dim_mask
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         a = self.attn
         b, n, _ = x.shape
         qkv = a.qkv(x).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
-        keep = (self.head_mask[:, None] * self.dim_mask)[None, :, None, :].to(qkv.dtype)
+        keep = self.attention_mask()[None, :, None, :].to(qkv.dtype)
         q, k, v = (t * keep for t in qkv.unbind(0))
         if a.fused_attn:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=a.attn_drop.p if self.training else 0.0, scale=a.scale)
@@ -61,7 +70,8 @@ class GatedBlock(nn.Module):
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mlp
         hidden = m.drop1(m.act(m.fc1(x)))
-        return m.drop2(m.fc2(hidden * self.neuron_mask.to(hidden.dtype)))
+        neuron_mask = self.probes[1] if self.probes is not None else self.neuron_mask
+        return m.drop2(m.fc2(hidden * neuron_mask.to(hidden.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (isinstance(self.attn_keep, float) and self.attn_keep == 0.0):
@@ -78,11 +88,13 @@ class GatedBlock(nn.Module):
     def shape(self) -> BlockShape:
         return self.plan().shape(self.attn.qkv.in_features)
 
-    def apply_masks(self, head_keep: torch.Tensor, dim_keep: torch.Tensor, neuron_keep: torch.Tensor) -> None:
-        """Set the masks from boolean keep masks: heads [H], dimensions [H, d], neurons [M]."""
-        self.head_mask.copy_(head_keep)
-        self.dim_mask.copy_(dim_keep)
-        self.neuron_mask.copy_(neuron_keep)
+    @torch.no_grad()
+    def apply_masks(self, head_keep: torch.Tensor, dim_keep: torch.Tensor, neuron_keep: torch.Tensor,
+                    fade: float = 0.0) -> None:
+        """Set the masks from boolean keep masks: heads [H], dimensions [H, d], neurons [M]; the groups
+        not kept take the value `fade` (0: removed)."""
+        for mask, keep in ((self.head_mask, head_keep), (self.dim_mask, dim_keep), (self.neuron_mask, neuron_keep)):
+            mask.copy_(torch.where(keep.bool(), 1.0, fade))
 
     def apply_plan(self, plan: LayerPlan) -> None:
         heads, head_dim = self.dim_mask.shape

@@ -39,12 +39,11 @@ def write_report(report: dict, path: str | Path) -> None:
     search = [i for i, p in enumerate(phases) if p == "search"]
     ax = axes[1, 0]
     if search:
-        ax.plot([steps[i] for i in search], [history[i]["R"] for i in search], label="R (expected)")
-        ax.plot([steps[i] for i in search], [history[i]["R_hard"] for i in search], label="R (hard decisions)")
+        ax.plot([steps[i] for i in search], [history[i]["R"] for i in search], label="R")
         ax.axhline(report["budget"], color="k", ls="--", lw=1, label=f"budget {report['budget']}")
         ax2 = ax.twinx()
-        ax2.plot([steps[i] for i in search], [history[i]["z"] for i in search], color="tab:red", alpha=0.6, label="z")
-        ax2.set_ylabel("dual z", color="tab:red")
+        ax2.plot([steps[i] for i in search], [history[i]["z"] for i in search], color="tab:red", alpha=0.6, label="z / price")
+        ax2.set_ylabel("dual z (in units of its starting price)", color="tab:red")
         ax.legend(loc="upper right", fontsize=8)
     ax.set(title="search: resource ratio and budget dual" if search else "no search (one-shot)", xlabel="logged step",
            ylabel="R")

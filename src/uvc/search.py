@@ -2,20 +2,30 @@
 
 Primal variables: the weights (their optimizer step is the training loop's), per-block removal
 *ratios* for heads, head dimensions and MLP neurons (continuous; the integer count is
-straight-through rounding), and {skip, keep} logits for each block and each half. Dual variables:
-`z` for the budget R <= B, and `y[l, k]` for "the groups marked for removal are zero"
-(Phi[l, k] = their summed squared norms, relative to the layer's total for that kind).
+straight-through rounding), and a keep *margin* for each block and each half (kept while >= 0).
+Dual variables: `z`, the price of the budget R <= B, and `y[l, k]` for "the groups marked for
+removal are zero" (Phi[l, k] = their summed squared norms, relative to the layer's total for that kind).
 
     Lagrangian = task + KD + sum_lk y_lk * Phi_lk(W, count_lk) + z * (R(counts, gates) - B)
 
+Every decision is priced on one scale. The loss side is the *Taylor* estimate of what a decision
+costs: the moving average of |dL/dm|, the gradient of the loss with respect to the mask value m of a
+group, or the keep value of a half or block (the loss's first-order change when it is removed). First
+order adds up: a half's estimate is on the scale of the sum over its groups, so gates and widths compare.
+The budget side is z times the MACs the decision saves. Every count and margin steps by its lr times
+the relative imbalance of the two, (cost - saving) / (cost + saving): a half is skipped exactly when
+z * (its MACs) outweighs its Taylor cost for long enough, and width goes where the next group costs
+the least per MAC.
+
 One iteration, in the order `compress` calls the methods:
-1. `mark_groups`    masks from the current counts: the least important groups of each kind (and Phi)
-   `sample_gates`   Gumbel-softmax samples of the skip gates (hard decisions when evaluating)
+1. `mark_groups`      masks from the current counts, the least important groups first; groups marked for
+                      removal sit at `fade` (1 -> 0 over `fade_epochs`: the start is gradual, not a cut)
+   `set_gates`        the hard keep decisions (skipped halves also at `fade`); probes for the gradients
 2. (the weights take an optimizer step on task + KD: the training loop's job)
-3. `proximal_shrink` the y * Phi term's proximal step on the weights: marked groups shrink by 1 / (1 + 2 lr y)
-4. `gate_step`      task gradient + z * w_g * dR/dlogits, accumulated over `gate_accumulate` steps, SGD
-5. `ratio_step`     projected step along -(y * dPhi/dratio + z * dR/dratio), scaled to max-abs `ratio_lr`
-6. `dual_step`      y += lr_y * Phi;  z += lr_z * clip(R_hard - B)   (gradient ascent, projected on >= 0)
+3. `record_importance` Taylor moving averages from the probes' gradients
+4. `proximal_shrink`  the y * Phi term's proximal step on the weights: marked groups shrink by 1 / (1 + 2 lr y)
+5. `allocation_step`  counts and margins: one projected step against (Taylor cost - z * dR) / (cost + z * dR)
+6. `dual_step`        y += lr_y * Phi (projected on >= 0);  z = the price of a MAC the counts' balance implies
 Steps 5 and 6 wait for the warm-up to end. `final_plan` fits the counts exactly to the budget.
 """
 from __future__ import annotations
@@ -30,11 +40,12 @@ from .budget import fit_to_budget, plan_of_counts, removal_costs, uniform_remova
 from .engine import Schedule
 from .errors import UVCError
 from .gates import GatedBlock, gated_blocks
-from .importance import group_norms, keep_masks
+from .importance import GroupNorms, group_norms, keep_masks
 from .plan import LayerPlan
 from .resource import Skeleton
 
 SKIP_MODES = ("both", "block", "halves", "none")
+IMPORTANCE = ("taylor", "norm")
 GATES = ("block", "attn", "mlp")
 
 
@@ -44,33 +55,38 @@ class SearchConfig:
 
     schedule: Schedule = field(default_factory=lambda: Schedule(epochs=1.0, lr=3e-4, weight_decay=0.05,
                                                                 warmup_epochs=0.05))
-    warmup_epochs: float = 0.2  # weights and gates train alone before the counts and the duals move
+    warmup_epochs: float = 0.2  # the Taylor estimates settle before the counts, the gates and the duals move
+    fade_epochs: float = 0.5  # marked groups and skipped halves fade from 1 to 0 over this many epochs (0: at once)
     prune: bool = True
-    skip: str = "both"  # which skip gates exist: block, halves (attention / MLP), both, or none
+    skip: str = "none"  # which skip gates exist: block, halves (attention / MLP), both, or none (see docs/method.md)
+    importance: str = "taylor"  # which groups are removed first: "taylor" (the loss's sensitivity) or "norm" (weights)
     width_multiple: int = 1  # kept head and MLP widths at multiples of this (8 suits GPU kernels)
     frozen: bool = False  # the benchmark's control: train the masked start plan, but move no count, gate or dual
-    ratio_lr: float = 0.005
-    gate_lr: float = 0.1
-    gate_momentum: float = 0.9
-    gate_tau: float = 0.5
-    gate_accumulate: int = 10
-    gate_budget_weight: float = 1.0  # w_g: how strongly the budget pushes gates towards skipping
-    z_init: float = 1e-3
-    z_lr: float = 1.0
+    importance_decay: float = 0.9  # moving average of the mask gradients' magnitudes
+    ratio_lr: float = 0.02
+    gate_lr: float = 0.1  # a margin starts at 1: ten steps under the strongest pressure skip a half
+    z_lr: float = 1.0  # skipping alone: z *= exp(z_lr * (R - B)) per step
     z_step_clip: float = 0.5
     y_init: float = 1e-3
-    y_lr: float = 1e-4
+    y_lr: float = 20.0
 
     def validate(self) -> None:
         self.schedule.validate("search", allow_zero=False)
         if self.skip not in SKIP_MODES:
             raise UVCError(f"skip mode {self.skip!r} is not one of {', '.join(SKIP_MODES)}")
-        if self.warmup_epochs < 0:
-            raise UVCError(f"search warm-up epochs must be >= 0, got {self.warmup_epochs}")
+        if self.importance not in IMPORTANCE:
+            raise UVCError(f"importance {self.importance!r} is not one of {', '.join(IMPORTANCE)}")
+        if self.warmup_epochs < 0 or self.fade_epochs < 0:
+            raise UVCError(f"search warm-up and fade epochs must be >= 0, got {self.warmup_epochs} and {self.fade_epochs}")
         if self.width_multiple < 1:
             raise UVCError(f"width multiple must be >= 1, got {self.width_multiple}")
-        if self.gate_accumulate < 1 or self.gate_tau <= 0:
-            raise UVCError("gate accumulation must be >= 1 step and the gate temperature > 0")
+        if not 0 <= self.importance_decay < 1:
+            raise UVCError(f"importance decay must be in [0, 1), got {self.importance_decay}")
+
+
+def fade_at(step: int, fade_steps: int) -> float:
+    """The value of marked groups and skipped halves at a step of the search: 1 -> 0 linearly, then 0."""
+    return max(0.0, 1.0 - step / fade_steps) if fade_steps > 0 else 0.0
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +106,8 @@ def _state_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 class Search(nn.Module):
-    """Ratios, gate logits and duals for one gated model's blocks, and one method per part of an iteration.
+    """Ratios, keep margins, Taylor estimates and duals for one gated model's blocks, and one method per
+    part of an iteration.
 
     The state lives on the blocks' device, in their dtype (float32 for half types), and `.to()` moves it.
     """
@@ -105,29 +122,33 @@ class Search(nn.Module):
         self.register_buffer("sizes", skeleton.sizes(like))
         start = uniform_removal(skeleton, budget).to(like) if cfg.prune else torch.zeros_like(self.sizes)
         self.ratios = nn.Parameter(start / self.sizes)
-        self.gate_logits = nn.Parameter(like.new_tensor([-1.0, 1.0]).repeat(depth, len(GATES), 1))
+        self.register_buffer("gate_margin", torch.ones(depth, len(GATES), device=like.device, dtype=like.dtype))
         on = {"both": GATES, "block": ("block",), "halves": ("attn", "mlp"), "none": ()}[cfg.skip]
         self.register_buffer("gate_enabled", torch.tensor([g in on for g in GATES], device=like.device))
         self.register_buffer("y", torch.full((depth, 3), cfg.y_init, device=like.device, dtype=like.dtype))
-        self.register_buffer("z", like.new_tensor(cfg.z_init))
+        self.register_buffer("z", torch.zeros((), device=like.device, dtype=like.dtype))
+        self.register_buffer("price", torch.zeros((), device=like.device, dtype=like.dtype))  # set at the warm-up's end
+        self.register_buffer("shrink", torch.ones((depth, 3), device=like.device, dtype=like.dtype))  # cumulative
         self.register_buffer("step_count", torch.tensor(0, device=like.device))
-        # Recomputed from the weights at every mark_groups, so not saved.
+        # Taylor estimates: per head dimension and per neuron of each block, and per gate.
+        for l, block in enumerate(self._blocks):
+            self.register_buffer(f"taylor_attn{l}", torch.zeros_like(block.dim_mask, dtype=like.dtype))
+            self.register_buffer(f"taylor_mlp{l}", torch.zeros_like(block.neuron_mask, dtype=like.dtype))
+        self.register_buffer("taylor_keep", torch.zeros_like(self.gate_margin))
+        # Recomputed from the weights and the estimates at every mark_groups, so not saved.
         self.register_buffer("phi", torch.zeros_like(self.y), persistent=False)
         self.register_buffer("next_norm", torch.zeros_like(self.y), persistent=False)
-        self.gate_optimizer = torch.optim.SGD([self.gate_logits], lr=cfg.gate_lr, momentum=cfg.gate_momentum)
+        self.register_buffer("next_cost", torch.zeros_like(self.y), persistent=False)
+        self._keep_probe: torch.Tensor | None = None
 
     # ---- decisions -------------------------------------------------------------------------
     def removed(self) -> torch.Tensor:
         """[L, 3] integer removal counts (straight-through rounding, so dR/dratio flows)."""
         return ste_round(self.ratios * self.sizes)
 
-    def keep_probs(self) -> torch.Tensor:
-        """[L, 3] probability that the block / attention half / MLP half is kept (1 where gating is off)."""
-        p = F.softmax(self.gate_logits, dim=-1)[..., 1]
-        return torch.where(self.gate_enabled, p, torch.ones_like(p))
-
     def hard_keep(self) -> torch.Tensor:
-        keep = (self.gate_logits[..., 1] >= self.gate_logits[..., 0]).to(self.gate_logits.dtype)
+        """[L, 3] 1 where the block / attention half / MLP half is kept (always where gating is off)."""
+        keep = (self.gate_margin >= 0).to(self.gate_margin.dtype)
         return torch.where(self.gate_enabled, keep, torch.ones_like(keep))
 
     @staticmethod
@@ -135,48 +156,87 @@ class Search(nn.Module):
         """A half runs if its block and the half itself are kept."""
         return keep[:, 0] * keep[:, 1], keep[:, 0] * keep[:, 2]
 
-    def resource(self, hard: bool = False) -> torch.Tensor:
-        """R = MACs / dense MACs, expected under the gate probabilities (or at the hard decisions)."""
-        attn, mlp = self._halves(self.hard_keep() if hard else self.keep_probs())
+    def resource(self) -> torch.Tensor:
+        """R = MACs / dense MACs of the architecture the current counts and gates describe."""
+        attn, mlp = self._halves(self.hard_keep())
         return self.skel.ratio(self.removed(), attn, mlp)
 
-    # ---- 1. masks and gate samples ---------------------------------------------------------
+    def _taylor(self, l: int) -> GroupNorms:
+        return GroupNorms(dims=getattr(self, f"taylor_attn{l}"), neurons=getattr(self, f"taylor_mlp{l}"))
+
+    def _uses_taylor(self) -> bool:
+        """Taylor ranks groups once it has been measured; the frozen control never measures it."""
+        return self.cfg.importance == "taylor" and not self.cfg.frozen and int(self.step_count) > 0
+
+    def importance(self, l: int) -> GroupNorms:
+        """Block l's group importance in the configured sense: Taylor estimates or weight norms."""
+        return self._taylor(l) if self._uses_taylor() else group_norms(self._blocks[l])
+
+    # ---- 1. masks and gates ----------------------------------------------------------------
     @torch.no_grad()
-    def mark_groups(self) -> None:
-        """Mask the least important groups by the current counts; record Phi and the next group's norm."""
+    def mark_groups(self, fade: float = 0.0, probe: bool = False) -> None:
+        """Mask the least important groups by the current counts (at `fade`); record Phi, and the norm and
+        the Taylor cost of the next group in line. `probe`: leaf masks whose gradients `record_importance` reads."""
         counts = self.removed().detach().long()
         for l, block in enumerate(self._blocks):
-            norms = group_norms(block)
+            rank, norms = self.importance(l), group_norms(block)
             nh, nd, nm = counts[l].tolist()
-            block.apply_masks(*keep_masks(norms, nh, nd, nm))
-            # The j-th entry of each row: the j-th group of that kind to be removed (a dimension slot
-            # sums each head's j-th smallest dimension, since every head drops its own).
-            ordered = [norms.heads.sort().values, norms.dims.sort(dim=1).values.sum(0), norms.neurons.sort().values]
+            block.probes = None
+            block.apply_masks(*keep_masks(rank, nh, nd, nm), fade=fade)
+            if probe:
+                block.probes = (block.attention_mask().detach().clone().requires_grad_(True),
+                                block.neuron_mask.detach().clone().requires_grad_(True))
+            ordered = _in_removal_order(rank, norms)
             totals = torch.stack([o.sum() for o in ordered]).clamp(min=1e-12)
             self.phi[l] = torch.stack([o[:n].sum() for o, n in zip(ordered, (nh, nd, nm))]) / totals
             self.next_norm[l] = torch.stack([F.pad(o, (0, 1))[n] for o, n in zip(ordered, (nh, nd, nm))]) / totals
+            costs = _in_removal_order(rank, self._taylor(l))
+            self.next_cost[l] = torch.stack([F.pad(o, (0, 1))[n] for o, n in zip(costs, (nh, nd, nm))])
 
-    def sample_gates(self, training: bool) -> None:
-        """Straight-through Gumbel-softmax samples while training, hard decisions otherwise."""
-        if training:
-            sample = F.gumbel_softmax(self.gate_logits, tau=self.cfg.gate_tau, hard=True)[..., 1]
-            keep = torch.where(self.gate_enabled, sample, torch.ones_like(sample))
-        else:
-            keep = self.hard_keep()
+    def set_gates(self, fade: float = 0.0, probe: bool = False) -> None:
+        """The hard keep decisions, skipped halves at `fade`; `probe`: keep values whose gradient is recorded."""
+        keep = torch.where(self.hard_keep() > 0, 1.0, fade).to(self.gate_margin)
+        self._keep_probe = keep.requires_grad_(True) if probe else None
         attn, mlp = self._halves(keep)
         for l, block in enumerate(self._blocks):
-            block.attn_keep, block.mlp_keep = (attn[l], mlp[l]) if training else (float(attn[l]), float(mlp[l]))
+            block.attn_keep, block.mlp_keep = (attn[l], mlp[l]) if probe else (float(attn[l]), float(mlp[l]))
 
-    # ---- 3. proximal shrink ----------------------------------------------------------------
+    def probe_gradients(self) -> list[torch.Tensor]:
+        """The gradients `record_importance` reads (under DDP, all-reduced first: they are rank-dependent)."""
+        grads = [p.grad for b in self._blocks for p in (b.probes or ()) if p.grad is not None]
+        if self._keep_probe is not None and self._keep_probe.grad is not None:
+            grads.append(self._keep_probe.grad)
+        return grads
+
+    # ---- 3. importance ---------------------------------------------------------------------
+    @torch.no_grad()
+    def record_importance(self) -> None:
+        """Moving averages of the probe gradients' magnitudes: the Taylor estimate of each group's and gate's cost."""
+        decay = self.cfg.importance_decay if int(self.step_count) > 0 else 0.0  # the first step sets them
+
+        def update(estimate: torch.Tensor, grad: torch.Tensor | None) -> None:
+            if grad is not None:
+                estimate.mul_(decay).add_((1 - decay) * grad.to(estimate).abs())
+
+        for l, block in enumerate(self._blocks):
+            attn, mlp = block.probes or (None, None)
+            update(getattr(self, f"taylor_attn{l}"), attn.grad if attn is not None else None)
+            update(getattr(self, f"taylor_mlp{l}"), mlp.grad if mlp is not None else None)
+        if self._keep_probe is not None:
+            update(self.taylor_keep, self._keep_probe.grad)
+        self.step_count += 1
+
+    # ---- 4. proximal shrink ----------------------------------------------------------------
     @torch.no_grad()
     def proximal_shrink(self, lr: float) -> None:
         """W_group /= (1 + 2 lr y) for every group marked for removal."""
         factors = 1.0 / (1.0 + 2.0 * lr * self.y)  # [L, 3]: heads, dimensions, neurons
+        self.shrink.mul_(factors)
         for l, block in enumerate(self._blocks):
             weight = block.attn.qkv.weight
             f_head, f_dim, f_neuron = factors[l].to(weight.dtype)
             one = weight.new_ones(())
-            factor = torch.where(block.head_mask[:, None] == 0, f_head, one) * torch.where(block.dim_mask == 0, f_dim, one)
+            factor = torch.where(block.head_mask[:, None] < 1, f_head, one) * torch.where(block.dim_mask < 1, f_dim, one)
             if bool((factor < 1).any()):
                 heads, head_dim = factor.shape
                 qkv, proj = block.attn.qkv, block.attn.proj
@@ -184,72 +244,120 @@ class Search(nn.Module):
                 if qkv.bias is not None:
                     qkv.bias.view(3, heads, head_dim).mul_(factor[None])
                 proj.weight.view(proj.out_features, heads, head_dim).mul_(factor[None])
-            f_n = torch.where(block.neuron_mask == 0, f_neuron, one)
+            f_n = torch.where(block.neuron_mask < 1, f_neuron, one)
             block.mlp.fc1.weight.mul_(f_n[:, None])
             if block.mlp.fc1.bias is not None:
                 block.mlp.fc1.bias.mul_(f_n)
             block.mlp.fc2.weight.mul_(f_n[None, :])
 
-    # ---- 4. gate step ----------------------------------------------------------------------
-    def gate_step(self) -> None:
-        """Add the budget's pull to the task gradient already in `gate_logits.grad`; step every `gate_accumulate`."""
-        (d_logits,) = torch.autograd.grad(self.resource(), [self.gate_logits])
-        if self.gate_logits.grad is None:
-            self.gate_logits.grad = torch.zeros_like(self.gate_logits)
-        self.gate_logits.grad.add_(self.z * self.cfg.gate_budget_weight * d_logits)
-        self.step_count += 1
-        if int(self.step_count) % self.cfg.gate_accumulate == 0:
-            self.gate_logits.grad.mul_(self.gate_enabled[None, :, None] / self.cfg.gate_accumulate)
-            self.gate_optimizer.step()
-            self.gate_optimizer.zero_grad(set_to_none=False)
+    # ---- 5. allocation step ----------------------------------------------------------------
+    def _budget_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """dR/dratio [L, 3] and dR/dkeep [L, 3] at the current counts and hard gates."""
+        with torch.enable_grad():
+            keep = self.hard_keep().requires_grad_(True)
+            attn, mlp = self._halves(keep)
+            return torch.autograd.grad(self.skel.ratio(self.removed(), attn, mlp), [self.ratios, keep])
 
-    # ---- 5. ratio step ---------------------------------------------------------------------
-    def ratio_step(self) -> None:
-        """Projected step on y * dPhi + z * dR; dPhi/dcount is the norm of the next group in line."""
-        if not self.cfg.prune:
-            return
-        (d_ratio,) = torch.autograd.grad(self.resource(), [self.ratios])
+    def allocation_step(self) -> None:
+        """One step of margins and counts against their Lagrangian imbalance, then counts back onto the budget.
+
+        Per unit of keep, keeping a gate costs `z * dR/dkeep` and saves its Taylor cost; per unit of
+        ratio, removing more costs `sizes * next_cost` (the Taylor cost of the next group, times the
+        groups a unit of ratio holds) and saves `z * dR/dratio`. Each variable moves by its lr times the
+        imbalance (cost - saving) / (cost + saving), in [-1, 1]: one rule for gates and widths, whatever
+        the spread of the Taylor costs over layers (orders of magnitude). The ratios are then shifted
+        together until R = B at the current gates, so a skipped half hands its MACs back to width at once.
+        """
+        d_ratio, d_keep = self._budget_gradients()
         with torch.no_grad():
-            grad = self.y * self.sizes * self.next_norm + self.z * d_ratio
-            grad = grad / grad.abs().max().clamp(min=1e-12)  # a direction: the largest entry moves by ratio_lr
-            upper = (self.sizes - 1) / self.sizes
-            self.ratios.copy_(torch.minimum(torch.clamp(self.ratios - self.cfg.ratio_lr * grad, min=0.0), upper))
+            g_keep = torch.where(self.gate_enabled, _imbalance(self.z * d_keep, self.taylor_keep), torch.zeros_like(d_keep))
+            self.gate_margin.sub_(self.cfg.gate_lr * g_keep)
+            if self.cfg.prune:
+                g_ratio = _imbalance(self.sizes * self.next_cost, -self.z * d_ratio)
+                self.ratios.copy_(self._onto_budget(self.ratios - self.cfg.ratio_lr * g_ratio))
+
+    def _onto_budget(self, ratios: torch.Tensor) -> torch.Tensor:
+        """`ratios + t`, clipped to their range, with the smallest shift t that brings R to <= B."""
+        upper = (self.sizes - 1) / self.sizes
+        attn, mlp = self._halves(self.hard_keep())
+
+        def shifted(t: float) -> torch.Tensor:
+            return torch.minimum(torch.clamp(ratios + t, min=0.0), upper)
+
+        def fits(t: float) -> bool:
+            return float(self.skel.ratio(torch.round(shifted(t) * self.sizes), attn, mlp)) <= self.budget
+
+        lo, hi = -1.0, 1.0  # R falls as t grows; hi always fits (the budget was checked reachable)
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        return shifted(hi)
 
     # ---- 6. dual step ----------------------------------------------------------------------
     @torch.no_grad()
     def dual_step(self) -> None:
-        """Gradient ascent on the duals, projected on >= 0.
+        """The duals: y by projected gradient ascent on Phi; z, the price of the budget.
 
-        z follows the architecture that would be delivered now (hard gates, integer counts); the
-        expected R under the gate probabilities only shapes the primal gradients.
+        With pruning on, the counts sit on the budget after every step, so z is the price their
+        balance implies (the Lagrange multiplier of R <= B): the Taylor cost per MAC of the next group,
+        the median over the (block, kind) pairs still being traded, smoothed like the Taylor estimates.
+        With skipping alone, z rises and falls by exponentiated gradient ascent, z *= e^{lr_z (R - B)},
+        from the gates' median price.
         """
         cfg = self.cfg
         if cfg.prune:
             self.y.add_(cfg.y_lr * self.phi).clamp_(min=0.0)
-        step = torch.clamp(self.resource(hard=True) - self.budget, -cfg.z_step_clip, cfg.z_step_clip)
-        self.z.add_(cfg.z_lr * step).clamp_(min=0.0)
+            price = self._marginal_price()
+            first = float(self.price) == 0.0
+            self.z.copy_(price if first else cfg.importance_decay * self.z + (1 - cfg.importance_decay) * price)
+        else:
+            if float(self.price) == 0.0:
+                self.z.copy_(self._marginal_price())
+            step = torch.clamp(self.resource() - self.budget, -cfg.z_step_clip, cfg.z_step_clip)
+            self.z.mul_(torch.exp(cfg.z_lr * step))
+        if float(self.price) == 0.0:
+            self.price.copy_(self.z)
+
+    def _marginal_price(self) -> torch.Tensor:
+        """Taylor cost per unit of R of the next move: the median over the widths still free to move both
+        ways (with pruning) or over the enabled gates (skipping alone)."""
+        d_ratio, d_keep = self._budget_gradients()
+        with torch.no_grad():
+            if self.cfg.prune:
+                upper = (self.sizes - 1) / self.sizes
+                free = (self.ratios > 0) & (self.ratios < upper) & (d_ratio < 0)
+                free = free if bool(free.any()) else d_ratio < 0
+                prices = (self.sizes * self.next_cost)[free] / (-d_ratio[free])
+            else:
+                on = self.gate_enabled.expand_as(d_keep) & (d_keep > 0)
+                prices = self.taylor_keep[on] / d_keep[on]
+            return prices.median().clamp(min=1e-12) if prices.numel() else self.z.new_tensor(1.0)
 
     def figures(self) -> dict:
         """What the log and report.png show of the search."""
         with torch.no_grad():
-            return {"R": float(self.resource()), "R_hard": float(self.resource(hard=True)), "z": float(self.z),
-                    "y": float(self.y.mean())}
+            keep = self.hard_keep()
+            return {"R": float(self.resource()), "z": float(self.z / self.price) if float(self.price) else 0.0,
+                    "y": float(self.y.mean()), "skipped": int((keep == 0).sum()),
+                    "shrink": float(self.shrink.min())}
 
     # ---- the end of the search -------------------------------------------------------------
     @torch.no_grad()
     def final_plan(self, tolerance: float = 0.01) -> list[LayerPlan]:
         """Hard gates, counts fitted to B - tolerance <= R <= B, and the plan that slimming removes.
 
-        With pruning off, the budget is first met by skipping more (the kept gate whose keep logit
-        wins by the smallest margin flips, until R <= B). Whatever the mode, when the skips leave R
-        below the window, the skipped gate closest to being kept is restored and width is removed
-        to land in the window: halves are too coarse to hit it alone, so the last fraction is width.
+        With pruning off, the budget is first met by skipping more (the kept gate whose margin is the
+        smallest flips, until R <= B). Whatever the mode, when the skips leave R below the window, the
+        skipped gate closest to being kept is restored and width is removed to land in the window:
+        halves are too coarse to hit it alone, so the last fraction is width.
         """
+        for block in self._blocks:
+            block.probes = None
         if not self.cfg.prune:
-            while float(self.resource(hard=True)) > self.budget and self._flip_closest(skipped=False):
+            while float(self.resource()) > self.budget and self._flip_closest(skipped=False):
                 pass
-        norms = [group_norms(b) for b in self._blocks]
-        costs, removed = removal_costs(norms), self.removed().detach()
+        ranks = [self.importance(l) for l in range(len(self._blocks))]
+        costs, removed = removal_costs(ranks, relative=not self._uses_taylor()), self.removed().detach()
         while True:
             attn, mlp = self._halves(self.hard_keep())
             removed = fit_to_budget(self.skel, removed, attn, mlp, costs, self.budget, tolerance,
@@ -257,29 +365,38 @@ class Search(nn.Module):
             if float(self.skel.ratio(removed, attn, mlp)) >= self.budget - tolerance or not self._flip_closest(skipped=True):
                 break
         self.ratios.copy_(removed / self.sizes)
-        return plan_of_counts(norms, removed, attn, mlp)
+        return plan_of_counts(ranks, removed, attn, mlp)
 
     def _flip_closest(self, skipped: bool) -> bool:
         """Flip the enabled gate closest to the other decision (a kept one to skip, or a skipped one to keep)."""
-        margin = self.gate_logits[..., 1] - self.gate_logits[..., 0]  # > 0: kept
-        side = (margin < 0) if skipped else (margin >= 0)
-        distance = torch.where(self.gate_enabled & side, margin.abs(), torch.inf)
+        side = (self.gate_margin < 0) if skipped else (self.gate_margin >= 0)
+        distance = torch.where(self.gate_enabled & side, self.gate_margin.abs(), torch.inf)
         if torch.isinf(distance).all():
             return False
         l, g = divmod(int(distance.argmin()), len(GATES))
-        self.gate_logits[l, g] = self.gate_logits[l, g].flip(0)
+        self.gate_margin[l, g] = 1e-3 if skipped else -1e-3
         return True
 
     def search_state(self) -> dict:
-        """Everything a resumed search needs, including gate gradients accumulated so far."""
-        return {"module": self.state_dict(), "gate_optimizer": self.gate_optimizer.state_dict(),
-                "gate_grad": self.gate_logits.grad}
+        """Everything a resumed search needs."""
+        return {"module": self.state_dict()}
 
     def load_search_state(self, state: dict) -> None:
         self.load_state_dict(state["module"])
-        self.gate_optimizer.load_state_dict(state["gate_optimizer"])
-        grad = state["gate_grad"]
-        self.gate_logits.grad = None if grad is None else grad.to(self.gate_logits)
 
 
-__all__ = ["SearchConfig", "Search", "ste_round", "SKIP_MODES"]
+def _imbalance(cost: torch.Tensor, saving: torch.Tensor) -> torch.Tensor:
+    """(cost - saving) / (cost + saving): > 0 where a move costs more than it saves; 0 where both are 0."""
+    return (cost - saving) / (cost + saving).clamp(min=1e-30)
+
+
+def _in_removal_order(rank: GroupNorms, values: GroupNorms) -> list[torch.Tensor]:
+    """`values` of each kind (heads, dimension slots, neurons) in the order `rank` removes them.
+
+    The j-th dimension slot sums each head's j-th dimension to go, since every head drops its own.
+    """
+    return [values.heads[rank.heads.argsort()], values.dims.gather(1, rank.dims.argsort(dim=1)).sum(0),
+            values.neurons[rank.neurons.argsort()]]
+
+
+__all__ = ["SearchConfig", "Search", "fade_at", "ste_round", "SKIP_MODES", "IMPORTANCE"]
