@@ -59,12 +59,14 @@ def test_budget_is_delivered_and_the_search_does_not_collapse(tmp_path, budget):
 
 
 def test_ablations_run_and_respect_their_switches(tmp_path):
-    skip_only = compress(tiny_config(tmp_path / "a", 0.6, prune=False), model=tiny_vit())
+    skip_only = compress(tiny_config(tmp_path / "a", 0.6, prune=False, skip="both"), model=tiny_vit())
     assert any(not (l["attn"] and l["mlp"]) for l in skip_only["layers"])
     assert all(l["heads"] in (0, 2) for l in skip_only["layers"])  # width goes only in the final fit's last fraction
     assert 0.59 <= skip_only["ratio"] <= 0.6  # the last fraction comes from width
-    prune_only = compress(tiny_config(tmp_path / "b", 0.5, skip="none"), model=tiny_vit())
+    prune_only = compress(tiny_config(tmp_path / "b", 0.5), model=tiny_vit())  # the default: skip gates off
     assert all(l["attn"] and l["mlp"] for l in prune_only["layers"])
+    with pytest.raises(uvc.UVCError, match="turn pruning or skip gates on"):
+        compress(tiny_config(tmp_path / "d", 0.6, prune=False), model=tiny_vit())
     cfg = tiny_config(tmp_path / "c", 0.5)
     cfg.kd.kind = "none"
     assert 0.49 <= compress(cfg, model=tiny_vit())["ratio"] <= 0.5

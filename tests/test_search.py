@@ -17,7 +17,7 @@ def tiny_gated(depth=6):
 @pytest.mark.parametrize("prune", [True, False])
 def test_skipping_that_overshoots_gives_budget_back_into_the_window(prune):
     model = tiny_gated()
-    search = Search(model, 0.6, SearchConfig(prune=prune), skeleton_of(model))
+    search = Search(model, 0.6, SearchConfig(prune=prune, skip="both"), skeleton_of(model))
     with torch.no_grad():
         search.gate_margin[:3, 0] = -4.0  # three of six blocks skipped: R below 0.6
         search.gate_margin[0, 0] = -0.2  # the skip closest to being kept

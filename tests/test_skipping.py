@@ -1,8 +1,8 @@
 """Skip decisions are real: the search skips what adds nothing and keeps what matters.
 
 Both tests run the search on the bundled teacher with Fashion-MNIST, then harden its decisions with
-`final_plan`. The first hollows out three blocks (their residual branches add exactly nothing), so
-skipping them is the cheapest way to the budget; the second leaves every block intact but zeroes most
+`final_plan`. The first hollows out three blocks (their residual branches add nothing, and only their
+output biases can learn), so skipping them is the cheapest way to the budget; the second leaves every block intact but zeroes most
 of each block's width, so removing that width is the cheap way and skipping would cost accuracy.
 """
 from itertools import islice
@@ -40,10 +40,12 @@ def test_blocks_that_add_nothing_are_skipped_and_width_stays_elsewhere(tmp_path,
         pytest.skip("Fashion-MNIST is missing")
     model, hollow = uvc.load_model(None), (3, 6, 9)
     with torch.no_grad():
-        for l in hollow:  # the residual branches output zero: the blocks are the identity
-            for layer in (model.blocks[l].attn.proj, model.blocks[l].mlp.fc2):
-                layer.weight.zero_()
+        for l in hollow:  # the residual branches output zero and their weights get no gradient: identities
+            block = model.blocks[l]
+            for layer in (block.norm1, block.norm2, block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
                 layer.bias.zero_()
+            for layer in (block.norm1, block.norm2, block.attn.proj, block.mlp.fc2):
+                layer.weight.zero_()
     plan = searched_plan(model, 0.65, tmp_path)  # skipping the three alone gives R = 0.75
     skipped = [l for l, p in enumerate(plan) if not (p.attn or p.mlp)]
     assert skipped == list(hollow), [(p.attn, p.mlp) for p in plan]

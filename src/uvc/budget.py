@@ -37,8 +37,9 @@ def check_budget(budget: float, skel: Skeleton, prune: bool, skip: bool) -> None
     low = smallest_ratio(skel, prune, skip)
     if budget < low:
         what = "pruning and skipping" if prune and skip else "pruning alone" if prune else "skipping alone" if skip else "nothing (pruning and skipping both off)"
-        raise UVCError(f"budget {budget} is below the smallest model reachable with {what} (R = {low:.4f}); "
-                       f"ask for at least {math.ceil(low * 1000) / 1000}")
+        fix = "turn pruning or skip gates on (SearchConfig(skip='both'), --skip both)" if not (prune or skip) \
+            else f"ask for at least {math.ceil(low * 1000) / 1000}"
+        raise UVCError(f"budget {budget} is below the smallest model reachable with {what} (R = {low:.4f}); {fix}")
 
 
 def _kept_in_steps(size: torch.Tensor, keep: float, multiple: int) -> torch.Tensor:

@@ -10,9 +10,9 @@ removal are zero" (Phi[l, k] = their summed squared norms, relative to the layer
 
 Every decision is priced on one scale. The loss side is the *Taylor* estimate of what a decision
 costs: the moving average of |dL/dm|, the gradient of the loss with respect to the mask value m of a
-group, or the keep value of a half or block (the loss's first-order change when it is removed). First
-order adds up: a half's estimate is on the scale of the sum over its groups, so gates and widths compare.
-The budget side is z times the MACs the decision saves. Every count and margin steps by its lr times
+group, or the keep value of a half (a block: both halves' together), i.e. the loss's first-order change
+when it is removed. First order adds up: a half's estimate is on the scale of the sum over its groups,
+so gates and widths compare. The budget side is z times the MACs the decision saves on its own. Every count and margin steps by its lr times
 the relative imbalance of the two, (cost - saving) / (cost + saving): a half is skipped exactly when
 z * (its MACs) outweighs its Taylor cost for long enough, and width goes where the next group costs
 the least per MAC.
@@ -20,7 +20,7 @@ the least per MAC.
 One iteration, in the order `compress` calls the methods:
 1. `mark_groups`      masks from the current counts, the least important groups first; groups marked for
                       removal sit at `fade` (1 -> 0 over `fade_epochs`: the start is gradual, not a cut)
-   `set_gates`        the hard keep decisions (skipped halves also at `fade`); probes for the gradients
+   `set_gates`        the hard keep decisions (skipped parts also at `fade`); probes for the gradients
 2. (the weights take an optimizer step on task + KD: the training loop's job)
 3. `record_importance` Taylor moving averages from the probes' gradients
 4. `proximal_shrink`  the y * Phi term's proximal step on the weights: marked groups shrink by 1 / (1 + 2 lr y)
@@ -194,12 +194,17 @@ class Search(nn.Module):
             self.next_cost[l] = torch.stack([F.pad(o, (0, 1))[n] for o, n in zip(costs, (nh, nd, nm))])
 
     def set_gates(self, fade: float = 0.0, probe: bool = False) -> None:
-        """The hard keep decisions, skipped halves at `fade`; `probe`: keep values whose gradient is recorded."""
+        """The hard keep decisions, skipped parts at `fade`.
+
+        `probe`: the halves' effective keep values [L, 2] become a leaf whose gradient `record_importance`
+        reads. Taken on the effective values (block x half), not on the gates, the gradient stays
+        informative when the block gate is off: it is what restoring each half would gain.
+        """
         keep = torch.where(self.hard_keep() > 0, 1.0, fade).to(self.gate_margin)
-        self._keep_probe = keep.requires_grad_(True) if probe else None
-        attn, mlp = self._halves(keep)
+        halves = torch.stack(self._halves(keep), dim=1)
+        self._keep_probe = halves.requires_grad_(True) if probe else None
         for l, block in enumerate(self._blocks):
-            block.attn_keep, block.mlp_keep = (attn[l], mlp[l]) if probe else (float(attn[l]), float(mlp[l]))
+            block.attn_keep, block.mlp_keep = (halves[l, 0], halves[l, 1]) if probe else (float(halves[l, 0]), float(halves[l, 1]))
 
     def probe_gradients(self) -> list[torch.Tensor]:
         """The gradients `record_importance` reads (under DDP, all-reduced first: they are rank-dependent)."""
@@ -222,8 +227,9 @@ class Search(nn.Module):
             attn, mlp = block.probes or (None, None)
             update(getattr(self, f"taylor_attn{l}"), attn.grad if attn is not None else None)
             update(getattr(self, f"taylor_mlp{l}"), mlp.grad if mlp is not None else None)
-        if self._keep_probe is not None:
-            update(self.taylor_keep, self._keep_probe.grad)
+        if self._keep_probe is not None and self._keep_probe.grad is not None:
+            attn, mlp = self._keep_probe.grad.unbind(1)  # a block's estimate: both halves together
+            update(self.taylor_keep, torch.stack([attn + mlp, attn, mlp], dim=1))
         self.step_count += 1
 
     # ---- 4. proximal shrink ----------------------------------------------------------------
@@ -252,11 +258,23 @@ class Search(nn.Module):
 
     # ---- 5. allocation step ----------------------------------------------------------------
     def _budget_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """dR/dratio [L, 3] and dR/dkeep [L, 3] at the current counts and hard gates."""
+        """dR/dratio [L, 3] at the current counts and hard gates, and dR/dkeep [L, 3]: the MACs each gate
+        saves on its own (a half's as if its block ran, a block's as if both halves ran), so a gate whose
+        partner is off still sees what it saves, and skipped levels do not lock each other in."""
         with torch.enable_grad():
             keep = self.hard_keep().requires_grad_(True)
             attn, mlp = self._halves(keep)
-            return torch.autograd.grad(self.skel.ratio(self.removed(), attn, mlp), [self.ratios, keep])
+            removed = self.removed()
+            (d_ratio,) = torch.autograd.grad(self.skel.ratio(removed, attn, mlp), [self.ratios])
+            removed, ones = removed.detach(), torch.ones_like(keep[:, 0])
+
+            def saving(attn_of, mlp_of) -> torch.Tensor:
+                gate = ones.clone().requires_grad_(True)
+                return torch.autograd.grad(self.skel.ratio(removed, attn_of(gate), mlp_of(gate)), [gate])[0]
+
+            d_keep = torch.stack([saving(lambda g: g, lambda g: g), saving(lambda g: g, lambda g: ones),
+                                  saving(lambda g: ones, lambda g: g)], dim=1)  # block, attention half, MLP half
+            return d_ratio, d_keep
 
     def allocation_step(self) -> None:
         """One step of margins and counts against their Lagrangian imbalance, then counts back onto the budget.
