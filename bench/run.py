@@ -18,6 +18,7 @@ runs/bench/quick/BENCHMARKS.md, so a pipeline check never overwrites the full ta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -37,7 +38,6 @@ from uvc.budget import uniform_plan
 from uvc.compress import CompressConfig, Run, compress, post_train
 from uvc.data import DataConfig, build_data
 from uvc.distill import KDConfig
-from uvc.engine import Schedule
 from uvc.errors import UVCError
 from uvc.oneshot import one_shot
 from uvc.search import SearchConfig
@@ -104,12 +104,11 @@ def compress_config(s: Settings, budget: float, out: Path, method: str, seed: in
     """One configuration for every method: only the control and the UVC ablations flip their switch, and
     the baselines' post-training takes the epochs UVC spends searching."""
     defaults = CompressConfig()
-    search_schedule = defaults.search.schedule
     search = SearchConfig(
-        schedule=Schedule(s.search_epochs, search_schedule.lr, search_schedule.weight_decay, search_schedule.warmup_epochs),
+        schedule=dataclasses.replace(defaults.search.schedule, epochs=s.search_epochs),
         warmup_epochs=s.search_warmup_epochs, frozen=method == "control",
         skip="both" if method == "uvc_skip" else "none", importance="norm" if method == "uvc_norm" else "taylor")
-    post = Schedule(training_epochs(s, method)[1], defaults.post.lr, defaults.post.weight_decay, defaults.post.warmup_epochs)
+    post = dataclasses.replace(defaults.post, epochs=training_epochs(s, method)[1])
     data = DataConfig(train_limit=s.train_limit, val_limit=s.val_limit, test_limit=s.test_limit, batch_size=s.batch_size)
     return CompressConfig(budget=budget, out=str(out), device="cpu", seed=seed, data=data, search=search, post=post,
                           kd=KDConfig(), eval_during_search=False,

@@ -61,7 +61,7 @@ def step_cost(cfg: CompressConfig, teacher: nn.Module, steps: int, warmup: int =
     plain = copy.deepcopy(teacher).train()
     for p in plain.parameters():
         p.requires_grad_(True)
-    optimizer, scheduler = make_optimizer(plain, cfg.search.schedule, run.steps_per_epoch)
+    optimizer, scheduler = make_optimizer(plain, cfg.search.schedule, run.steps_per_epoch, cfg.data.batch_size)
 
     def plain_step(x, y, step):
         loss = distillation_loss(plain(x), y, predict_logits(run.teacher, x), cfg.kd)

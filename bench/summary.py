@@ -382,13 +382,13 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
                        [["UVC search step (`Run.search_step`)", f"{cost['search_s']:.3f}", f"{cost['ratio']:.2f}"],
                         ["plain KD step of the dense model", f"{cost['plain_s']:.3f}", "1.00"]]), ""]
     out += ["## How the methods are built", "",
-            "- **UVC**: `uvc.compress` with the default search (pruning and skipping, soft KD), then the exact fit to "
-            "the budget, slimming and post-training. Its ablations flip one switch each: `skip=\"none\"`, `prune=False` "
-            "(skip-only: it meets the budget by skipping whole halves and blocks alone, so it may land below the window), "
-            "KD kind `none`.",
-            "- **control**: the same `uvc.compress` with `SearchConfig(frozen=True, skip=\"none\")`: the search starts "
-            "at the uniform plan and only the weights train, through the same masks and KD, for the search's epochs; "
-            "no gate is sampled and no ratio, gate or dual moves. Same fit, slimming and post-training as UVC.",
+            "- **UVC**: `uvc.compress` with the default search (Taylor-priced width allocation, marked groups fading "
+            "out over half the search, skip gates off, soft KD), then the exact fit to the budget, slimming and "
+            "post-training. Its ablations flip one switch each: `skip=\"both\"` (block and half skip gates priced on "
+            "the same scale as width) and `importance=\"norm\"` (groups ranked by weight norms; the costs stay Taylor).",
+            "- **control**: the same `uvc.compress` with `SearchConfig(frozen=True)`: the search starts at the uniform "
+            "plan, its groups fade out on the same schedule, and only the weights train, through the same masks and KD, "
+            "for the search's epochs; no ratio, gate or dual moves. Same fit, slimming and post-training as UVC.",
             "- **uniform**: `uvc.budget.uniform_plan` keeps the same fraction of head dimensions and MLP neurons in "
             "every block (R <= B); the kept ones have the largest squared weight norms (output-projection columns, "
             "fc2 columns: the importance UVC uses). Then `uvc.slim` and post-training.",

@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 import uvc
 from uvc.compress import CompressConfig, compress
 from uvc.data import DataConfig
-from uvc.engine import Schedule
+from uvc.engine import Schedule, make_optimizer
 from uvc.search import SearchConfig
 
 from conftest import fvcore_macs, kill_after_first_checkpoint, same_weights
@@ -176,3 +176,14 @@ def test_one_shot_compression_meets_the_budget_without_training(tmp_path):
     assert 0.49 <= report["ratio"] <= 0.5 and uvc.macs(uvc.load(tmp_path / "out")) == report["macs"]
     assert report["history"] == [] and report["config"]["one_shot"] and report["config"]["post"]["epochs"] == 0
     assert report["top1_val"] == report["top1_val_after_search"]  # nothing trained after slimming
+
+
+def test_the_learning_rate_scales_linearly_with_the_global_batch():
+    model = tiny_vit()
+    stated = Schedule(1, 3e-4, lr_batch=128)
+    for batch, expected in ((128, 3e-4), (512, 1.2e-3), (32, 7.5e-5)):
+        optimizer, _ = make_optimizer(model, stated, steps_per_epoch=10, batch_size=batch)
+        assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(expected)
+    optimizer, _ = make_optimizer(model, Schedule(1, 3e-4), steps_per_epoch=10, batch_size=512)  # no lr_batch: as given
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(3e-4)
+    assert CompressConfig().search.schedule.lr_batch == CompressConfig().post.lr_batch == DataConfig().batch_size

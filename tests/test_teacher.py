@@ -87,7 +87,7 @@ def test_train_teacher_with_a_convnet_tutor_records_it_and_resumes_past_it(tmp_p
     out.mkdir()
     marker = {"epoch": 2, "top1_val": -1.0, "loss": 0.0}  # an impossible accuracy: only a reused record keeps it
     tutor = ConvTutor()
-    optimizer, _ = make_optimizer(tutor, Schedule(2, 1e-3), 4)
+    optimizer, _ = make_optimizer(tutor, Schedule(2, 1e-3), 4, batch_size=32)
     save_checkpoint(out / "tutor_checkpoint.pt", {"model": tutor.state_dict(), "optimizer": optimizer.state_dict(),
                                                    "epoch": 2, "history": [dict(marker, epoch=1), marker]})
     resumed = train_teacher(TeacherConfig(out=str(out), schedule=ONE_EPOCH, tutor=Schedule(2, 2e-3), resume=True,

@@ -62,7 +62,8 @@ class CompressConfig:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    post: Schedule = field(default_factory=lambda: Schedule(epochs=2.0, lr=3e-4, weight_decay=0.05, warmup_epochs=0.1))
+    post: Schedule = field(default_factory=lambda: Schedule(epochs=2.0, lr=3e-4, weight_decay=0.05, warmup_epochs=0.1,
+                                                            lr_batch=128))
     one_shot: bool = False  # no search: rank groups, fit the plan, compensate by least squares, slim; then `post`
     calibration_images: int = 1000  # unlabeled training images for one-shot importance and compensation
     seed: int = 0
@@ -163,7 +164,8 @@ class Run:
         self.warmup_steps = round(cfg.search.warmup_epochs * self.steps_per_epoch)
         self.fade_steps = round(cfg.search.fade_epochs * self.steps_per_epoch)
         self.post_steps = cfg.post.steps(self.steps_per_epoch)
-        self.optimizer, self.scheduler = make_optimizer(self.student, cfg.search.schedule, self.steps_per_epoch)
+        self.optimizer, self.scheduler = make_optimizer(self.student, cfg.search.schedule, self.steps_per_epoch,
+                                                        cfg.data.batch_size)
         self.slimmed: nn.Module | None = None
         self.train_slimmed: nn.Module | None = None
         self.state = RunState(budget=cfg.budget, dense_macs=self.dense_macs)
@@ -303,7 +305,8 @@ class Run:
         self.slimmed = slimmed.requires_grad_(True)
         self.train_slimmed = distributed.wrap(self.slimmed, self.device)
         self._set_distilled_training(self.slimmed)
-        self.optimizer, self.scheduler = make_optimizer(self.slimmed, self.cfg.post, self.steps_per_epoch)
+        self.optimizer, self.scheduler = make_optimizer(self.slimmed, self.cfg.post, self.steps_per_epoch,
+                                                        self.cfg.data.batch_size)
 
     def _finish_search(self) -> None:
         plan = self.search.final_plan()

@@ -178,30 +178,43 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
 @dataclass
 class Schedule:
     """How long and how fast one phase trains: AdamW at `lr` with a linear warm-up over `warmup_epochs`,
-    then a cosine decay to lr / 100, stepped per update."""
+    then a cosine decay to lr / 100, stepped per update.
+
+    With `lr_batch` set, `lr` is the rate for a global batch of that size and scales linearly with the
+    batch actually used (DeiT's rule: 5e-4 per 512 images), so `--batch-size` can change without
+    retuning; without it, `lr` is used as given.
+    """
 
     epochs: float
     lr: float
     weight_decay: float = 0.05
     warmup_epochs: float = 0.0
+    lr_batch: int | None = None
+
+    def lr_for(self, batch_size: int) -> float:
+        return self.lr * batch_size / self.lr_batch if self.lr_batch else self.lr
 
     def validate(self, what: str, allow_zero: bool = True) -> None:
         if self.epochs < 0 or (self.epochs == 0 and not allow_zero):
             raise UVCError(f"{what} epochs must be {'>= 0' if allow_zero else '> 0'}, got {self.epochs}")
         if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise UVCError(f"{what}: the learning rate, weight decay and warm-up must be >= 0")
+        if self.lr_batch is not None and self.lr_batch < 1:
+            raise UVCError(f"{what}: lr_batch must be a batch size >= 1 (or None), got {self.lr_batch}")
 
     def steps(self, steps_per_epoch: int) -> int:
         return round(self.epochs * steps_per_epoch)
 
 
-def make_optimizer(model: nn.Module, schedule: Schedule, steps_per_epoch: int):
-    """AdamW without decay on norms and biases, cosine schedule stepped per update (timm's factories)."""
-    optimizer = create_optimizer_v2(model, "adamw", lr=schedule.lr, weight_decay=schedule.weight_decay)
+def make_optimizer(model: nn.Module, schedule: Schedule, steps_per_epoch: int, batch_size: int):
+    """AdamW without decay on norms and biases, cosine schedule stepped per update (timm's factories);
+    `batch_size` is the global batch, which scales the rate when the schedule states one for `lr_batch`."""
+    lr = schedule.lr_for(batch_size)
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=schedule.weight_decay)
     total = max(schedule.steps(steps_per_epoch), 1)
-    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=schedule.lr * 0.01,
+    scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=lr * 0.01,
                                   warmup_t=int(schedule.warmup_epochs * steps_per_epoch),
-                                  warmup_lr_init=schedule.lr * 0.01, t_in_epochs=False)
+                                  warmup_lr_init=lr * 0.01, t_in_epochs=False)
     return optimizer, scheduler
 
 

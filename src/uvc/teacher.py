@@ -83,13 +83,13 @@ class ConvTutor(nn.Module):
 
 
 def _fit(model: nn.Module, data, device: torch.device, loss_fn, schedule: Schedule, resume: bool,
-         ckpt: Path, name: str) -> list[dict]:
+         ckpt: Path, name: str, batch_size: int) -> list[dict]:
     """Train `model` on `schedule` with an atomic checkpoint per epoch; returns the per-epoch history.
 
     The checkpoint is left in place (the caller removes it once everything is written), so that
     `--resume` after a kill in a later phase skips this one.
     """
-    optimizer, scheduler = make_optimizer(model, schedule, len(data.train))
+    optimizer, scheduler = make_optimizer(model, schedule, len(data.train), batch_size)
     start, history, epochs = 0, [], int(schedule.epochs)
     if resume and ckpt.is_file():
         state = load_checkpoint(ckpt)
@@ -156,7 +156,8 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         def tutor_loss(m, x, y):
             return F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)
 
-        tutor_history = _fit(tutor.to(device), data, device, tutor_loss, cfg.tutor, cfg.resume, checkpoints[1], "tutor")
+        tutor_history = _fit(tutor.to(device), data, device, tutor_loss, cfg.tutor, cfg.resume, checkpoints[1], "tutor",
+                             cfg.data.batch_size)
         tutor_record = {"epochs": cfg.tutor.epochs, "top1_val": tutor_history[-1]["top1_val"], "history": tutor_history}
     if tutor is not None:
         write_weights(out / TUTOR_WEIGHTS, tutor.to(device).eval())
@@ -167,7 +168,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
             tutor_logits = tutor(x) if tutor is not None else None
         return distillation_loss(m(x), y, tutor_logits, kd, cfg.label_smoothing)
 
-    history = _fit(model, data, device, loss_fn, cfg.schedule, cfg.resume, checkpoints[0], "teacher")
+    history = _fit(model, data, device, loss_fn, cfg.schedule, cfg.resume, checkpoints[0], "teacher", cfg.data.batch_size)
     model.eval()
     # Re-measure from the fp16 file actually shipped, so the stated accuracy is the bundled model's.
     save(model.cpu(), out, dtype=torch.float16)
