@@ -9,9 +9,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import uvc
-from uvc.compress import CompressConfig, compress
+from uvc.compress import CompressConfig, Run, compress
 from uvc.data import DataConfig
 from uvc.engine import Schedule, make_optimizer
+from uvc.gates import gated_blocks
 from uvc.search import SearchConfig
 
 from conftest import fvcore_macs, kill_after_first_checkpoint, same_weights
@@ -187,3 +188,17 @@ def test_the_learning_rate_scales_linearly_with_the_global_batch():
     optimizer, _ = make_optimizer(model, Schedule(1, 3e-4), steps_per_epoch=10, batch_size=512)  # no lr_batch: as given
     assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(3e-4)
     assert CompressConfig().search.schedule.lr_batch == CompressConfig().post.lr_batch == DataConfig().batch_size
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_marked_groups_fade_from_one_to_zero_so_the_search_starts_from_the_dense_function(tmp_path, frozen):
+    run = Run(tiny_config(tmp_path, 0.5, frozen=frozen), model=tiny_vit())
+    x, y = next(iter(run.data.train))
+    masks = lambda: torch.cat([m.flatten() for b in gated_blocks(run.student) for m in (b.dim_mask, b.neuron_mask)])
+    run.search_step(x, y, 0)
+    assert bool((masks() == 1).all())  # step 0: the uniform plan is marked, nothing is cut yet
+    assert run.fade_steps == 4
+    run.search_step(x, y, 2)
+    assert set(masks().unique().tolist()) == {0.5, 1.0}
+    run.search_step(x, y, 4)
+    assert set(masks().unique().tolist()) == {0.0, 1.0}  # the fade is over: the marked groups are cut
