@@ -1,6 +1,7 @@
 """Compression with few training images (issue 14): 1,000 and 3,000 of Fashion-MNIST's, the rest unused.
 
     python bench/few_images.py --threads 1      # B = 0.5, one seed; about 10 minutes on one core
+    python bench/few_images.py --threads 1 --post-lr 1e-4 --name few_images_post_lr_1e-4   # a lower post-training rate
 
 At equal training (2 epochs over the few images: UVC 1 search + 1 post-training, the baselines 2 of
 post-training), the bundled teacher is compressed by UVC, by the uniform plan + KD, and by one-shot
@@ -33,12 +34,16 @@ def main() -> int:
     p.add_argument("--images", type=int, nargs="+", default=[1000, 3000])
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--post-lr", type=float, default=None, help="post-training rate per 128 images for every method "
+                                                                "(default: uvc's)")
+    p.add_argument("--name", default="few_images", help="results file bench/results/NAME.json (BENCHMARKS.md reads few_images)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     teacher = load_teacher(None)
     started = time.perf_counter()
     results = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "budget": args.budget,
+               "post_lr": args.post_lr,
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(args.threads), "load_average_start": os.getloadavg(), "runs": []}
     scores = None
@@ -47,10 +52,10 @@ def main() -> int:
         s = dataclasses.replace(FULL, budgets=(args.budget,), seeds=1, train_limit=images, batch_size=64,
                                 calibration_images=min(images, FULL.calibration_images))
         for method in METHODS:
-            out = ROOT / "runs" / "bench" / "few_images" / f"{method}-n{images}"
+            out = ROOT / "runs" / "bench" / args.name / f"{method}-n{images}"
             if scores is None:
                 scores = Run(compress_config(s, args.budget, out, method), model=teacher, teacher=teacher).score_teacher()
-            record = run_method(method, args.budget, 0, teacher, s, out, scores)
+            record = run_method(method, args.budget, 0, teacher, s, out, scores, args.post_lr)
             results["runs"].append({"images": images, **record})
             logging.info("%d images, %s: test %.2f%%, validation %.2f%% at R = %.4f", images, method, record["top1"],
                          record["top1_val"], record["ratio"])
@@ -58,7 +63,7 @@ def main() -> int:
     results["load_average_end"] = os.getloadavg()
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "few_images.json").write_text(json.dumps(results, indent=1))
+    (results_dir / f"{args.name}.json").write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -100,15 +100,17 @@ def training_epochs(s: Settings, method: str) -> tuple[float, float]:
     return (s.search_epochs, s.post_epochs) if method in SEARCHED else (0.0, s.search_epochs + s.post_epochs)
 
 
-def compress_config(s: Settings, budget: float, out: Path, method: str, seed: int = 0) -> CompressConfig:
+def compress_config(s: Settings, budget: float, out: Path, method: str, seed: int = 0,
+                    post_lr: float | None = None) -> CompressConfig:
     """One configuration for every method: only the control and the UVC ablations flip their switch, and
-    the baselines' post-training takes the epochs UVC spends searching."""
+    the baselines' post-training takes the epochs UVC spends searching. `post_lr` replaces the default
+    post-training rate (per 128 images) for every method alike."""
     defaults = CompressConfig()
     search = SearchConfig(
         schedule=dataclasses.replace(defaults.search.schedule, epochs=s.search_epochs),
         warmup_epochs=s.search_warmup_epochs, frozen=method == "control",
         skip="both" if method == "uvc_skip" else "none", importance="norm" if method == "uvc_norm" else "taylor")
-    post = dataclasses.replace(defaults.post, epochs=training_epochs(s, method)[1])
+    post = dataclasses.replace(defaults.post, epochs=training_epochs(s, method)[1], lr=post_lr or defaults.post.lr)
     data = DataConfig(train_limit=s.train_limit, val_limit=s.val_limit, test_limit=s.test_limit, batch_size=s.batch_size)
     return CompressConfig(budget=budget, out=str(out), device="cpu", seed=seed, data=data, search=search, post=post,
                           kd=KDConfig(), eval_during_search=False,
@@ -134,13 +136,13 @@ def prune_baseline(method: str, teacher, budget: float, cfg: CompressConfig, s: 
 
 
 def run_method(method: str, budget: float, seed: int, teacher, s: Settings, out: Path,
-               teacher_scores: dict[str, float]) -> dict:
+               teacher_scores: dict[str, float], post_lr: float | None = None) -> dict:
     """Compress the teacher to `budget` with one method and seed; returns the figures the tables need.
 
     `teacher_scores` is the teacher's top-1 on each split, the same in every run (evaluation draws
     no random numbers and the splits do not depend on the seed), so it is computed once.
     """
-    cfg = compress_config(s, budget, out, method, seed)
+    cfg = compress_config(s, budget, out, method, seed, post_lr)
     start = time.perf_counter()
     if method in SEARCHED:
         report = compress(cfg, model=teacher, teacher=teacher, teacher_scores=teacher_scores)
