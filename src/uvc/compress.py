@@ -105,7 +105,7 @@ class RunState:
     evals: list[dict] = field(default_factory=list)  # validation top-1 per epoch
     top1_teacher: float | None = None  # test
     top1_val_teacher: float | None = None
-    top1_after_search: float | None = None  # validation, right after slimming
+    top1_val_after_search: float | None = None  # right after slimming
     plan: list[dict] | None = None
 
 
@@ -329,9 +329,9 @@ class Run:
         """Switch to post-training `slimmed`: the search's result, or a model another method pruned (baselines)."""
         slimmed = slimmed.to(self.device, self.dtype)
         self.state.plan = [p.to_dict() for p in plan]
-        self.state.top1_after_search = evaluate(slimmed, self.data.val, self.device, desc="val slimmed")
+        self.state.top1_val_after_search = evaluate(slimmed, self.data.val, self.device, desc="val slimmed")
         log.info("slimmed to R = %.4f, validation top-1 before post-training %.2f%%",
-                 macs(slimmed, self.input_size) / self.dense_macs, self.state.top1_after_search)
+                 macs(slimmed, self.input_size) / self.dense_macs, self.state.top1_val_after_search)
         self.state.phase, self.state.step = "post", 0
         self._start_post_training(slimmed)
         self.checkpoint()
@@ -378,7 +378,7 @@ class Run:
         report = {
             "budget": self.cfg.budget, "macs_dense": self.dense_macs, "macs": slim_macs,
             "ratio": slim_macs / self.dense_macs, "top1_teacher": s.top1_teacher, "top1_val_teacher": s.top1_val_teacher,
-            "top1": top1, "top1_val": top1_val, "top1_val_after_search": s.top1_after_search,
+            "top1": top1, "top1_val": top1_val, "top1_val_after_search": s.top1_val_after_search,
             "throughput_dense": speed["dense"]["median"], "throughput": speed["slimmed"]["median"],
             "throughput_detail": speed, "throughput_batch": self.cfg.throughput_batch, "device": str(self.device),
             "processes": distributed.world_size(), "train_seconds_this_session": seconds,
