@@ -4,13 +4,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 from timm.layers import set_fused_attn
+
+import uvc
 
 os.environ.setdefault("UVC_PROGRESS", "0")
 torch.set_num_threads(int(os.environ.get("UVC_TEST_THREADS", "1")))
@@ -62,10 +66,27 @@ def kill_after_first_checkpoint(command: list[str], out: Path, env: dict, sig=si
 
 def same_weights(a: Path, b: Path) -> bool:
     """Two saved models hold bit-identical tensors under the same names."""
-    from safetensors.torch import load_file
-
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def straight_killed_resumed(model: torch.nn.Module, tmp_path: Path, args: list[str], env: dict,
+                            timeout: float = 120) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """Save `model` and compress it with `uvc compress ... args` twice: straight through, and killed after
+    its first checkpoint, then resumed. Asserts that both save bit-identical weights; returns
+    (straight output folder, resumed output folder, the resume's completed process)."""
+    model_dir = tmp_path / "tiny"
+    uvc.save(model, model_dir)
+    command = [sys.executable, "-m", "uvc", "compress", "--model", str(model_dir), "--budget", "0.5", "--seed", "3",
+               "--checkpoint-every", "2", *args]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run([*command, "--out", str(straight)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    kill_after_first_checkpoint([*command, "--out", str(killed)], killed, env, timeout=timeout)
+    resumed = subprocess.run([*command, "--out", str(killed), "--resume"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_weights(straight, killed)
+    return straight, killed, resumed
 
 
 @pytest.fixture(scope="session")

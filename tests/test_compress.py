@@ -15,7 +15,7 @@ from uvc.engine import Schedule, make_optimizer
 from uvc.gates import gated_blocks
 from uvc.search import SearchConfig
 
-from conftest import fvcore_macs, kill_after_first_checkpoint, same_weights
+from conftest import fvcore_macs, straight_killed_resumed
 
 pytestmark = pytest.mark.usefixtures("require_fmnist")
 
@@ -93,9 +93,11 @@ def test_bad_budgets_are_refused_up_front(tmp_path, budget, message):
     assert not (tmp_path / "out").exists()
 
 
+CLI_ENV = dict(os.environ, UVC_PROGRESS="0", OMP_NUM_THREADS="1")
+
+
 def run_cli(*args, **kwargs):
-    env = dict(os.environ, UVC_PROGRESS="0", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "uvc", *args], capture_output=True, text=True, env=env, **kwargs)
+    return subprocess.run([sys.executable, "-m", "uvc", *args], capture_output=True, text=True, env=CLI_ENV, **kwargs)
 
 
 # The CPU path on every machine: GPU runs are tests/test_cuda.py's.
@@ -149,20 +151,9 @@ def test_cli_unwritable_output(tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_model(tmp_path):
-    model_dir = tmp_path / "tiny"
-    uvc.save(tiny_vit(), model_dir)
-    common = ["compress", "--model", str(model_dir), "--budget", "0.5", "--seed", "3", "--checkpoint-every", "2", *CLI_TINY]
-    straight = run_cli(*common, "--out", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr
-
-    out = tmp_path / "killed"
-    env = dict(os.environ, UVC_PROGRESS="0", OMP_NUM_THREADS="1")
-    kill_after_first_checkpoint([sys.executable, "-m", "uvc", *common, "--out", str(out)], out, env)
-    resumed = run_cli(*common, "--out", str(out), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    straight, killed, resumed = straight_killed_resumed(tiny_vit(), tmp_path, CLI_TINY, CLI_ENV)
     assert "resumed from" in resumed.stderr
-    assert same_weights(tmp_path / "straight", out)
-    ra, rb = (json.loads((p / "report.json").read_text()) for p in (tmp_path / "straight", out))
+    ra, rb = (json.loads((p / "report.json").read_text()) for p in (straight, killed))
     assert ra["layers"] == rb["layers"] and ra["top1"] == rb["top1"]
 
 

@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from uvc.data import DataConfig
 from uvc.engine import Schedule, compare_throughput
 from uvc.search import SearchConfig
 
-from conftest import kill_after_first_checkpoint, random_plan, same_weights, small_vit
+from conftest import random_plan, small_vit, straight_killed_resumed
 from test_compress import tiny_vit
 from test_device_dtype import search_tensors, stepped_search
 
@@ -28,10 +27,6 @@ CUDA = torch.device("cuda")
 ENV = dict(os.environ, UVC_PROGRESS="0", OMP_NUM_THREADS="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
 CLI_CUDA = ["--device", "cuda", "--deterministic", "--train-limit", "512", "--val-limit", "256", "--test-limit", "256",
             "--batch-size", "64", "--search-epochs", "3", "--warmup-epochs", "0.5", "--post-epochs", "1"]
-
-
-def run_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "uvc", *args], capture_output=True, text=True, env=ENV, **kwargs)
 
 
 def test_compress_on_cuda_delivers_the_budget(tmp_path):
@@ -65,16 +60,7 @@ def test_slim_on_cuda_equals_masked(dtype, tolerance):
 
 
 def test_killed_cuda_run_resumes_bit_exactly(tmp_path):
-    model_dir = tmp_path / "tiny"
-    uvc.save(tiny_vit(), model_dir)
-    common = ["compress", "--model", str(model_dir), "--budget", "0.5", "--seed", "3", "--checkpoint-every", "2", *CLI_CUDA]
-    straight = run_cli(*common, "--out", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr
-    out = tmp_path / "killed"
-    kill_after_first_checkpoint([sys.executable, "-m", "uvc", *common, "--out", str(out)], out, ENV, timeout=300)
-    resumed = run_cli(*common, "--out", str(out), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert same_weights(tmp_path / "straight", out)
+    straight_killed_resumed(tiny_vit(), tmp_path, CLI_CUDA, ENV, timeout=300)
 
 
 def test_throughput_on_cuda_times_both_models_alternately():
