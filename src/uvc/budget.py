@@ -90,7 +90,7 @@ def removal_costs(norms: list[GroupNorms], relative: bool = True) -> list[list[t
 
     Weight norms of different kinds and layers are not on one scale, so by default each is taken
     relative to the layer's total for that kind. Importance already in loss units (the search's
-    Fisher estimates) compares as it is: `relative=False`.
+    Taylor estimates) compares as it is: `relative=False`.
     """
     costs = []
     for block_norms in norms:

@@ -195,7 +195,7 @@ class Run:
         if distributed.is_main():
             state = {"run": asdict(self.state), "rng": _rng_states(), "optimizer": self.optimizer.state_dict()}
             if self.state.phase == "search":
-                state.update(student=self.student.state_dict(), search=self.search.search_state())
+                state.update(student=self.student.state_dict(), search=self.search.state_dict())
             else:
                 state.update(arch=arch_of(self.slimmed), slimmed=self.slimmed.state_dict())
             save_checkpoint(self.out / CHECKPOINT, state)
@@ -216,7 +216,7 @@ class Run:
             raise UVCError(f"{path} belongs to a run with another model or budget; use another --out or drop --resume")
         if run.phase == "search":
             self.student.load_state_dict(state["student"])
-            self.search.load_search_state(state["search"])
+            self.search.load_state_dict(state["search"])
         else:
             self._start_post_training(build_from_arch(state["arch"]).to(self.device, self.dtype))
             self.slimmed.load_state_dict(state["slimmed"])

@@ -202,6 +202,7 @@ class Search(nn.Module):
         """
         keep = torch.where(self.hard_keep() > 0, 1.0, fade).to(self.gate_margin)
         halves = torch.stack(self._halves(keep), dim=1)
+        probe = probe and bool(self.gate_enabled.any())  # the estimates only serve gates that exist
         self._keep_probe = halves.requires_grad_(True) if probe else None
         for l, block in enumerate(self._blocks):
             block.attn_keep, block.mlp_keep = (halves[l, 0], halves[l, 1]) if probe else (float(halves[l, 0]), float(halves[l, 1]))
@@ -319,18 +320,17 @@ class Search(nn.Module):
         With skipping alone, z rises and falls by exponentiated gradient ascent, z *= e^{lr_z (R - B)},
         from the gates' median price.
         """
-        cfg = self.cfg
+        cfg, first = self.cfg, float(self.price) == 0.0  # `price` is set by the first dual step
         if cfg.prune:
             self.y.add_(cfg.y_lr * self.phi).clamp_(min=0.0)
             price = self._marginal_price()
-            first = float(self.price) == 0.0
             self.z.copy_(price if first else cfg.importance_decay * self.z + (1 - cfg.importance_decay) * price)
         else:
-            if float(self.price) == 0.0:
+            if first:
                 self.z.copy_(self._marginal_price())
             step = torch.clamp(self.resource() - self.budget, -cfg.z_step_clip, cfg.z_step_clip)
             self.z.mul_(torch.exp(cfg.z_lr * step))
-        if float(self.price) == 0.0:
+        if first:
             self.price.copy_(self.z)
 
     def _marginal_price(self) -> torch.Tensor:
@@ -391,13 +391,6 @@ class Search(nn.Module):
         l, g = divmod(int(distance.argmin()), len(GATES))
         self.gate_margin[l, g] = 1e-3 if skipped else -1e-3
         return True
-
-    def search_state(self) -> dict:
-        """Everything a resumed search needs."""
-        return {"module": self.state_dict()}
-
-    def load_search_state(self, state: dict) -> None:
-        self.load_state_dict(state["module"])
 
 
 def _imbalance(cost: torch.Tensor, saving: torch.Tensor) -> torch.Tensor:
