@@ -6,7 +6,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import uvc
-from uvc.compensate import HALVES, _branch, _scaled, block_inputs, compensate
+from uvc.compensate import HALVES, _branch, _scaled, block_inputs, compensate, compensate_masked
+from uvc.gates import make_compressible, set_plan
 from uvc.adapters import adapter_for
 from uvc.budget import uniform_plan
 from uvc.oneshot import one_shot
@@ -151,3 +152,23 @@ def test_t2t_vit_is_compensated_through_its_adapter():
     assert len(stats["layers"]) == 2 * len(dense.blocks)
     held_out = [torch.randn(8, 3, 32, 32)]
     assert logits_error(after, dense, held_out) < logits_error(before, dense, held_out)
+
+
+def test_a_gated_model_compensated_in_place_computes_the_compensated_slimmed_model():
+    """The search's compensated start: under the plan's masks, the refitted gated model is the refitted slimmed
+    one; the removed columns keep their weights (masked now, they can come back if the search restores them)."""
+    dense, plan = tiny_vit(), pruned_plan()
+    expected = uvc.slim(dense, plan)
+    compensate(dense, expected, plan, images(64, 1))
+    gated = make_compressible(tiny_vit())
+    before = [b.mlp.fc2.weight.clone() for b in adapter_for(gated).blocks(gated)]
+    compensate_masked(gated, plan, images(64, 1))
+    set_plan(gated, plan)
+    for x in images(32, 2):
+        torch.testing.assert_close(gated(x), expected(x), atol=1e-5, rtol=1e-4)
+    assert logits_error(gated, dense, images(32, 2)) > 0  # it did change the model
+    for layer, block, old in zip(plan, adapter_for(gated).blocks(gated), before):
+        removed = sorted(set(range(old.shape[1])) - set(layer.neurons))
+        torch.testing.assert_close(block.mlp.fc2.weight[:, removed], old[:, removed], atol=0, rtol=0)
+        if layer.mlp:
+            assert not torch.equal(block.mlp.fc2.weight[:, layer.neurons], old[:, layer.neurons])

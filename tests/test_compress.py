@@ -12,7 +12,8 @@ import uvc
 from uvc.compress import CompressConfig, Run, compress
 from uvc.data import DataConfig
 from uvc.engine import Schedule, make_optimizer
-from uvc.gates import gated_blocks
+from uvc.compensate import compensate
+from uvc.gates import gated_blocks, set_plan
 from uvc.search import SearchConfig
 
 from conftest import fvcore_macs, straight_killed_resumed
@@ -168,6 +169,27 @@ def test_one_shot_compression_meets_the_budget_without_training(tmp_path):
     assert 0.49 <= report["ratio"] <= 0.5 and uvc.macs(uvc.load(tmp_path / "out")) == report["macs"]
     assert report["history"] == [] and report["config"]["one_shot"] and report["config"]["post"]["epochs"] == 0
     assert report["top1_val"] == report["top1_val_after_search"]  # nothing trained after slimming
+
+
+def test_a_compensated_start_cuts_the_start_plan_at_step_0_and_refits_what_reads_it(tmp_path):
+    """start="compensate": no fade; before the first step the student under its start plan is the one-shot
+    compensated model of that plan, which is closer to the dense model than the plain cut."""
+    dense = tiny_vit()
+    run = Run(tiny_config(tmp_path, 0.5, start="compensate"), model=dense)
+    assert run.fade_steps == 0
+    plan = run.search.current_plan()
+    plain_cut = uvc.slim(dense, plan)
+    expected = uvc.slim(dense, plan)
+    compensate(dense, expected, plan, (x for x, _ in run.data.calibration), max_images=run.cfg.calibration_images)
+    run._compensated_start()
+    set_plan(run.student, plan)
+    run.student.eval()
+    x = next(iter(run.data.val))[0]
+    torch.testing.assert_close(run.student(x), expected(x), atol=1e-4, rtol=1e-4)
+    error = lambda model: float((model(x) - dense(x)).pow(2).mean())
+    assert error(expected) < 0.5 * error(plain_cut)
+    report = compress(tiny_config(tmp_path / "full", 0.5, start="compensate"), model=tiny_vit())
+    assert 0.49 <= report["ratio"] <= 0.5
 
 
 def test_the_learning_rate_scales_linearly_with_the_global_batch():

@@ -21,7 +21,7 @@ from .errors import UVCError
 from .flops import macs
 from .info import describe
 from .models import default_teacher_dir, load_model, param_count
-from .search import SKIP_MODES, SearchConfig
+from .search import SKIP_MODES, STARTS, SearchConfig
 from .teacher import TeacherConfig, train_teacher
 
 log = logging.getLogger("uvc")
@@ -103,7 +103,7 @@ def cmd_compress(a) -> int:
                                             c.search.schedule.warmup_epochs, c.search.schedule.lr_batch),
                           warmup_epochs=a.warmup_epochs, prune=not a.no_prune,
                           skip="none" if a.no_skip else "both" if a.no_prune and a.skip == "none" else a.skip,
-                          width_multiple=a.width_multiple)
+                          width_multiple=a.width_multiple, start=a.start)
     kd = KDConfig(kind="none" if a.no_kd else a.kd, alpha=a.kd_alpha, temperature=a.kd_temperature)
     cfg = CompressConfig(model=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, img_size=a.img_size,
                          teacher=a.teacher, budget=a.budget, out=a.out, data=_data_config(a), search=search, kd=kd,
@@ -180,8 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--one-shot", action="store_true",
                    help="no search and no training: rank groups on calibration images, fit the budget, compensate "
                         "the layers that read removed groups by least squares, slim (add --post-epochs N for KD)")
+    c.add_argument("--start", choices=STARTS, default=C.search.start,
+                   help="how the search leaves the dense model: fade (the start plan's groups fade out) or compensate "
+                        "(cut at once, what reads them refitted by least squares on --calibration-images)")
     c.add_argument("--calibration-images", type=int, default=C.calibration_images,
-                   help="unlabeled training images for --one-shot")
+                   help="unlabeled training images for --one-shot and --start compensate")
     c.add_argument("--no-prune", action="store_true", help="ablation: skipping only")
     c.add_argument("--no-skip", action="store_true", help="ablation: pruning only")
     c.add_argument("--no-kd", action="store_true", help="ablation: labels only")

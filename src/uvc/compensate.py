@@ -38,6 +38,7 @@ from torch import nn
 from .errors import UVCError
 from .adapters import adapter_for
 from .plan import LayerPlan
+from .slim import slim
 
 
 MODES = ("refit", "bias")
@@ -166,17 +167,42 @@ def _refit_layer(layer: nn.Linear, dense_layer: nn.Linear, removed: torch.Tensor
     return {"features": w0.shape[1], "mse_before": eq.error(theta0) / scale, "mse_after": eq.error(theta) / scale}
 
 
+def _kept_columns(layer: LayerPlan, half: tuple, dense_block: nn.Module) -> torch.Tensor:
+    """Columns of the dense reading layer that the plan keeps (dense numbering, ascending as slimming keeps them)."""
+    kept = layer.attention_columns(dense_block.attn.head_dim) if half[0] == "attn" else layer.neurons
+    return torch.tensor(kept, dtype=torch.long)
+
+
 def _removed_columns(layer: LayerPlan, half: tuple, dense_block: nn.Module) -> torch.Tensor:
     """Columns of the dense reading layer that the plan removes (dense numbering)."""
-    if half[0] == "attn":
-        width = dense_block.attn.head_dim
-        kept = [h * width + j for h, dims in zip(layer.heads, layer.dims) for j in dims]
-        size = dense_block.attn.proj.in_features
-    else:
-        kept, size = layer.neurons, dense_block.mlp.fc2.in_features
-    mask = torch.ones(size, dtype=torch.bool)
-    mask[torch.tensor(kept, dtype=torch.long)] = False
+    reader = getattr(getattr(dense_block, half[0]), half[3])
+    mask = torch.ones(reader.in_features, dtype=torch.bool)
+    mask[_kept_columns(layer, half, dense_block)] = False
     return torch.nonzero(mask).flatten()
+
+
+@torch.no_grad()
+def compensate_masked(model: nn.Module, plan: list[LayerPlan], batches: Iterable, **options) -> dict:
+    """Compensate a gated model for the groups `plan` is about to mask, in place: the search's cut start.
+
+    The refit is `compensate`'s, on `slim(model, plan)` against `model` (its masks must still be all
+    ones); the kept columns and the bias of each `proj` and `fc2` then take the refitted values. The
+    removed columns keep their weights: masked, they do nothing, and the search may bring them back.
+    """
+    slimmed = slim(model, plan)
+    stats = compensate(model, slimmed, plan, batches, **options)
+    blocks = list(adapter_for(model).blocks(model))
+    for l, slim_block in _survivors(plan, blocks, list(adapter_for(slimmed).blocks(slimmed))).items():
+        for half in HALVES:
+            fitted = getattr(slim_block, half[0])
+            if fitted is None:
+                continue
+            reader, refit = (getattr(getattr(b, half[0]), half[3]) for b in (blocks[l], slim_block))
+            cols = _kept_columns(plan[l], half, blocks[l]).to(reader.weight.device)
+            reader.weight[:, cols] = refit.weight.to(reader.weight.dtype)
+            if reader.bias is not None:
+                reader.bias.copy_(refit.bias)
+    return stats
 
 
 def _survivors(plan: list[LayerPlan], dense_blocks: list, slim_blocks: list) -> dict[int, nn.Module]:

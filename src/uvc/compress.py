@@ -26,6 +26,7 @@ from torch import nn
 from . import distributed
 from .adapters import adapter_for
 from .budget import check_budget
+from .compensate import compensate_masked
 from .data import DataConfig, build_data
 from .distill import KDConfig, distillation_loss
 from .engine import (Schedule, autocast, compare_throughput, evaluate, load_checkpoint, make_optimizer, model_dtype,
@@ -65,7 +66,7 @@ class CompressConfig:
     post: Schedule = field(default_factory=lambda: Schedule(epochs=2.0, lr=3e-4, weight_decay=0.05, warmup_epochs=0.1,
                                                             lr_batch=128))
     one_shot: bool = False  # no search: rank groups, fit the plan, compensate by least squares, slim; then `post`
-    calibration_images: int = 1000  # unlabeled training images for one-shot importance and compensation
+    calibration_images: int = 1000  # unlabeled training images for compensation (one-shot, or the compensated start)
     seed: int = 0
     device: str = "auto"
     resume: bool = False
@@ -162,7 +163,8 @@ class Run:
             raise UVCError("the training set is smaller than one batch; lower --batch-size or use more data")
         self.search_steps = max(1, cfg.search.schedule.steps(self.steps_per_epoch))
         self.warmup_steps = round(cfg.search.warmup_epochs * self.steps_per_epoch)
-        self.fade_steps = round(cfg.search.fade_epochs * self.steps_per_epoch)
+        fade_epochs = 0.0 if cfg.search.start == "compensate" else cfg.search.fade_epochs
+        self.fade_steps = round(fade_epochs * self.steps_per_epoch)
         self.post_steps = cfg.post.steps(self.steps_per_epoch)
         self.optimizer, self.scheduler = make_optimizer(self.student, cfg.search.schedule, self.steps_per_epoch,
                                                         cfg.data.batch_size)
@@ -315,6 +317,14 @@ class Run:
             log.info("all %d ranks hold the same search state and architecture", distributed.world_size())
         self.begin_post_training(slim(self.student, plan), plan)
 
+    def _compensated_start(self) -> None:
+        """Cut the start plan at once and refit what reads the cut groups, before the first step."""
+        calibration = (x.to(self.device, self.dtype) for x, _ in self.data.calibration)
+        stats = compensate_masked(self.student, self.search.current_plan(), calibration,
+                                  max_images=self.cfg.calibration_images)
+        log.info("compensated start: %d proj / fc2 layers refitted on %d images in %.1f s", len(stats["layers"]),
+                 stats["images"], stats["seconds"])
+
     def _one_shot(self) -> None:
         """Importance from calibration images, the plan fitted to the budget, compensation, slimming: no gradient step."""
         dense = copy.deepcopy(self.dense).to(self.device, self.dtype)
@@ -351,6 +361,8 @@ class Run:
         if self.state.phase == "search" and self.cfg.one_shot:
             self._one_shot()
         elif self.state.phase == "search":
+            if self.state.step == 0 and self.cfg.search.start == "compensate":
+                self._compensated_start()
             self._set_distilled_training(self.student)
             self._loop(self.search_steps, self.search_step, "search")
             self._finish_search()

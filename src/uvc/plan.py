@@ -48,6 +48,11 @@ class LayerPlan:
         attn, mlp = attn and bool(heads), mlp and bool(neurons)
         return cls(heads if attn else [], dims if attn else [], neurons if mlp else [], attn, mlp)
 
+    def attention_columns(self, head_dim: int) -> list[int]:
+        """The kept head dimensions as indices into the dense heads x head_dim layout (rows of q, k and v;
+        columns of the output projection), in the order slimming keeps them."""
+        return [h * head_dim + j for h, dims in zip(self.heads, self.dims) for j in dims]
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -46,6 +46,7 @@ from .resource import Skeleton
 
 SKIP_MODES = ("both", "block", "halves", "none")
 IMPORTANCE = ("taylor", "norm")
+STARTS = ("fade", "compensate")
 GATES = ("block", "attn", "mlp")
 
 
@@ -57,6 +58,7 @@ class SearchConfig:
                                                                 warmup_epochs=0.05, lr_batch=128))
     warmup_epochs: float = 0.2  # the Taylor estimates settle before the counts, the gates and the duals move
     fade_epochs: float = 0.5  # marked groups and skipped halves fade from 1 to 0 over this many epochs (0: at once)
+    start: str = "fade"  # "compensate": cut the start plan at once, its proj / fc2 refitted by least squares (no fade)
     prune: bool = True
     skip: str = "none"  # which skip gates exist: block, halves (attention / MLP), both, or none (see docs/method.md)
     importance: str = "taylor"  # which groups are removed first: "taylor" (the loss's sensitivity) or "norm" (weights)
@@ -74,6 +76,8 @@ class SearchConfig:
         self.schedule.validate("search", allow_zero=False)
         if self.skip not in SKIP_MODES:
             raise UVCError(f"skip mode {self.skip!r} is not one of {', '.join(SKIP_MODES)}")
+        if self.start not in STARTS:
+            raise UVCError(f"search start {self.start!r} is not one of {', '.join(STARTS)}")
         if self.importance not in IMPORTANCE:
             raise UVCError(f"importance {self.importance!r} is not one of {', '.join(IMPORTANCE)}")
         if self.warmup_epochs < 0 or self.fade_epochs < 0:
@@ -356,6 +360,12 @@ class Search(nn.Module):
                     "y": float(self.y.mean()), "skipped": int((keep == 0).sum()),
                     "shrink": float(self.shrink.min())}
 
+    def current_plan(self) -> list[LayerPlan]:
+        """The plan the current counts and gates describe, without fitting (at step 0: the start plan)."""
+        attn, mlp = self._halves(self.hard_keep())
+        ranks = [self.importance(l) for l in range(len(self._blocks))]
+        return plan_of_counts(ranks, self.removed().detach(), attn, mlp)
+
     # ---- the end of the search -------------------------------------------------------------
     @torch.no_grad()
     def final_plan(self, tolerance: float = 0.01) -> list[LayerPlan]:
@@ -407,4 +417,4 @@ def _in_removal_order(rank: GroupNorms, values: GroupNorms) -> list[torch.Tensor
             values.neurons[rank.neurons.argsort()]]
 
 
-__all__ = ["SearchConfig", "Search", "fade_at", "ste_round", "SKIP_MODES", "IMPORTANCE"]
+__all__ = ["SearchConfig", "Search", "fade_at", "ste_round", "SKIP_MODES", "IMPORTANCE", "STARTS"]

@@ -114,8 +114,7 @@ def slim_block(block: nn.Module, plan: LayerPlan) -> SlimBlock | None:
         return None
     if slim.attn is not None:
         width = attn.num_heads * attn.head_dim
-        q_rows = torch.tensor([h * attn.head_dim + j for h, dims in zip(plan.heads, plan.dims) for j in dims],
-                              device=weight.device)
+        q_rows = torch.tensor(plan.attention_columns(attn.head_dim), device=weight.device, dtype=torch.long)
         _copy_linear(slim.attn.qkv, attn.qkv, rows=torch.cat([q_rows, q_rows + width, q_rows + 2 * width]))
         _copy_linear(slim.attn.proj, attn.proj, cols=q_rows)
         _copy_norm_and_scale(slim.norm1, slim.ls1, block.norm1, block.ls1)
