@@ -109,7 +109,8 @@ def compress_config(s: Settings, budget: float, out: Path, method: str, seed: in
     search = SearchConfig(
         schedule=dataclasses.replace(defaults.search.schedule, epochs=s.search_epochs),
         warmup_epochs=s.search_warmup_epochs, frozen=method == "control",
-        skip="both" if method == "uvc_skip" else "none", importance="norm" if method == "uvc_norm" else "taylor")
+        skip="both" if method == "uvc_skip" else "none", importance="norm" if method == "uvc_norm" else "taylor",
+        start="compensate" if method == "uvc_compensated" else "fade")
     post = dataclasses.replace(defaults.post, epochs=training_epochs(s, method)[1], lr=post_lr or defaults.post.lr)
     data = DataConfig(train_limit=s.train_limit, val_limit=s.val_limit, test_limit=s.test_limit, batch_size=s.batch_size)
     return CompressConfig(budget=budget, out=str(out), device="cpu", seed=seed, data=data, search=search, post=post,

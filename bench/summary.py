@@ -27,12 +27,13 @@ LABELS = {
     "compensated": "one-shot uniform plan + LS compensation + KD",
     "uvc_skip": "UVC with skip gates (--skip both)",
     "uvc_norm": "UVC ranking by weight norms",
+    "uvc_compensated": "UVC with a compensated start (--start compensate)",
     "tp_taylor": "Torch-Pruning global Taylor + KD",
 }
 MAIN_METHODS = ("uvc", "control", "uniform", "tp_magnitude", "compensated")  # every seed
-ABLATIONS = ("uvc_skip", "uvc_norm", "tp_taylor")  # seed 0 only
+ABLATIONS = ("uvc_skip", "uvc_norm", "uvc_compensated", "tp_taylor")  # seed 0 only
 BASELINES = ("uniform", "tp_magnitude", "compensated")  # what "UVC beats every baseline" means
-SEARCHED = ("uvc", "control", "uvc_skip", "uvc_norm")  # go through uvc.compress (search + post)
+SEARCHED = ("uvc", "control", "uvc_skip", "uvc_norm", "uvc_compensated")  # go through uvc.compress (search + post)
 
 
 # ---- statistics ------------------------------------------------------------------------------
