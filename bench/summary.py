@@ -386,7 +386,9 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "- **UVC**: `uvc.compress` with the default search (Taylor-priced width allocation, marked groups fading "
             "out over half the search, skip gates off, soft KD), then the exact fit to the budget, slimming and "
             "post-training. Its ablations flip one switch each: `skip=\"both\"` (block and half skip gates priced on "
-            "the same scale as width) and `importance=\"norm\"` (groups ranked by weight norms; the costs stay Taylor).",
+            "the same scale as width), `importance=\"norm\"` (groups ranked by weight norms; the costs stay Taylor) "
+            "and `start=\"compensate\"` (the start plan cut at step 0, each `proj` / `fc2` that reads it refitted by "
+            "least squares on the calibration images, instead of the fade).",
             "- **control**: the same `uvc.compress` with `SearchConfig(frozen=True)`: the search starts at the uniform "
             "plan, its groups fade out on the same schedule, and only the weights train, through the same masks and KD, "
             "for the search's epochs; no ratio, gate or dual moves. Same fit, slimming and post-training as UVC.",
@@ -428,14 +430,19 @@ def data_efficiency(folder: Path) -> list[str]:
                 ""]
     if few.is_file():
         r = json.loads(few.read_text())
-        rows = [[f"{x['images']}", LABELS[x["method"]], f"{x['ratio']:.4f}", f"{x['top1_val_before_post']:.2f}",
-                 f"{x['top1_val']:.2f}", f"{x['top1']:.2f}", f"{x['top1'] - x['top1_teacher']:+.2f}",
-                 f"{x['seconds']:.0f}"] for x in r["runs"]]
+        groups: dict[tuple, list[dict]] = {}
+        for x in r["runs"]:
+            groups.setdefault((x["images"], x["method"]), []).append(x)
+        rows = [[f"{images}", LABELS[method], len(xs), f"{statistics.fmean(x['ratio'] for x in xs):.4f}",
+                 fmt([x["top1_val_before_post"] for x in xs]), fmt([x["top1_val"] for x in xs]),
+                 fmt([x["top1"] for x in xs]), f"{statistics.fmean(x['top1'] - x['top1_teacher'] for x in xs):+.2f}",
+                 f"{statistics.fmean(x['seconds'] for x in xs):.0f}"] for (images, method), xs in groups.items()]
+        seeds = max(len(xs) for xs in groups.values())
         out += ["## 5. Few training images (issue 14)", "",
                 f"Command: `{r['command']}`, {r['date']}, {r['machine']['threads']} thread(s), load average "
-                f"{r['load_average_start'][0]:.1f} -> {r['load_average_end'][0]:.1f}. B = {r['budget']}, one seed; "
-                "2 epochs of training for every method (UVC 1 search + 1 post-training, the others 2 of post-training) "
-                "over only the first N training images; validation and test as above.", "",
-                _table(["images", "method", "R", "val before post", "val top-1", "test top-1", "vs teacher (test)",
-                        "seconds"], rows), ""]
+                f"{r['load_average_start'][0]:.1f} -> {r['load_average_end'][0]:.1f}. B = {r['budget']}, {seeds} seed(s), "
+                "mean ± std; 2 epochs of training for every method (UVC 1 search + 1 post-training, the others 2 of "
+                "post-training) over only the first N training images; validation and test as above.", "",
+                _table(["images", "method", "seeds", "R", "val before post", "val top-1", "test top-1",
+                        "vs teacher (test, mean)", "seconds"], rows), ""]
     return out
