@@ -194,8 +194,7 @@ def compensate_masked(model: nn.Module, plan: list[LayerPlan], batches: Iterable
     blocks = list(adapter_for(model).blocks(model))
     for l, slim_block in _survivors(plan, blocks, list(adapter_for(slimmed).blocks(slimmed))).items():
         for half in HALVES:
-            fitted = getattr(slim_block, half[0])
-            if fitted is None:
+            if getattr(slim_block, half[0]) is None:
                 continue
             reader, refit = (getattr(getattr(b, half[0]), half[3]) for b in (blocks[l], slim_block))
             cols = _kept_columns(plan[l], half, blocks[l]).to(reader.weight.device)
