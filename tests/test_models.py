@@ -7,7 +7,10 @@ import time
 import timm
 import torch
 
-from uvc.models import load_model
+import pytest
+
+from uvc.errors import UVCError
+from uvc.models import load_model, save
 
 
 def test_pretrained_without_network_fails_fast_and_names_the_fix(tmp_path):
@@ -36,3 +39,14 @@ def test_original_deit_checkpoint_loads(tmp_path):
     own = loaded.state_dict()
     assert own.keys() == reference.state_dict().keys()
     assert all(torch.equal(own[k], v) for k, v in reference.state_dict().items())
+
+
+def test_build_options_for_a_model_that_is_already_built_are_refused_not_ignored(tmp_path):
+    net = load_model(None)
+    save(net, tmp_path / "saved")
+    for model in (net, None, str(tmp_path / "saved")):
+        with pytest.raises(UVCError, match="img_size only apply when a timm model is built by name"):
+            load_model(model, img_size=56)
+    with pytest.raises(UVCError, match="checkpoint, pretrained only apply"):
+        load_model(net, checkpoint="w.pth", pretrained=True)
+    assert load_model(net) is net

@@ -203,6 +203,12 @@ def load_model(model: str | nn.Module | None = None, checkpoint: str | None = No
     the named architecture; `pretrained` asks timm for released weights, which needs the network.
     `timm_kwargs` (e.g. `img_size=112`) go to `timm.create_model`.
     """
+    built = isinstance(model, nn.Module) or model is None or Path(model).is_dir()
+    options = [name for name, given in (("checkpoint", checkpoint), ("pretrained", pretrained), *timm_kwargs.items()) if given]
+    if built and options:
+        what = "the bundled teacher" if model is None else "a model object" if isinstance(model, nn.Module) else model
+        raise UVCError(f"{', '.join(options)} only apply when a timm model is built by name, and {what} is built "
+                       "already: drop them, or pass the timm name as --model")
     if isinstance(model, nn.Module):
         net = hf.to_timm(model) if type(model).__module__.startswith("transformers.") else model
     elif model is None or (model == DEFAULT_TEACHER and not checkpoint and not timm_kwargs):
