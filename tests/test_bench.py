@@ -347,7 +347,10 @@ def test_data_efficiency_sections_come_from_their_result_files(tmp_path):
            "top1": 89.9, "top1_teacher": 90.21, "seconds": 60}
     (tmp_path / "few_images.json").write_text(json.dumps({"command": "python bench/few_images.py", "date": "today",
                                                            "machine": {"threads": 1}, "load_average_start": [1, 1, 1],
-                                                           "load_average_end": [1, 1, 1], "budget": 0.5, "runs": [run]}))
+                                                           "load_average_end": [1, 1, 1], "budget": 0.5,
+                                                           "runs": [run, {**run, "top1_val_before_post": 90.8, "top1_val": 91.0,
+                                                                          "top1": 89.7, "seconds": 70}]}))
     text = "\n".join(summary.data_efficiency(tmp_path))
     assert "| 0.5 | activation | global | refit-stream | 0.4999 | 91.28 | 89.83 | 6.4 |" in text
-    assert "| 3000 | " in text and "| 89.90 | -0.31 |" in text
+    assert ("| 3000 | one-shot uniform plan + LS compensation + KD | 2 | 0.5000 | 90.90 ± 0.14 | 91.10 ± 0.14 | "
+            "89.80 ± 0.14 | -0.41 | 65 |") in text  # the seeds' mean ± std, one row per (images, method)
