@@ -124,7 +124,7 @@ def prune_baseline(method: str, teacher, budget: float, cfg: CompressConfig, s: 
         plan = uniform_plan(teacher, budget)
         return uvc.slim(teacher, plan), plan
     if method == "compensated":
-        batches = build_data(cfg.data, seed=cfg.seed).train
+        batches = build_data(cfg.data, seed=cfg.seed).calibration  # unaugmented, fixed order, as `--one-shot` uses
         slimmed, plan, _ = one_shot(model=teacher, budget=budget, batches=batches, importance=COMPENSATED_IMPORTANCE,
                                     allocation="uniform", compensate=True, calibration_images=s.calibration_images)
         return slimmed, plan

@@ -172,10 +172,22 @@ def test_uniform_baseline_reaches_the_budget(tmp_path):
 
 
 def test_compensated_baseline_reaches_the_budget(tmp_path, fmnist_available):
-    pytest.importorskip("uvc.oneshot", exc_type=ImportError)  # being written beside this bench
     if not fmnist_available:
         pytest.skip("Fashion-MNIST is missing")
     _check_baseline("compensated", tmp_path)
+
+
+def test_the_compensated_baseline_calibrates_on_unaugmented_images_whatever_the_seed(tmp_path, fmnist_available):
+    """Like `--one-shot`: the seed changes the training that follows, not the one-shot model."""
+    if not fmnist_available:
+        pytest.skip("Fashion-MNIST is missing")
+    teacher = tiny_vit()
+    models = [bench.prune_baseline("compensated", teacher, 0.5, bench.compress_config(TINY, 0.5, tmp_path, "compensated", seed),
+                                   TINY)[0] for seed in (0, 1)]
+    plain = uvc.slim(teacher, bench.plan_of_slimmed(models[0]))
+    weights = [dict(m.named_parameters()) for m in (*models, plain)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])  # and it was compensated
 
 
 def test_a_control_run_and_a_baseline_run_report_what_the_tables_need(tmp_path, fmnist_available):
