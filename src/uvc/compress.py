@@ -163,8 +163,7 @@ class Run:
             raise UVCError("the training set is smaller than one batch; lower --batch-size or use more data")
         self.search_steps = max(1, cfg.search.schedule.steps(self.steps_per_epoch))
         self.warmup_steps = round(cfg.search.warmup_epochs * self.steps_per_epoch)
-        fade_epochs = 0.0 if cfg.search.start == "compensate" else cfg.search.fade_epochs
-        self.fade_steps = round(fade_epochs * self.steps_per_epoch)
+        self.fade_steps = cfg.search.fade_steps(self.steps_per_epoch)
         self.post_steps = cfg.post.steps(self.steps_per_epoch)
         self.optimizer, self.scheduler = make_optimizer(self.student, cfg.search.schedule, self.steps_per_epoch,
                                                         cfg.data.batch_size)
@@ -317,10 +316,13 @@ class Run:
             log.info("all %d ranks hold the same search state and architecture", distributed.world_size())
         self.begin_post_training(slim(self.student, plan), plan)
 
+    def _calibration(self):
+        """The unlabeled, unaugmented calibration images on this run's device and dtype (labels dropped)."""
+        return (x.to(self.device, self.dtype) for x, _ in self.data.calibration)
+
     def _compensated_start(self) -> None:
         """Cut the start plan at once and refit what reads the cut groups, before the first step."""
-        calibration = (x.to(self.device, self.dtype) for x, _ in self.data.calibration)
-        stats = compensate_masked(self.student, self.search.current_plan(), calibration,
+        stats = compensate_masked(self.student, self.search.current_plan(), self._calibration(),
                                   max_images=self.cfg.calibration_images)
         log.info("compensated start: %d proj / fc2 layers refitted on %d images in %.1f s", len(stats["layers"]),
                  stats["images"], stats["seconds"])
@@ -328,8 +330,7 @@ class Run:
     def _one_shot(self) -> None:
         """Importance from calibration images, the plan fitted to the budget, compensation, slimming: no gradient step."""
         dense = copy.deepcopy(self.dense).to(self.device, self.dtype)
-        calibration = (x.to(self.device, self.dtype) for x, _ in self.data.calibration)
-        slimmed, plan, stats = one_shot(dense, self.cfg.budget, calibration, calibration_images=self.cfg.calibration_images,
+        slimmed, plan, stats = one_shot(dense, self.cfg.budget, self._calibration(), calibration_images=self.cfg.calibration_images,
                                         input_size=self.input_size)
         log.info("one-shot: %s importance, %s allocation, compensated on %d images", stats["importance"],
                  stats["allocation"], self.cfg.calibration_images)

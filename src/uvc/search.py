@@ -19,7 +19,8 @@ the least per MAC.
 
 One iteration, in the order `compress` calls the methods:
 1. `mark_groups`      masks from the current counts, the least important groups first; groups marked for
-                      removal sit at `fade` (1 -> 0 over `fade_epochs`: the start is gradual, not a cut)
+                      removal sit at `fade` (1 -> 0 over `fade_epochs`: the start is gradual, not a cut;
+                      with `start="compensate"` they are cut at once, after a least-squares refit)
    `set_gates`        the hard keep decisions (skipped parts also at `fade`); probes for the gradients
 2. (the weights take an optimizer step on task + KD: the training loop's job)
 3. `record_importance` Taylor moving averages from the probes' gradients
@@ -71,6 +72,10 @@ class SearchConfig:
     z_step_clip: float = 0.5
     y_init: float = 1e-3
     y_lr: float = 20.0
+
+    def fade_steps(self, steps_per_epoch: int) -> int:
+        """Steps over which marked groups fade out: none with a compensated start, which cuts them at once."""
+        return 0 if self.start == "compensate" else round(self.fade_epochs * steps_per_epoch)
 
     def validate(self) -> None:
         self.schedule.validate("search", allow_zero=False)
@@ -390,7 +395,7 @@ class Search(nn.Module):
             if float(self.skel.ratio(removed, attn, mlp)) >= self.budget - tolerance or not self._flip_closest(skipped=True):
                 break
         self.ratios.copy_(removed / self.sizes)
-        return plan_of_counts(ranks, removed, attn, mlp)
+        return self.current_plan()
 
     def _flip_closest(self, skipped: bool) -> bool:
         """Flip the enabled gate closest to the other decision (a kept one to skip, or a skipped one to keep)."""
