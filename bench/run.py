@@ -1,6 +1,6 @@
 """UVC against a frozen-search control and baselines at equal MACs and equal training; writes BENCHMARKS.md.
 
-    python bench/run.py            # full: budgets 0.3 / 0.5, 3 seeds, 38 runs, ~45 min on 2 free CPU cores
+    python bench/run.py            # full: budgets 0.3 / 0.5, 3 seeds, 40 runs, ~75 min on 2 free CPU cores
     python bench/run.py --quick    # a few minutes: budget 0.5, one seed, small data (runs/bench/quick/)
 
 Equal training: every method trains `search_epochs + post_epochs` epochs in all, with the seed's data
@@ -78,7 +78,8 @@ class Settings:
 # Timings behind FULL (2-core CPU, free; the 2026-11-25 full run): a search step at batch 128 takes ~0.70 s,
 # a post-training step ~0.3-0.4 s, and a run evaluates ~20,000 slimmed images (validation before and after
 # post-training, test; the teacher once per invocation). With 6,400 training images (50 steps an epoch) a
-# search + post run takes ~65-75 s and a baseline ~50-80 s: 38 runs ~42 min, speed and search cost ~4 min.
+# search + post run takes ~65-75 s and a baseline ~50-80 s: 40 runs ~45 min, speed and search cost ~4 min
+# (2 free cores; ~75 min on one thread beside other work).
 # 10,000 training images would take ~60 min.
 FULL = Settings(budgets=(0.3, 0.5), seeds=3, train_limit=6400, val_limit=None, test_limit=None, batch_size=128,
                 search_epochs=1.0, search_warmup_epochs=0.2, post_epochs=1.0, taylor_batches=8, calibration_images=1000,
@@ -110,7 +111,8 @@ def compress_config(s: Settings, budget: float, out: Path, method: str, seed: in
         schedule=dataclasses.replace(defaults.search.schedule, epochs=s.search_epochs),
         warmup_epochs=s.search_warmup_epochs, frozen=method == "control",
         skip="both" if method == "uvc_skip" else "none", importance="norm" if method == "uvc_norm" else "taylor",
-        start="compensate" if method == "uvc_compensated" else "fade")
+        start="compensate" if method == "uvc_compensated" else "fade",
+        end="searched" if method == "uvc_searched" else defaults.search.end)
     post = dataclasses.replace(defaults.post, epochs=training_epochs(s, method)[1], lr=post_lr or defaults.post.lr)
     data = DataConfig(train_limit=s.train_limit, val_limit=s.val_limit, test_limit=s.test_limit, batch_size=s.batch_size)
     return CompressConfig(budget=budget, out=str(out), device="cpu", seed=seed, data=data, search=search, post=post,

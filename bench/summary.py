@@ -28,12 +28,13 @@ LABELS = {
     "uvc_skip": "UVC with skip gates (--skip both)",
     "uvc_norm": "UVC ranking by weight norms",
     "uvc_compensated": "UVC with a compensated start (--start compensate)",
+    "uvc_searched": "UVC post-training the searched weights (--end searched)",
     "tp_taylor": "Torch-Pruning global Taylor + KD",
 }
 MAIN_METHODS = ("uvc", "control", "uniform", "tp_magnitude", "compensated")  # every seed
-ABLATIONS = ("uvc_skip", "uvc_norm", "uvc_compensated", "tp_taylor")  # seed 0 only
+ABLATIONS = ("uvc_skip", "uvc_norm", "uvc_compensated", "uvc_searched", "tp_taylor")  # seed 0 only
 BASELINES = ("uniform", "tp_magnitude", "compensated")  # what "UVC beats every baseline" means
-SEARCHED = ("uvc", "control", "uvc_skip", "uvc_norm", "uvc_compensated")  # go through uvc.compress (search + post)
+SEARCHED = ("uvc", "control", "uvc_skip", "uvc_norm", "uvc_compensated", "uvc_searched")  # go through uvc.compress (search + post)
 
 
 # ---- statistics ------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def tiny_vit():
 # ---- what the benchmark runs -----------------------------------------------------------------
 def test_full_run_plan_seeds_the_main_methods_and_runs_each_ablation_once():
     runs = bench.planned_runs(bench.FULL)
-    assert len(runs) == len(set(runs)) == 38
+    assert len(runs) == len(set(runs)) == 40
     assert bench.FULL.budgets == (0.3, 0.5) and bench.FULL.seeds >= 3
     for budget in bench.FULL.budgets:
         for method in summary.MAIN_METHODS:
@@ -84,6 +84,7 @@ def test_every_method_trains_equally_long_with_the_same_data_optimizer_and_kd(tm
     assert cfgs["uvc_skip"].search.skip == "both" and not cfgs["uvc_skip"].search.frozen
     assert cfgs["uvc_norm"].search.importance == "norm" and cfgs["uvc_norm"].search.skip == "none"
     assert cfgs["uvc_compensated"].search.start == "compensate" and uvc_cfg.search.start == control.start == "fade"
+    assert cfgs["uvc_searched"].search.end == "searched" and uvc_cfg.search.end == control.end == "rewind"
 
 
 def _search_state(run: Run) -> dict:

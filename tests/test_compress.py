@@ -192,6 +192,30 @@ def test_a_compensated_start_cuts_the_start_plan_at_step_0_and_refits_what_reads
     assert 0.49 <= report["ratio"] <= 0.5
 
 
+def test_a_rewound_end_post_trains_the_input_weights_at_the_searched_plan_refitted(tmp_path):
+    """end="rewind": post-training starts from the input model's weights slimmed at the searched plan and
+    compensated against it; the searched weights chose the plan and nothing else. end="searched" starts
+    from the searched weights. The input model is not changed either way."""
+    dense = tiny_vit()
+    untouched = {k: v.clone() for k, v in dense.state_dict().items()}
+    slimmed = {}
+    for end in ("rewind", "searched"):
+        run = Run(tiny_config(tmp_path / end, 0.5, end=end), model=dense)
+        run._loop(run.search_steps, run.search_step, "search")
+        run._finish_search()
+        plan = [uvc.LayerPlan.from_dict(p) for p in run.state.plan]
+        slimmed[end] = run.slimmed.eval()
+        x = next(iter(run.data.val))[0]
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in untouched.items())
+    expected = uvc.slim(dense, plan)
+    compensate(dense, expected, plan, (x for x, _ in run.data.calibration), max_images=run.cfg.calibration_images)
+    with torch.no_grad():
+        torch.testing.assert_close(slimmed["rewind"](x), expected(x), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(slimmed["searched"](x), expected(x), atol=1e-2)  # 24 steps of training moved it
+    report = compress(tiny_config(tmp_path / "full", 0.5, end="rewind"), model=tiny_vit())
+    assert 0.49 <= report["ratio"] <= 0.5
+
+
 def test_the_learning_rate_scales_linearly_with_the_global_batch():
     model = tiny_vit()
     stated = Schedule(1, 3e-4, lr_batch=128)

@@ -21,7 +21,7 @@ from .errors import UVCError
 from .flops import macs
 from .info import describe
 from .models import default_teacher_dir, load_model, param_count
-from .search import SKIP_MODES, STARTS, SearchConfig
+from .search import ENDS, SKIP_MODES, STARTS, SearchConfig
 from .teacher import TeacherConfig, train_teacher
 
 log = logging.getLogger("uvc")
@@ -103,7 +103,7 @@ def cmd_compress(a) -> int:
                                             c.search.schedule.warmup_epochs, c.search.schedule.lr_batch),
                           warmup_epochs=a.warmup_epochs, prune=not a.no_prune,
                           skip="none" if a.no_skip else "both" if a.no_prune and a.skip == "none" else a.skip,
-                          width_multiple=a.width_multiple, start=a.start)
+                          width_multiple=a.width_multiple, start=a.start, end=a.end)
     kd = KDConfig(kind="none" if a.no_kd else a.kd, alpha=a.kd_alpha, temperature=a.kd_temperature)
     cfg = CompressConfig(model=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, img_size=a.img_size,
                          teacher=a.teacher, budget=a.budget, out=a.out, data=_data_config(a), search=search, kd=kd,
@@ -183,8 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--start", choices=STARTS, default=C.search.start,
                    help="how the search leaves the dense model: fade (the start plan's groups fade out) or compensate "
                         "(cut at once, what reads them refitted by least squares on --calibration-images)")
+    c.add_argument("--end", choices=ENDS, default=C.search.end,
+                   help="what post-training starts from: rewind (the input weights slimmed at the searched plan, "
+                        "refitted by least squares on --calibration-images) or searched (the searched weights slimmed)")
     c.add_argument("--calibration-images", type=int, default=C.calibration_images,
-                   help="unlabeled training images for --one-shot and --start compensate")
+                   help="unlabeled training images for --one-shot, --start compensate and --end rewind")
     c.add_argument("--no-prune", action="store_true", help="ablation: skipping only")
     c.add_argument("--no-skip", action="store_true", help="ablation: pruning only")
     c.add_argument("--no-kd", action="store_true", help="ablation: labels only")

@@ -2,7 +2,8 @@
 
 Phases, each resumable from an atomic checkpoint written at every epoch boundary (and every
 `checkpoint_every` steps): search (primal-dual over weights, ratios, gates and duals) -> hard
-decisions fitted to the budget -> physical slimming -> post-training of the slimmed model with KD.
+decisions fitted to the budget -> physical slimming (by default of the input model's weights at the
+searched plan, refitted by least squares: `SearchConfig.end`) -> post-training of the slimmed model with KD.
 Monitoring reads the validation split; the test split is read once, at the end. The reported
 accuracy and MACs are those of the slimmed model that is saved.
 
@@ -26,7 +27,7 @@ from torch import nn
 from . import distributed
 from .adapters import adapter_for
 from .budget import check_budget
-from .compensate import compensate_masked
+from .compensate import compensate, compensate_masked
 from .data import DataConfig, build_data
 from .distill import KDConfig, distillation_loss
 from .engine import (Schedule, autocast, compare_throughput, evaluate, load_checkpoint, make_optimizer, model_dtype,
@@ -66,7 +67,7 @@ class CompressConfig:
     post: Schedule = field(default_factory=lambda: Schedule(epochs=2.0, lr=1e-4, weight_decay=0.05, warmup_epochs=0.1,
                                                             lr_batch=128))
     one_shot: bool = False  # no search: rank groups, fit the plan, compensate by least squares, slim; then `post`
-    calibration_images: int = 1000  # unlabeled training images for compensation (one-shot, or the compensated start)
+    calibration_images: int = 1000  # unlabeled training images for compensation (one-shot, the compensated start, the rewound end)
     seed: int = 0
     device: str = "auto"
     resume: bool = False
@@ -314,7 +315,20 @@ class Run:
         self._check_ranks_agree()
         if distributed.world_size() > 1:
             log.info("all %d ranks hold the same search state and architecture", distributed.world_size())
-        self.begin_post_training(slim(self.student, plan), plan)
+        self.begin_post_training(self._rewound(plan) if self.cfg.search.end == "rewind" else slim(self.student, plan), plan)
+
+    def _rewound(self, plan: list[LayerPlan]) -> nn.Module:
+        """The input model's own weights slimmed at the searched plan, each proj / fc2 refitted against it.
+
+        The search spent its steps on a few images; what it learned that transfers is the plan. The
+        dense weights plus a least-squares refit keep more of the pretrained function than the
+        searched weights do (docs/method.md, "Where the search stands")."""
+        dense = copy.deepcopy(self.dense).to(self.device, self.dtype).eval()
+        slimmed = slim(dense, plan)
+        stats = compensate(dense, slimmed, plan, self._calibration(), max_images=self.cfg.calibration_images)
+        log.info("rewound to the input weights at the searched plan: %d proj / fc2 layers refitted on %d images in %.1f s",
+                 len(stats["layers"]), stats["images"], stats["seconds"])
+        return slimmed
 
     def _calibration(self):
         """The unlabeled, unaugmented calibration images on this run's device and dtype (labels dropped)."""

@@ -27,7 +27,9 @@ One iteration, in the order `compress` calls the methods:
 4. `proximal_shrink`  the y * Phi term's proximal step on the weights: marked groups shrink by 1 / (1 + 2 lr y)
 5. `allocation_step`  counts and margins: one projected step against (Taylor cost - z * dR) / (cost + z * dR)
 6. `dual_step`        y += lr_y * Phi (projected on >= 0);  z = the price of a MAC the counts' balance implies
-Steps 5 and 6 wait for the warm-up to end. `final_plan` fits the counts exactly to the budget.
+Steps 5 and 6 wait for the warm-up to end. `final_plan` fits the counts exactly to the budget. With
+`end="rewind"` (the default) what post-training starts from is the *input* model slimmed at that plan,
+its proj / fc2 refitted by least squares: the search's weight steps serve to find the plan.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from .resource import Skeleton
 SKIP_MODES = ("both", "block", "halves", "none")
 IMPORTANCE = ("taylor", "norm")
 STARTS = ("fade", "compensate")
+ENDS = ("searched", "rewind")
 GATES = ("block", "attn", "mlp")
 
 
@@ -60,6 +63,8 @@ class SearchConfig:
     warmup_epochs: float = 0.2  # the Taylor estimates settle before the counts, the gates and the duals move
     fade_epochs: float = 0.5  # marked groups and skipped halves fade from 1 to 0 over this many epochs (0: at once)
     start: str = "fade"  # "compensate": cut the start plan at once, its proj / fc2 refitted by least squares (no fade)
+    end: str = "rewind"  # post-train the input model's weights slimmed at the searched plan and refitted by least
+    # squares ("rewind"), or the searched weights slimmed ("searched", the paper's way); docs/method.md compares them
     prune: bool = True
     skip: str = "none"  # which skip gates exist: block, halves (attention / MLP), both, or none (see docs/method.md)
     importance: str = "taylor"  # which groups are removed first: "taylor" (the loss's sensitivity) or "norm" (weights)
@@ -83,6 +88,8 @@ class SearchConfig:
             raise UVCError(f"skip mode {self.skip!r} is not one of {', '.join(SKIP_MODES)}")
         if self.start not in STARTS:
             raise UVCError(f"search start {self.start!r} is not one of {', '.join(STARTS)}")
+        if self.end not in ENDS:
+            raise UVCError(f"search end {self.end!r} is not one of {', '.join(ENDS)}")
         if self.importance not in IMPORTANCE:
             raise UVCError(f"importance {self.importance!r} is not one of {', '.join(IMPORTANCE)}")
         if self.warmup_epochs < 0 or self.fade_epochs < 0:
