@@ -212,8 +212,13 @@ def test_a_rewound_end_post_trains_the_input_weights_at_the_searched_plan_refitt
     with torch.no_grad():
         torch.testing.assert_close(slimmed["rewind"](x), expected(x), atol=1e-4, rtol=1e-4)
         assert not torch.allclose(slimmed["searched"](x), expected(x), atol=1e-2)  # 24 steps of training moved it
-    report = compress(tiny_config(tmp_path / "full", 0.5, end="rewind"), model=tiny_vit())
-    assert 0.49 <= report["ratio"] <= 0.5
+    model_dir = tmp_path / "tiny"
+    uvc.save(tiny_vit(), model_dir)
+    result = run_cli("compress", "--model", str(model_dir), "--end", "searched", "--out", str(tmp_path / "cli"), *CLI_TINY)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert report["config"]["search"]["end"] == "searched" and 0.49 <= report["ratio"] <= 0.5
+    assert "rewound" not in result.stderr
 
 
 def test_the_learning_rate_scales_linearly_with_the_global_batch():

@@ -102,7 +102,7 @@ def cmd_compress(a) -> int:
     search = SearchConfig(schedule=Schedule(a.search_epochs, a.lr, c.search.schedule.weight_decay,
                                             c.search.schedule.warmup_epochs, c.search.schedule.lr_batch),
                           warmup_epochs=a.warmup_epochs, prune=not a.no_prune,
-                          skip="none" if a.no_skip else "both" if a.no_prune and a.skip == "none" else a.skip,
+                          skip="both" if a.no_prune and a.skip == "none" else a.skip,
                           width_multiple=a.width_multiple, start=a.start, end=a.end)
     kd = KDConfig(kind="none" if a.no_kd else a.kd, alpha=a.kd_alpha, temperature=a.kd_temperature)
     cfg = CompressConfig(model=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, img_size=a.img_size,
@@ -189,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-images", type=int, default=C.calibration_images,
                    help="unlabeled training images for --one-shot, --start compensate and --end rewind")
     c.add_argument("--no-prune", action="store_true", help="ablation: skipping only")
-    c.add_argument("--no-skip", action="store_true", help="ablation: pruning only")
     c.add_argument("--no-kd", action="store_true", help="ablation: labels only")
     c.add_argument("--seed", type=int, default=C.seed)
     c.add_argument("--device", default=C.device, help="cpu, cuda, cuda:N or auto (under torchrun: one GPU per process)")
