@@ -385,14 +385,17 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
                         ["plain KD step of the dense model", f"{cost['plain_s']:.3f}", "1.00"]]), ""]
     out += ["## How the methods are built", "",
             "- **UVC**: `uvc.compress` with the default search (Taylor-priced width allocation, marked groups fading "
-            "out over half the search, skip gates off, soft KD), then the exact fit to the budget, slimming and "
-            "post-training. Its ablations flip one switch each: `skip=\"both\"` (block and half skip gates priced on "
-            "the same scale as width), `importance=\"norm\"` (groups ranked by weight norms; the costs stay Taylor) "
-            "and `start=\"compensate\"` (the start plan cut at step 0, each `proj` / `fc2` that reads it refitted by "
-            "least squares on the calibration images, instead of the fade).",
+            "out over half the search, skip gates off, soft KD), then the exact fit to the budget; the *teacher's* "
+            "weights are slimmed at the searched plan and each `proj` / `fc2` refitted by least squares on the "
+            "calibration images (`end=\"rewind\"`), then post-training. Its ablations flip one switch each: "
+            "`skip=\"both\"` (block and half skip gates priced on the same scale as width), `importance=\"norm\"` "
+            "(groups ranked by weight norms; the costs stay Taylor), `start=\"compensate\"` (the start plan cut at "
+            "step 0, each `proj` / `fc2` that reads it refitted by least squares on the calibration images, instead "
+            "of the fade) and `end=\"searched\"` (the searched weights slimmed and post-trained, as in the paper).",
             "- **control**: the same `uvc.compress` with `SearchConfig(frozen=True)`: the search starts at the uniform "
             "plan, its groups fade out on the same schedule, and only the weights train, through the same masks and KD, "
-            "for the search's epochs; no ratio, gate or dual moves. Same fit, slimming and post-training as UVC.",
+            "for the search's epochs; no ratio, gate or dual moves. Same fit, rewound slimming and post-training as "
+            "UVC, so the control is the uniform plan refitted and post-trained for the post-training epochs alone.",
             "- **uniform**: `uvc.budget.uniform_plan` keeps the same fraction of head dimensions and MLP neurons in "
             "every block (R <= B); the kept ones have the largest squared weight norms (output-projection columns, "
             "fc2 columns: the importance UVC uses). Then `uvc.slim` and post-training.",
