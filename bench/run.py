@@ -1,6 +1,6 @@
 """UVC against a frozen-search control and baselines at equal MACs and equal training; writes BENCHMARKS.md.
 
-    python bench/run.py            # full: budgets 0.3 / 0.5, 3 seeds, 40 runs, ~75 min on 2 free CPU cores
+    python bench/run.py            # full: budgets 0.3 / 0.5, 3 seeds, 46 runs, ~85 min on 2 free CPU cores
     python bench/run.py --quick    # a few minutes: budget 0.5, one seed, small data (runs/bench/quick/)
 
 Equal training: every method trains `search_epochs + post_epochs` epochs in all, with the seed's data
@@ -78,7 +78,7 @@ class Settings:
 # Timings behind FULL (2-core CPU, free; the 2026-11-25 full run): a search step at batch 128 takes ~0.70 s,
 # a post-training step ~0.3-0.4 s, and a run evaluates ~20,000 slimmed images (validation before and after
 # post-training, test; the teacher once per invocation). With 6,400 training images (50 steps an epoch) a
-# search + post run takes ~65-75 s and a baseline ~50-80 s: 40 runs ~45 min, speed and search cost ~4 min
+# search + post run takes ~65-75 s and a baseline ~50-80 s: 46 runs ~50 min, speed and search cost ~4 min
 # (2 free cores; ~75 min on one thread beside other work).
 # 10,000 training images would take ~60 min.
 FULL = Settings(budgets=(0.3, 0.5), seeds=3, train_limit=6400, val_limit=None, test_limit=None, batch_size=128,
@@ -125,10 +125,11 @@ def prune_baseline(method: str, teacher, budget: float, cfg: CompressConfig, s: 
     if method == "uniform":
         plan = uniform_plan(teacher, budget)
         return uvc.slim(teacher, plan), plan
-    if method == "compensated":
+    if method in ("compensated", "oneshot"):
         batches = build_data(cfg.data, seed=cfg.seed).calibration  # unaugmented, fixed order, as `--one-shot` uses
-        slimmed, plan, _ = one_shot(model=teacher, budget=budget, batches=batches, importance=COMPENSATED_IMPORTANCE,
-                                    allocation="uniform", compensate=True, calibration_images=s.calibration_images)
+        choice = dict(importance=COMPENSATED_IMPORTANCE, allocation="uniform") if method == "compensated" else {}
+        slimmed, plan, _ = one_shot(model=teacher, budget=budget, batches=batches, compensate=True,
+                                    calibration_images=s.calibration_images, **choice)  # "oneshot": `--one-shot`'s defaults
         return slimmed, plan
     criterion = method.removeprefix("tp_")
     source = teacher

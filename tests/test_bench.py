@@ -39,7 +39,7 @@ def tiny_vit():
 # ---- what the benchmark runs -----------------------------------------------------------------
 def test_full_run_plan_seeds_the_main_methods_and_runs_each_ablation_once():
     runs = bench.planned_runs(bench.FULL)
-    assert len(runs) == len(set(runs)) == 40
+    assert len(runs) == len(set(runs)) == 46
     assert bench.FULL.budgets == (0.3, 0.5) and bench.FULL.seeds >= 3
     for budget in bench.FULL.budgets:
         for method in summary.MAIN_METHODS:
@@ -73,7 +73,7 @@ def test_every_method_trains_equally_long_with_the_same_data_optimizer_and_kd(tm
         assert (cfg.post.lr, cfg.post.weight_decay, cfg.post.warmup_epochs) == (uvc_cfg.post.lr, uvc_cfg.post.weight_decay, uvc_cfg.post.warmup_epochs)
         assert cfg.kd == uvc_cfg.kd
         assert not cfg.eval_during_search and cfg.throughput_rounds == 1 and cfg.throughput_batch == 8
-    for baseline in ("uniform", "tp_magnitude", "tp_taylor", "compensated"):
+    for baseline in ("uniform", "tp_magnitude", "tp_taylor", "compensated", "oneshot"):
         assert cfgs[baseline].post.epochs == uvc_cfg.search.schedule.epochs + uvc_cfg.post.epochs
     assert uvc_cfg.data.train_limit == s.train_limit and uvc_cfg.data.val_limit == s.val_limit
     assert (uvc_cfg.search.frozen, uvc_cfg.search.skip, uvc_cfg.search.prune) == (False, "none", True)
@@ -172,10 +172,11 @@ def test_uniform_baseline_reaches_the_budget(tmp_path):
     _check_baseline("uniform", tmp_path)
 
 
-def test_compensated_baseline_reaches_the_budget(tmp_path, fmnist_available):
+@pytest.mark.parametrize("method", ["compensated", "oneshot"])
+def test_compensated_baselines_reach_the_budget(tmp_path, fmnist_available, method):
     if not fmnist_available:
         pytest.skip("Fashion-MNIST is missing")
-    _check_baseline("compensated", tmp_path)
+    _check_baseline(method, tmp_path)
 
 
 def test_the_compensated_baseline_calibrates_on_unaugmented_images_whatever_the_seed(tmp_path, fmnist_available):
