@@ -322,7 +322,7 @@ class Run:
 
         The search spent its steps on a few images; what it learned that transfers is the plan. The
         dense weights plus a least-squares refit keep more of the pretrained function than the
-        searched weights do (docs/method.md, "Where the search stands")."""
+        searched weights do (docs/method.md, "Rewinding: what post-training starts from")."""
         dense = copy.deepcopy(self.dense).to(self.device, self.dtype).eval()
         slimmed = slim(dense, plan)
         stats = compensate(dense, slimmed, plan, self._calibration(), max_images=self.cfg.calibration_images)
