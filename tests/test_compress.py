@@ -221,6 +221,25 @@ def test_a_rewound_end_post_trains_the_input_weights_at_the_searched_plan_refitt
     assert "rewound" not in result.stderr
 
 
+def test_post_training_reads_the_data_epochs_that_follow_the_search(tmp_path):
+    """UVC and a baseline that post-trains for as long as UVC searches and post-trains see the same
+    batches: post-training does not replay the search's epochs."""
+    def epochs_read(run):
+        read, set_epoch = [], run.data.train.set_epoch
+        run.data.train.set_epoch = lambda epoch, skip=0: (read.append(epoch), set_epoch(epoch, skip))[1]
+        return read
+    run = Run(tiny_config(tmp_path / "uvc"), model=tiny_vit())  # 3 epochs of search, 1 of post-training
+    read = epochs_read(run)
+    run.run()
+    assert read == [0, 1, 2, 3] and run.state.first_epoch == 3
+    baseline = Run(tiny_config(tmp_path / "baseline"), model=tiny_vit())
+    read = epochs_read(baseline)
+    plan = baseline.search.current_plan()
+    baseline.begin_post_training(uvc.slim(tiny_vit(), plan), plan)
+    baseline.run()
+    assert read == [0]
+
+
 def test_the_learning_rate_scales_linearly_with_the_global_batch():
     model = tiny_vit()
     stated = Schedule(1, 3e-4, lr_batch=128)

@@ -103,6 +103,7 @@ class RunState:
     dense_macs: int
     phase: str = "search"  # search | post
     step: int = 0
+    first_epoch: int = 0  # the data epoch this phase's step 0 reads: post-training goes on past the search's epochs
     history: list[dict] = field(default_factory=list)  # logged training figures
     evals: list[dict] = field(default_factory=list)  # validation top-1 per epoch
     top1_teacher: float | None = None  # test
@@ -234,7 +235,7 @@ class Run:
         bar = progress(range(total), desc=desc, initial=self.state.step, total=total)
         while self.state.step < total:
             step = self.state.step
-            self.data.train.set_epoch(step // spe, skip=step % spe)  # a resume replays the same batches
+            self.data.train.set_epoch(self.state.first_epoch + step // spe, skip=step % spe)  # a resume replays them
             for x, y in self.data.train:
                 x, y = x.to(self.device, self.dtype), y.to(self.device)
                 if self.data.mixup is not None:
@@ -357,6 +358,9 @@ class Run:
         self.state.top1_val_after_search = evaluate(slimmed, self.data.val, self.device, desc="val slimmed")
         log.info("slimmed to R = %.4f, validation top-1 before post-training %.2f%%",
                  macs(slimmed, self.input_size) / self.dense_macs, self.state.top1_val_after_search)
+        # After a search, post-training reads the epochs that follow it, as a baseline that post-trains
+        # for the search's epochs too would; a model pruned without training starts at epoch 0.
+        self.state.first_epoch = -(-self.state.step // self.steps_per_epoch)
         self.state.phase, self.state.step = "post", 0
         self._start_post_training(slimmed)
         self.checkpoint()
