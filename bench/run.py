@@ -1,6 +1,6 @@
 """UVC against a frozen-search control and baselines at equal MACs and equal training; writes BENCHMARKS.md.
 
-    python bench/run.py            # full: budgets 0.3 / 0.5, 3 seeds, 46 runs, ~85 min on 2 free CPU cores
+    python bench/run.py            # full: budgets 0.3 / 0.5, 3 seeds, 46 runs, ~55 min on 2 free CPU cores (estimated below)
     python bench/run.py --quick    # a few minutes: budget 0.5, one seed, small data (runs/bench/quick/)
 
 Equal training: every method trains `search_epochs + post_epochs` epochs in all, with the seed's data
@@ -79,7 +79,8 @@ class Settings:
 # a post-training step ~0.3-0.4 s, and a run evaluates ~20,000 slimmed images (validation before and after
 # post-training, test; the teacher once per invocation). With 6,400 training images (50 steps an epoch) a
 # search + post run takes ~65-75 s and a baseline ~50-80 s: 46 runs ~50 min, speed and search cost ~4 min
-# (2 free cores; ~75 min on one thread beside other work).
+# (2 free cores). On one thread beside other work the recorded runs took 97 min in all (their "seconds" in
+# bench/results/results.json), speed and search cost apart.
 # 10,000 training images would take ~60 min.
 FULL = Settings(budgets=(0.3, 0.5), seeds=3, train_limit=6400, val_limit=None, test_limit=None, batch_size=128,
                 search_epochs=1.0, search_warmup_epochs=0.2, post_epochs=1.0, taylor_batches=8, calibration_images=1000,

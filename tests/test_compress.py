@@ -226,7 +226,11 @@ def test_post_training_reads_the_data_epochs_that_follow_the_search(tmp_path):
     batches: post-training does not replay the search's epochs."""
     def epochs_read(run):
         read, set_epoch = [], run.data.train.set_epoch
-        run.data.train.set_epoch = lambda epoch, skip=0: (read.append(epoch), set_epoch(epoch, skip))[1]
+
+        def recording_set_epoch(epoch, skip=0):
+            read.append(epoch)
+            set_epoch(epoch, skip)
+        run.data.train.set_epoch = recording_set_epoch
         return read
     run = Run(tiny_config(tmp_path / "uvc"), model=tiny_vit())  # 3 epochs of search, 1 of post-training
     read = epochs_read(run)

@@ -324,12 +324,16 @@ class Run:
         The search spent its steps on a few images; what it learned that transfers is the plan. The
         dense weights plus a least-squares refit keep more of the pretrained function than the
         searched weights do (docs/method.md, "Rewinding: what post-training starts from")."""
-        dense = copy.deepcopy(self.dense).to(self.device, self.dtype).eval()
+        dense = self._input_copy().eval()
         slimmed = slim(dense, plan)
         stats = compensate(dense, slimmed, plan, self._calibration(), max_images=self.cfg.calibration_images)
         log.info("rewound to the input weights at the searched plan: %d proj / fc2 layers refitted on %d images in %.1f s",
                  len(stats["layers"]), stats["images"], stats["seconds"])
         return slimmed
+
+    def _input_copy(self) -> nn.Module:
+        """A copy of the input model on this run's device and dtype, to prune without touching `self.dense`."""
+        return copy.deepcopy(self.dense).to(self.device, self.dtype)
 
     def _calibration(self):
         """The unlabeled, unaugmented calibration images on this run's device and dtype (labels dropped)."""
@@ -344,9 +348,8 @@ class Run:
 
     def _one_shot(self) -> None:
         """Importance from calibration images, the plan fitted to the budget, compensation, slimming: no gradient step."""
-        dense = copy.deepcopy(self.dense).to(self.device, self.dtype)
-        slimmed, plan, stats = one_shot(dense, self.cfg.budget, self._calibration(), calibration_images=self.cfg.calibration_images,
-                                        input_size=self.input_size)
+        slimmed, plan, stats = one_shot(self._input_copy(), self.cfg.budget, self._calibration(),
+                                        calibration_images=self.cfg.calibration_images, input_size=self.input_size)
         log.info("one-shot: %s importance, %s allocation, compensated on %d images", stats["importance"],
                  stats["allocation"], self.cfg.calibration_images)
         self.begin_post_training(slimmed, plan)
