@@ -277,7 +277,9 @@ def _header(results: dict) -> list[str]:
         f"- command: `{results['command']}`",
         f"- date: {results['date']} to {results.get('finished', '(unfinished)')}; wall time {results.get('seconds', 0) / 60:.1f} min"
         + (f" ({results['reused_runs']} accuracy runs reused from an earlier invocation by --resume; their wall time "
-           "is not in this figure)" if results.get("reused_runs") else ""),
+           "is not in this figure)" if results.get("reused_runs") else "")
+        + f"; the accuracy runs took {sum(r['seconds'] for r in results['accuracy']) / 60:.1f} min summed over runs, "
+        "reused ones included",
         f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch threads fixed at {m['threads']} for everything; "
         f"torch {m['torch']}, timm {m['timm']}, torch-pruning {m['torch_pruning']}, Python {m['python']}, {m['os']}",
         f"- load average (1, 5, 15 min) at start {load(results['load_average_start'])}, at end "

@@ -39,15 +39,29 @@ def tiny_vit():
 # ---- what the benchmark runs -----------------------------------------------------------------
 def test_full_run_plan_seeds_the_main_methods_and_runs_each_ablation_once():
     runs = bench.planned_runs(bench.FULL)
-    assert len(runs) == len(set(runs)) == 46
-    assert bench.FULL.budgets == (0.3, 0.5) and bench.FULL.seeds >= 3
+    assert len(runs) == len(set(runs)) == 70
+    assert bench.FULL.budgets == (0.3, 0.5) and bench.FULL.seeds == 5
     for budget in bench.FULL.budgets:
         for method in summary.MAIN_METHODS:
-            assert sorted(s for m, b, s in runs if (m, b) == (method, budget)) == [0, 1, 2]
+            assert sorted(s for m, b, s in runs if (m, b) == (method, budget)) == [0, 1, 2, 3, 4]
         for method in summary.ABLATIONS:
             assert [s for m, b, s in runs if (m, b) == (method, budget)] == [0]
     assert set(summary.BASELINES) <= set(summary.MAIN_METHODS) and "control" in summary.MAIN_METHODS
     assert runs[:len(summary.LABELS) * 2] == [(m, b, 0) for b in (0.3, 0.5) for m in (*summary.MAIN_METHODS, *summary.ABLATIONS)]
+
+
+def test_resume_keeps_runs_across_a_change_of_the_seed_count_and_no_other(tmp_path):
+    run_dir = tmp_path / "uvc-b0.5-s0"
+    run_dir.mkdir()
+    (run_dir / "model.safetensors").write_bytes(b"")
+    settings = dataclasses.asdict(bench.FULL)
+    earlier = {"format": summary.RESULTS_FORMAT, "teacher": "bundled", "settings": {**settings, "seeds": 3},
+               "accuracy": [{"method": "uvc", "budget": 0.5, "seed": 0, "out": str(run_dir), "top1": 90.0}]}
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    now = {"teacher": "bundled", "settings": settings}
+    assert list(bench.previous_runs(now, tmp_path)) == [("uvc", 0.5, 0)]
+    longer = {**now, "settings": {**settings, "post_epochs": settings["post_epochs"] + 1}}
+    assert bench.previous_runs(longer, tmp_path) == {}
 
 
 def test_quick_settings_are_small():
