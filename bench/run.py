@@ -79,8 +79,8 @@ class Settings:
 # a post-training step ~0.3-0.4 s, and a run evaluates ~20,000 slimmed images (validation before and after
 # post-training, test; the teacher once per invocation). With 6,400 training images (50 steps an epoch) a
 # search + post run takes ~65-75 s and a baseline ~50-80 s: 70 runs ~75 min, speed and search cost ~4 min
-# (2 free cores). On one thread beside other work a seed of the main methods at both budgets takes ~21 min
-# (BENCHMARKS.md's header sums the recorded runs' "seconds" in bench/results/results.json).
+# (2 free cores). On one thread a seed of the main methods at both budgets took ~22 min (2026-11-26: seeds 3
+# and 4 in 45 min); BENCHMARKS.md's header sums the recorded runs' "seconds" in bench/results/results.json.
 # Five seeds, not three: at B = 0.5 the methods differ by about one standard deviation of the seeds, and
 # three draws give that standard deviation itself to within about +-50 %.
 # 10,000 training images would take ~60 min.
@@ -204,6 +204,11 @@ def save(results: dict, folder: Path) -> None:
     tmp.replace(folder / "results.json")
 
 
+def _run_settings(settings: dict) -> dict:
+    """The settings one accuracy run depends on: all but the seed count, which only says how many runs there are."""
+    return {k: v for k, v in settings.items() if k != "seeds"}
+
+
 def previous_runs(results: dict, folder: Path) -> dict:
     """Accuracy runs of an earlier invocation with the same settings (the seed count aside) and teacher, by
     (method, budget, seed)."""
@@ -211,10 +216,8 @@ def previous_runs(results: dict, folder: Path) -> dict:
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    # A run does not depend on how many seeds the benchmark has, so a change of that count keeps them.
-    per_run = lambda settings: {k: v for k, v in settings.items() if k != "seeds"}  # noqa: E731
     same = (old.get("format") == RESULTS_FORMAT and old.get("teacher") == results["teacher"]
-            and per_run(old.get("settings", {})) == per_run(json.loads(json.dumps(results["settings"]))))
+            and _run_settings(old.get("settings", {})) == _run_settings(json.loads(json.dumps(results["settings"]))))
     if not same:
         log.warning("%s is from other settings, another teacher or an older bench; starting over", path)
         return {}
