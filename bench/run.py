@@ -205,7 +205,8 @@ def save(results: dict, folder: Path) -> None:
 
 
 def _run_settings(settings: dict) -> dict:
-    """The settings one accuracy run depends on: all but the seed count, which only says how many runs there are."""
+    """The settings two invocations must share for a run to be reused: all but the seed count, which only says
+    how many runs there are (the speed settings stay in, although a run does not read them)."""
     return {k: v for k, v in settings.items() if k != "seeds"}
 
 
