@@ -176,7 +176,7 @@ def findings(results: dict) -> list[str]:
 
 
 # ---- tables and plots ------------------------------------------------------------------------
-def _table(header: list[str], rows: list[list]) -> str:
+def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -323,7 +323,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "One method beats another only when the difference of their mean test top-1 exceeds the larger of their "
             "standard deviations over seeds (sample std); with one seed nothing is decided. A UVC row outside its "
             f"budget window [B - {R_TOLERANCE}, B] cannot meet a target.", "",
-            _table(["target", "measured", "verdict"], [list(t) for t in targets(results)]), ""]
+            table(["target", "measured", "verdict"], [list(t) for t in targets(results)]), ""]
     lines = findings(results)
     if lines:
         out += ["## What the search adds", "",
@@ -344,7 +344,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "(test top-1); parameters; wall seconds per run.", ""]
     for budget in s["budgets"]:
         out += [f"### B = {budget}", "",
-                _table(["method", "seeds", "epochs", "R (mean)", f"R in [B - {R_TOLERANCE}, B]", "test top-1 %",
+                table(["method", "seeds", "epochs", "R (mean)", f"R in [B - {R_TOLERANCE}, B]", "test top-1 %",
                         "vs teacher (test)", "val top-1 %", "val before post-training", "vs UVC (test)", "params (M)",
                         "wall s"], accuracy_rows(results, budget)), ""]
     out += [f"![accuracy against MACs]({rel / 'accuracy_vs_macs.png'})", "",
@@ -359,7 +359,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             rows.append([LABELS[r["method"]], r["budget"], f"{r['ratio']:.3f}", f"{1 / r['ratio']:.2f}", p["batch"],
                          _rate(p["dense"], p["dense_range"]), _rate(p["slimmed"], p["slimmed_range"]),
                          f"{p['speedup']:.2f}", f"{p['speedup'] * r['ratio']:.2f}"])
-    out += [_table(["model", "B", "R", "1/R", "batch", "teacher img/s", "slimmed img/s", "speedup", "efficiency"], rows), ""]
+    out += [table(["model", "B", "R", "1/R", "batch", "teacher img/s", "slimmed img/s", "speedup", "efficiency"], rows), ""]
     deits = results.get("deit_small", [])
     if deits:
         out += ["**DeiT-Small** (`deit_small_patch16_224`, 224 px, random weights: speed does not depend on them) slimmed "
@@ -373,7 +373,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
                 rows.append([d["width_multiple"], f"{d['ratio']:.3f}", f"{block['heads']} x {block['head_dim']}, {block['hidden']}",
                              p["batch"], _rate(p["dense"], p["dense_range"]), _rate(p["slimmed"], p["slimmed_range"]),
                              f"{p['speedup']:.2f}", f"{p['speedup'] * d['ratio']:.2f}"])
-        out += [_table(["width multiple", "R", "heads x head width, MLP width (block 0)", "batch", "dense img/s",
+        out += [table(["width multiple", "R", "heads x head width, MLP width (block 0)", "batch", "dense img/s",
                         "slimmed img/s", "speedup", "efficiency"], rows), ""]
     out += [f"![measured speedup]({rel / 'speedup.png'})", ""]
     cost = results.get("search_cost")
@@ -383,7 +383,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
                 "the two kinds alternating on the same batches in one process. The search step is past the search's "
                 "warm-up, so weights, ratios, gates and duals all move; the plain step fine-tunes the dense model "
                 "with the same soft KD.", "",
-                _table(["step", "seconds", "ratio"],
+                table(["step", "seconds", "ratio"],
                        [["UVC search step (`Run.search_step`)", f"{cost['search_s']:.3f}", f"{cost['ratio']:.2f}"],
                         ["plain KD step of the dense model", f"{cost['plain_s']:.3f}", "1.00"]]), ""]
     out += ["## How the methods are built", "",
@@ -418,8 +418,41 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "- Every post-training is `uvc.compress.post_train` / `uvc.compress` with identical settings; the baselines' "
             "post-training is as long as UVC's search and post-training together.", ""]
     out += data_efficiency(plot_dir)
+    out += tuning_section(plot_dir, s["search_epochs"])
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(out))
+
+
+TUNING_VERDICTS = {1: "beats it", 0: "within spread", -1: "loses", None: "-"}
+
+
+def tuning_table(results: dict, default_search: float) -> str:
+    """bench/tune.py's sweep: validation top-1 per budget and split, mean ± std over seeds, each split judged
+    against `default_search` (the benchmark's) by the beating rule."""
+    runs, rows = results["runs"], []
+    for budget in sorted({r["budget"] for r in runs}):
+        by_split = {search: [r for r in runs if r["budget"] == budget and r["search_epochs"] == search]
+                    for search in sorted({r["search_epochs"] for r in runs if r["budget"] == budget})}
+        default = [r["top1_val"] for r in by_split.get(default_search, [])]
+        for search, xs in by_split.items():
+            verdict = compare([r["top1_val"] for r in xs], default) if default and search != default_search else None
+            rows.append([budget, f"{search:g} + {xs[0]['post_epochs']:g}", len(xs), fmt([r["top1_val"] for r in xs]),
+                         fmt([r["top1_val_before_post"] for r in xs]), TUNING_VERDICTS[verdict]])
+    header = ["B", "search + post-training epochs", "seeds", "val top-1 %", "val before post-training",
+              f"vs search {default_search:g} (the benchmark's)"]
+    return f"Teacher: validation top-1 {results['teacher_val']:.2f}%.\n\n" + table(header, rows)
+
+
+def tuning_section(folder: Path, default_search: float) -> list[str]:
+    """The section from bench/tune.py's results, where they exist."""
+    path = folder / "tune.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    return ["## 6. UVC's split of the training between search and post-training, on validation", "",
+            f"Command: `{r['command']}`, {r['date']}, {r['machine']['threads']} thread(s); teacher: {r['teacher']}. "
+            "UVC as in section 1 with the same 2 epochs in all, the search's warm-up and fade scaled with its length; "
+            "no run read the test split.", "", tuning_table(r, default_search), ""]
 
 
 def data_efficiency(folder: Path) -> list[str]:
@@ -437,7 +470,7 @@ def data_efficiency(folder: Path) -> list[str]:
                 f"(`uvc.compensate`) on {r['calibration_images']} unlabeled training images, ridge {r['ridge']}; "
                 "every choice made on validation (the defaults of `uvc compress --one-shot`: "
                 f"{r.get('chosen', '')}). Seconds: ranking, planning, slimming and compensation, evaluation excluded.", "",
-                _table(["B", "importance", "allocation", "compensation", "R", "val top-1", "test top-1", "seconds"], rows),
+                table(["B", "importance", "allocation", "compensation", "R", "val top-1", "test top-1", "seconds"], rows),
                 ""]
     if few.is_file():
         r = json.loads(few.read_text())
@@ -454,6 +487,6 @@ def data_efficiency(folder: Path) -> list[str]:
                 f"{r['load_average_start'][0]:.1f} -> {r['load_average_end'][0]:.1f}. B = {r['budget']}, {seeds} seed(s), "
                 "mean ± std; 2 epochs of training for every method (UVC 1 search + 1 post-training, the others 2 of "
                 "post-training) over only the first N training images; validation and test as above.", "",
-                _table(["images", "method", "seeds", "R", "val before post", "val top-1", "test top-1",
+                table(["images", "method", "seeds", "R", "val before post", "val top-1", "test top-1",
                         "vs teacher (test, mean)", "seconds"], rows), ""]
     return out

@@ -25,6 +25,7 @@ import baselines
 import run as bench
 import speed
 import summary
+import tune
 
 INPUT = (1, 28, 28)
 # Bench settings small enough for a test: 4 steps of 32 images per epoch.
@@ -133,6 +134,51 @@ def test_given_teacher_scores_are_reported_and_the_teacher_is_not_evaluated(tmp_
     monkeypatch.setattr(Run, "score_teacher", lambda self: pytest.fail("the teacher was evaluated again"))
     record = bench.run_method("uniform", 0.5, 0, teacher, TINY, tmp_path / "u", {"test": 12.5, "val": 25.0})
     assert (record["top1_teacher"], record["top1_val_teacher"]) == (12.5, 25.0)
+
+
+# ---- tuning the split on validation -------------------------------------------------------------
+def test_a_tuning_split_keeps_the_total_training_and_scales_the_search_to_its_length(tmp_path):
+    full = bench.FULL
+    for search in (0.5, 1.0, 1.5):
+        cfg = tune.tuning_config(full, 0.5, 1, search, tmp_path)
+        assert cfg.search.schedule.epochs + cfg.post.epochs == full.search_epochs + full.post_epochs
+        assert cfg.search.schedule.epochs == search and not cfg.test_at_end and cfg.seed == 1
+        scale = search / full.search_epochs
+        assert cfg.search.warmup_epochs == pytest.approx(full.search_warmup_epochs * scale)
+        assert cfg.search.fade_epochs == pytest.approx(SearchConfig().fade_epochs * scale)
+    same = tune.tuning_config(full, 0.5, 1, full.search_epochs, tmp_path)  # the benchmark's own split is its UVC run
+    same.test_at_end = True
+    assert same == bench.compress_config(full, 0.5, tmp_path, "uvc", 1)
+    for bad in (0.0, 2.0, 3.0):
+        with pytest.raises(SystemExit, match="strictly between 0 and 2"):
+            tune.split_settings(full, bad)
+
+
+def test_a_tuning_run_reports_validation_only(tmp_path, fmnist_available):
+    if not fmnist_available:
+        pytest.skip("Fashion-MNIST is missing")
+    record = tune.tuning_run(tiny_vit(), TINY, 0.5, 0, 0.5, 50.0, tmp_path)
+    assert record["search_epochs"] + record["post_epochs"] == TINY.search_epochs + TINY.post_epochs
+    assert summary.in_window(record["ratio"], 0.5) and 0 <= record["top1_val"] <= 100
+    assert "top1" not in record and json.loads((tmp_path / "report.json").read_text())["top1"] is None
+
+
+def test_the_tuning_table_judges_each_split_against_the_benchmarks_by_the_beating_rule(tmp_path):
+    def runs(search, vals):
+        return [{"budget": 0.5, "seed": i, "search_epochs": search, "post_epochs": 2 - search, "top1_val": v,
+                 "top1_val_before_post": 91.0} for i, v in enumerate(vals)]
+    results = {"teacher_val": 91.6, "command": "python bench/tune.py", "date": "2026-11-26", "machine": {"threads": 1},
+               "teacher": "runs/t5", "runs": runs(0.5, [90.0, 90.1, 90.2]) + runs(1.0, [90.4, 90.5, 90.6])
+               + runs(1.5, [90.3, 90.5, 90.9])}
+    text = summary.tuning_table(results, 1.0)
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| 0.5")}
+    assert "90.10 ± 0.10" in rows["0.5 + 1.5"] and rows["0.5 + 1.5"].endswith("| loses |")  # gap 0.4 > std 0.1
+    assert rows["1.5 + 0.5"].endswith("| within spread |")  # gap 0.067 < std 0.31
+    assert rows["1 + 1"].endswith("| - |") and text.startswith("Teacher: validation top-1 91.60%")
+    assert summary.tuning_section(tmp_path, 1.0) == []  # no sweep, no section
+    (tmp_path / "tune.json").write_text(json.dumps(results))
+    section = "\n".join(summary.tuning_section(tmp_path, 1.0))
+    assert "runs/t5" in section and text in section and "no run read the test split" in section
 
 
 # ---- baselines -------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """The UVC search end to end on a tiny ViT and real Fashion-MNIST images: budgets, stability, resume, errors."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -169,6 +170,30 @@ def test_one_shot_compression_meets_the_budget_without_training(tmp_path):
     assert 0.49 <= report["ratio"] <= 0.5 and uvc.macs(uvc.load(tmp_path / "out")) == report["macs"]
     assert report["history"] == [] and report["config"]["one_shot"] and report["config"]["post"]["epochs"] == 0
     assert report["top1_val"] == report["top1_val_after_search"]  # nothing trained after slimming
+
+
+class Unreadable:
+    """A split that fails the moment anything iterates over it."""
+
+    def __iter__(self):
+        raise AssertionError("the test split was read")
+
+
+def test_a_run_with_test_at_end_off_never_reads_the_test_split(tmp_path, monkeypatch):
+    """What a tuning sweep relies on: with test_at_end=False no test image is drawn, for the student or
+    the teacher, and the report and picture say so instead of holding a figure."""
+    module = sys.modules["uvc.compress"]  # the package's `uvc.compress` is the function of that name
+    real_build = module.build_data
+    monkeypatch.setattr(module, "build_data", lambda *a, **k: dataclasses.replace(real_build(*a, **k), test=Unreadable()))
+    cfg = tiny_config(tmp_path, 0.5, schedule=Schedule(0.5, 3e-4))
+    cfg.post, cfg.test_at_end = Schedule(0.5, 3e-4), False
+    report = compress(cfg, model=tiny_vit())
+    assert report["top1"] is None and report["top1_teacher"] is None
+    assert 0 <= report["top1_val"] <= 100 and 0.49 <= report["ratio"] <= 0.5
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    cfg = tiny_config(tmp_path / "b", 0.5, schedule=Schedule(0.5, 3e-4))
+    with pytest.raises(AssertionError, match="the test split was read"):
+        compress(cfg, model=tiny_vit())  # the default reads it (the check above can fail)
 
 
 def test_a_compensated_start_cuts_the_start_plan_at_step_0_and_refits_what_reads_it(tmp_path):

@@ -39,7 +39,7 @@ from .io import atomic_write_text, ensure_writable_dir
 from .models import load_model, save
 from .oneshot import one_shot
 from .plan import LayerPlan
-from .report import write_report
+from .report import percent, write_report
 from .search import Search, SearchConfig, fade_at
 from .slim import arch_of, build_from_arch, slim
 
@@ -77,6 +77,7 @@ class CompressConfig:
     throughput_batch: int = 64
     throughput_rounds: int = 8  # rounds of >= 1 s each, the dense and the slimmed model alternating
     eval_during_search: bool = True
+    test_at_end: bool = True  # False: the test split stays unread (a tuning sweep chooses on validation alone)
 
     def __post_init__(self):
         if isinstance(self.data, str):
@@ -370,14 +371,14 @@ class Run:
 
     def score_teacher(self) -> dict[str, float]:
         """The teacher's top-1 on the test and validation splits (a benchmark running many seeds computes it once)."""
-        return {"test": evaluate(self.teacher, self.data.test, self.device, desc="test teacher"),
-                "val": evaluate(self.teacher, self.data.val, self.device, desc="val teacher")}
+        test = evaluate(self.teacher, self.data.test, self.device, desc="test teacher") if self.cfg.test_at_end else None
+        return {"test": test, "val": evaluate(self.teacher, self.data.val, self.device, desc="val teacher")}
 
     def run(self) -> dict:
         if not (self.cfg.resume and self.resume()):
             scores = self.teacher_scores or self.score_teacher()
             self.state.top1_teacher, self.state.top1_val_teacher = scores["test"], scores["val"]
-            log.info("teacher top-1 %.2f%% (validation %.2f%%), dense model %.2f M MACs", self.state.top1_teacher,
+            log.info("teacher top-1 %s (validation %.2f%%), dense model %.2f M MACs", percent(self.state.top1_teacher),
                      self.state.top1_val_teacher, self.dense_macs / 1e6)
         started = time.time()
         if self.state.phase == "search" and self.cfg.one_shot:
@@ -395,13 +396,13 @@ class Run:
         model = self.slimmed.eval()
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(False)
-        # Every rank evaluates its shard; the test split is read here, once.
+        # Every rank evaluates its shard; the test split is read here, once (or never: `test_at_end`).
         top1_val = evaluate(model, self.data.val, self.device, desc="val final")
-        top1 = evaluate(model, self.data.test, self.device, desc="test final")
+        top1 = evaluate(model, self.data.test, self.device, desc="test final") if self.cfg.test_at_end else None
         report = self._write_outputs(model, top1, top1_val, seconds) if distributed.is_main() else None
         return distributed.broadcast_from_main(report)
 
-    def _write_outputs(self, model: nn.Module, top1: float, top1_val: float, seconds: float) -> dict:
+    def _write_outputs(self, model: nn.Module, top1: float | None, top1_val: float, seconds: float) -> dict:
         """Rank 0's part of the end: throughput, the saved model, report.json and report.png."""
         s = self.state
         slim_macs = macs(model, self.input_size)
@@ -424,8 +425,9 @@ class Run:
         atomic_write_text(self.out / "report.json", json.dumps(report, indent=1))
         write_report(report, self.out / "report.png")
         (self.out / CHECKPOINT).unlink(missing_ok=True)
-        log.info("compressed to R = %.4f (budget %.2f): test top-1 %.2f%% (teacher %.2f%%), %.0f -> %.0f images/s",
-                 report["ratio"], self.cfg.budget, top1, s.top1_teacher, report["throughput_dense"], report["throughput"])
+        log.info("compressed to R = %.4f (budget %.2f): test top-1 %s (teacher %s), validation %.2f%%, %.0f -> %.0f images/s",
+                 report["ratio"], self.cfg.budget, percent(top1), percent(s.top1_teacher), top1_val,
+                 report["throughput_dense"], report["throughput"])
         return report
 
 

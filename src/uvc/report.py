@@ -6,6 +6,11 @@ from pathlib import Path
 from .io import atomic_write
 
 
+def percent(top1: float | None) -> str:
+    """A top-1 figure for a log line or a title; None is a split the run did not read (`test_at_end=False`)."""
+    return "unread" if top1 is None else f"{top1:.2f}%"
+
+
 def write_report(report: dict, path: str | Path) -> None:
     """Draw report.png from a report dict (the same data as report.json)."""
     import matplotlib  # imported here, at the end of a run: matplotlib adds about a second to every start-up
@@ -57,7 +62,7 @@ def write_report(report: dict, path: str | Path) -> None:
                     label=f"{phase} (validation top-1)")
     ax.axhline(report["top1_val_teacher"], color="k", ls="--", lw=1,
                label=f"teacher {report['top1_val_teacher']:.2f}% (validation)")
-    ax.set(title=f"final: {report['top1_val']:.2f}% validation, {report['top1']:.2f}% test at R = {report['ratio']:.3f}",
+    ax.set(title=f"final: {report['top1_val']:.2f}% validation, {percent(report['top1'])} test at R = {report['ratio']:.3f}",
            xlabel="epoch of phase", ylabel="top-1 %")
     ax.legend(fontsize=8)
 
