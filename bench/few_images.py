@@ -31,6 +31,7 @@ METHODS = ("uvc", "uniform", "compensated")
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default=None, help="a model folder saved by uvc.save (default: the bundled teacher)")
     p.add_argument("--images", type=int, nargs="+", default=[1000, 3000])
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 (the data order, and which images a seed sees "
@@ -42,9 +43,10 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
-    teacher = load_teacher(None)
+    teacher = load_teacher(args.teacher)
     started = time.perf_counter()
     results = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "budget": args.budget,
+               "teacher": args.teacher or "bundled vit_tiny_patch7_fmnist",
                "post_lr": args.post_lr,
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(args.threads), "load_average_start": os.getloadavg(), "runs": []}

@@ -1,4 +1,4 @@
-"""One-shot pruning of the bundled teacher, with and without compensation (issue 14); no gradient step.
+"""One-shot pruning of a teacher (the bundled one by default), with and without compensation (issue 14); no gradient step.
 
     python bench/oneshot.py                    # budgets 0.5 and 0.3, ~15 min on 2 CPU cores
     python bench/oneshot.py --budgets 0.5 --test-limit 2000   # quicker
@@ -50,6 +50,7 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", default=None, help="a model folder saved by uvc.save (default: the bundled teacher)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--calibration", type=int, default=1000)
     parser.add_argument("--test-limit", type=int, default=None)
@@ -61,14 +62,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
 
-    teacher = uvc.load_model()
+    teacher = uvc.load_model(args.teacher)
     data = build_data(DataConfig(augment=False, batch_size=100, eval_batch_size=1000, test_limit=args.test_limit))
     calibration = take_images(data.train, args.calibration)
 
     def measure(model) -> dict:
         return {"val": evaluate(model, data.val, cpu), "test": evaluate(model, data.test, cpu)}
 
-    results = {"teacher": measure(teacher), "calibration_images": args.calibration, "ridge": DEFAULT_RIDGE,
+    results = {"teacher": measure(teacher), "teacher_model": args.teacher or "bundled vit_tiny_patch7_fmnist",
+               "calibration_images": args.calibration, "ridge": DEFAULT_RIDGE,
                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads",
                "rows": [], "ridge_sweep": []}
     print(f"teacher: val {results['teacher']['val']:.2f} %, test {results['teacher']['test']:.2f} %", flush=True)

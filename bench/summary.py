@@ -465,7 +465,8 @@ def data_efficiency(folder: Path) -> list[str]:
                  f"{x['val']:.2f}", f"{x['test']:.2f}",
                  f"{x['plan_time']['wall_s'] + x['compensation_time']['wall_s']:.1f}"] for x in r["rows"]]
         out += ["## 4. One-shot pruning, no gradient step (issue 14)", "",
-                f"Command: `{r.get('command', 'python bench/oneshot.py')}`. The bundled teacher ({r['teacher']['test']:.2f} % "
+                f"Command: `{r.get('command', 'python bench/oneshot.py')}`. The teacher "
+                f"({r.get('teacher_model', 'bundled vit_tiny_patch7_fmnist')}, {r['teacher']['test']:.2f} % "
                 f"test, {r['teacher']['val']:.2f} % validation) pruned to each budget without training; compensation "
                 f"(`uvc.compensate`) on {r['calibration_images']} unlabeled training images, ridge {r['ridge']}; "
                 "every choice made on validation (the defaults of `uvc compress --one-shot`: "
@@ -483,7 +484,8 @@ def data_efficiency(folder: Path) -> list[str]:
                  f"{statistics.fmean(x['seconds'] for x in xs):.0f}"] for (images, method), xs in groups.items()]
         seeds = max(len(xs) for xs in groups.values())
         out += ["## 5. Few training images (issue 14)", "",
-                f"Command: `{r['command']}`, {r['date']}, {r['machine']['threads']} thread(s), load average "
+                f"Command: `{r['command']}`, {r['date']}, {r['machine']['threads']} thread(s), teacher "
+                f"{r.get('teacher', 'bundled vit_tiny_patch7_fmnist')}, load average "
                 f"{r['load_average_start'][0]:.1f} -> {r['load_average_end'][0]:.1f}. B = {r['budget']}, {seeds} seed(s), "
                 "mean ± std; 2 epochs of training for every method (UVC 1 search + 1 post-training, the others 2 of "
                 "post-training) over only the first N training images; validation and test as above.", "",

@@ -369,8 +369,9 @@ class Run:
         self._start_post_training(slimmed)
         self.checkpoint()
 
-    def score_teacher(self) -> dict[str, float]:
-        """The teacher's top-1 on the test and validation splits (a benchmark running many seeds computes it once)."""
+    def score_teacher(self) -> dict[str, float | None]:
+        """The teacher's top-1 on the test (None with `test_at_end` off) and validation splits; a benchmark running
+        many seeds computes it once."""
         test = evaluate(self.teacher, self.data.test, self.device, desc="test teacher") if self.cfg.test_at_end else None
         return {"test": test, "val": evaluate(self.teacher, self.data.val, self.device, desc="val teacher")}
 
