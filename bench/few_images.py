@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from run import FULL, ROOT, compress_config, load_teacher, machine, run_method
+from run import FULL, ROOT, add_teacher_arg, compress_config, load_teacher, machine, run_method, teacher_label
 from uvc.compress import Run
 
 METHODS = ("uvc", "uniform", "compensated")
@@ -31,7 +31,7 @@ METHODS = ("uvc", "uniform", "compensated")
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default=None, help="a model folder saved by uvc.save (default: the bundled teacher)")
+    add_teacher_arg(p)
     p.add_argument("--images", type=int, nargs="+", default=[1000, 3000])
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 (the data order, and which images a seed sees "
@@ -46,7 +46,7 @@ def main() -> int:
     teacher = load_teacher(args.teacher)
     started = time.perf_counter()
     results = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "budget": args.budget,
-               "teacher": args.teacher or "bundled vit_tiny_patch7_fmnist",
+               "teacher": teacher_label(args.teacher),
                "post_lr": args.post_lr,
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(args.threads), "load_average_start": os.getloadavg(), "runs": []}

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-import uvc
 from uvc.compensate import DEFAULT_RIDGE, compensate
 from uvc.data import DataConfig, build_data
 from uvc.engine import evaluate
 from uvc.oneshot import ALLOCATIONS, IMPORTANCES, one_shot, take_images
+
+from run import add_teacher_arg, load_teacher, teacher_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"none": None, "bias": dict(mode="bias"), "refit-block": dict(target="block"), "refit-stream": dict(target="stream")}
@@ -50,7 +51,7 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--teacher", default=None, help="a model folder saved by uvc.save (default: the bundled teacher)")
+    add_teacher_arg(parser)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--calibration", type=int, default=1000)
     parser.add_argument("--test-limit", type=int, default=None)
@@ -62,14 +63,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
 
-    teacher = uvc.load_model(args.teacher)
+    teacher = load_teacher(args.teacher)
     data = build_data(DataConfig(augment=False, batch_size=100, eval_batch_size=1000, test_limit=args.test_limit))
     calibration = take_images(data.train, args.calibration)
 
     def measure(model) -> dict:
         return {"val": evaluate(model, data.val, cpu), "test": evaluate(model, data.test, cpu)}
 
-    results = {"teacher": measure(teacher), "teacher_model": args.teacher or "bundled vit_tiny_patch7_fmnist",
+    results = {"teacher": measure(teacher), "teacher_model": teacher_label(args.teacher),
                "calibration_images": args.calibration, "ridge": DEFAULT_RIDGE,
                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads",
                "rows": [], "ridge_sweep": []}

@@ -44,7 +44,8 @@ from uvc.search import SearchConfig
 
 from baselines import plan_of_slimmed, taylor_gradients, torch_pruning_to_budget
 from speed import deit_small_speed, speed_pair, step_cost
-from summary import ABLATIONS, LABELS, MAIN_METHODS, RESULTS_FORMAT, SEARCHED, write_summary
+from summary import (ABLATIONS, BENCH_TEACHER, BUNDLED_TEACHER, LABELS, MAIN_METHODS, RESULTS_FORMAT, SEARCHED,
+                     TEACHER_NOTES, write_summary)
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")
@@ -180,13 +181,23 @@ def machine(threads: int) -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def load_teacher(path: str | None):
+def add_teacher_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", default=BENCH_TEACHER,
+                   help=f"a model folder saved by uvc.save (relative to the repository or absolute), or 'bundled' for the "
+                        f"teacher `uvc compress` uses by default (default: {BENCH_TEACHER}, {TEACHER_NOTES[BENCH_TEACHER]})")
+
+
+def teacher_label(name: str) -> str:
+    """How results files name a teacher: the folder as given, or BUNDLED_TEACHER."""
+    return BUNDLED_TEACHER if name == "bundled" else name
+
+
+def load_teacher(name: str):
     try:
-        return uvc.load_model(path)
+        return uvc.load_model(None if name == "bundled" else str(ROOT / name))
     except UVCError as e:
-        where = path or "the bundled teacher (src/uvc/assets/vit_tiny_patch7_fmnist)"
-        sys.exit(f"bench: cannot load {where}: {e}\n"
-                 "Or pass --teacher DIR (a model folder written by uvc.save) to benchmark another model.")
+        sys.exit(f"bench: cannot load the teacher {name!r}: {e}\n"
+                 "Pass --teacher DIR (a model folder written by uvc.save) or --teacher bundled.")
 
 
 def places(quick: bool) -> tuple[Path, Path]:
@@ -229,7 +240,7 @@ def previous_runs(results: dict, folder: Path) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="budget 0.5, one seed, small data: a few minutes")
-    p.add_argument("--teacher", default=None, help="a model folder saved by uvc.save (default: the bundled teacher)")
+    add_teacher_arg(p)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for everything (fixed for the timings)")
     p.add_argument("--resume", action="store_true", help="keep the finished accuracy runs of the same settings and teacher")
     p.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from results.json")
@@ -252,7 +263,7 @@ def main() -> int:
     started = time.perf_counter()
     results = {
         "format": RESULTS_FORMAT, "mode": "quick" if args.quick else "full", "settings": asdict(s),
-        "teacher": args.teacher or "bundled vit_tiny_patch7_fmnist",
+        "teacher": teacher_label(args.teacher),
         "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(args.threads), "load_average_start": os.getloadavg(), "accuracy": [], "speed": [],

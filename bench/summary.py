@@ -19,6 +19,13 @@ TARGET_SEEDS = 3  # seeds the teacher-gap target needs
 TARGET_BUDGETS = (0.3, 0.5)
 TARGET_SPEED = 0.85  # measured speedup / (1 / R) at batch 64
 TARGET_STEP = 1.3  # search step / plain KD step
+BENCH_TEACHER = "bench/teacher"  # the default teacher of every bench script
+BUNDLED_TEACHER = "bundled vit_tiny_patch7_fmnist"  # `--teacher bundled`: the one `uvc compress` uses by default
+TEACHER_NOTES = {
+    BENCH_TEACHER: "the README's five-run recipe on the 55,000 training images outside the validation split, so "
+                   "validation is held out for it as for the students",
+    BUNDLED_TEACHER: "trained on all 60,000 training images, validation included",
+}
 LABELS = {
     "uvc": "UVC",
     "control": "control: uniform plan, frozen search",
@@ -272,7 +279,6 @@ def plot_speedup(results: dict, path: Path) -> None:
 def _header(results: dict) -> list[str]:
     m, s = results["machine"], results["settings"]
     load = lambda xs: ", ".join(f"{x:.2f}" for x in xs) if xs else "-"  # noqa: E731
-    bundled = results["teacher"].startswith("bundled")
     return [
         f"- command: `{results['command']}`",
         f"- date: {results['date']} to {results.get('finished', '(unfinished)')}; wall time {results.get('seconds', 0) / 60:.1f} min"
@@ -286,7 +292,7 @@ def _header(results: dict) -> list[str]:
         f"{load(results.get('load_average_end'))} (the benchmark itself adds about its thread count; more is other work "
         "sharing these cores)",
         f"- GPU: {m['gpu'] or 'none on this machine: GPU rows are omitted, not estimated'}",
-        f"- teacher: {results['teacher']}" + ("" if bundled else " (passed with --teacher: not the bundled teacher)")
+        f"- teacher: {results['teacher']} ({TEACHER_NOTES.get(results['teacher'], 'passed with --teacher')})"
         + f"; budgets {', '.join(str(b) for b in s['budgets'])}",
         f"- data: Fashion-MNIST, {s['train_limit'] or 'all 55000'} training images, validation "
         f"{s['val_limit'] or 'all 5000'} images (held out of the training images), test {s['test_limit'] or 'all 10000'} "
@@ -335,7 +341,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             + (" The bundled teacher was trained on all 60,000 training images before the validation split existed, so "
                "its validation figure is a **training-set figure**; every student starts from its weights, so the "
                "students' validation figures run high too. Compare validation figures between methods, and read "
-               "accuracy against the teacher from the test figures." if results["teacher"].startswith("bundled") else ""),
+               "accuracy against the teacher from the test figures." if results["teacher"] == BUNDLED_TEACHER else ""),
             "",
             "Columns: seeds run; epochs of search + post-training (equal in total for every method); R = MACs / teacher "
             "MACs of the delivered model (mean over seeds, measured by `uvc.macs`); whether every seed's R lies in "
@@ -466,7 +472,7 @@ def data_efficiency(folder: Path) -> list[str]:
                  f"{x['plan_time']['wall_s'] + x['compensation_time']['wall_s']:.1f}"] for x in r["rows"]]
         out += ["## 4. One-shot pruning, no gradient step (issue 14)", "",
                 f"Command: `{r.get('command', 'python bench/oneshot.py')}`. The teacher "
-                f"({r.get('teacher_model', 'bundled vit_tiny_patch7_fmnist')}, {r['teacher']['test']:.2f} % "
+                f"({r.get('teacher_model', BUNDLED_TEACHER)}, {r['teacher']['test']:.2f} % "
                 f"test, {r['teacher']['val']:.2f} % validation) pruned to each budget without training; compensation "
                 f"(`uvc.compensate`) on {r['calibration_images']} unlabeled training images, ridge {r['ridge']}; "
                 "every choice made on validation (the defaults of `uvc compress --one-shot`: "
@@ -485,7 +491,7 @@ def data_efficiency(folder: Path) -> list[str]:
         seeds = max(len(xs) for xs in groups.values())
         out += ["## 5. Few training images (issue 14)", "",
                 f"Command: `{r['command']}`, {r['date']}, {r['machine']['threads']} thread(s), teacher "
-                f"{r.get('teacher', 'bundled vit_tiny_patch7_fmnist')}, load average "
+                f"{r.get('teacher', BUNDLED_TEACHER)}, load average "
                 f"{r['load_average_start'][0]:.1f} -> {r['load_average_end'][0]:.1f}. B = {r['budget']}, {seeds} seed(s), "
                 "mean ± std; 2 epochs of training for every method (UVC 1 search + 1 post-training, the others 2 of "
                 "post-training) over only the first N training images; validation and test as above.", "",

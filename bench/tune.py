@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from run import FULL, ROOT, Settings, compress_config, load_teacher, machine
+from run import FULL, ROOT, Settings, add_teacher_arg, compress_config, load_teacher, machine, teacher_label
 from summary import tuning_table
 from uvc.compress import CompressConfig, Run, compress
 from uvc.search import SearchConfig
@@ -72,7 +72,7 @@ def save(results: dict, path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default=None, help="a model folder saved by uvc.save (default: the bundled teacher)")
+    add_teacher_arg(p)
     p.add_argument("--budgets", type=float, nargs="+", default=list(FULL.budgets))
     p.add_argument("--search-epochs", type=float, nargs="+", default=[0.5, 1.0, 1.5],
                    help=f"search lengths to try; post-training takes the rest of {TOTAL_EPOCHS:g} epochs")
@@ -87,7 +87,7 @@ def main() -> int:
     teacher = load_teacher(args.teacher)
     path = ROOT / "bench" / "results" / f"{args.name}.json"
     results = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
-               "teacher": args.teacher or "bundled vit_tiny_patch7_fmnist",
+               "teacher": teacher_label(args.teacher),
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(args.threads), "runs": []}
     earlier = json.loads(path.read_text()) if path.is_file() else {}
