@@ -8,8 +8,8 @@ teacher is pruned by `uvc.oneshot` and measured right after slimming: without co
 the bias fold only, and with the ridge refit against each target ("block", "stream"). Calibration:
 the first 1,000 images of the seeded training order (no augmentation, labels unused). Every choice
 (importance, allocation, target, ridge) is made on the validation split; test is reported beside
-it. Note: the bundled teacher was trained on all 60,000 training images, so its validation figures
-are optimistic for the teacher; they rank the pruned variants, nothing else.
+it. With `--teacher bundled` the validation figures are optimistic: that teacher was trained on all
+60,000 training images, validation included, so they rank the pruned variants, nothing else.
 Times: wall and process CPU seconds of importance + plan + slimming, and of the compensation
 (evaluation excluded). Another process may share the CPU: then run with --threads 1, since two
 torch threads on one free core spin against each other (measured 83 s instead of 8 s).

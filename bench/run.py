@@ -59,7 +59,7 @@ class Settings:
 
     budgets: tuple[float, ...]
     seeds: int  # seeds 0 .. seeds-1 for MAIN_METHODS; the ABLATIONS run seed 0 only
-    train_limit: int | None  # training images (of the 55,000 left after the validation split; the teacher saw all 60,000)
+    train_limit: int | None  # training images, of the 55,000 outside the validation split (bench/teacher trained on those)
     val_limit: int | None
     test_limit: int | None
     batch_size: int
