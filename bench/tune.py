@@ -1,13 +1,13 @@
 """Choose how UVC splits the benchmark's training between search and post-training, on validation alone.
 
-    python bench/tune.py --teacher DIR --budgets 0.5 --seeds 3   # search 0.5 / 1.0 / 1.5 of the 2 epochs
+    python bench/tune.py --budgets 0.5 0.3 --seeds 3 --threads 2   # search 0.5 / 1 / 1.5 of the 2 epochs: ~22 min
 
 The benchmark (bench/run.py) trains every method 2 epochs in all; UVC spends `search_epochs` of them
 searching and the rest post-training. Each search length tried here keeps that total and scales the
 search's warm-up and fade with it, so the search keeps its shape and only its length changes. No run
 reads the test split (`CompressConfig.test_at_end=False`), so the choice can be made here and the
 benchmark's test figures stay untouched by it. The sweep is only honest with a teacher that never
-trained on the validation images: `uvc train-teacher` holds them out; the bundled teacher predates that.
+trained on the validation images, as the default bench/teacher never did (`--teacher bundled` did).
 
 Writes bench/results/NAME.json after every run (a killed sweep continues where it stopped when run
 again with the same arguments) and prints validation top-1, mean and std over seeds, per split.
