@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import shlex
@@ -23,7 +22,7 @@ import time
 
 import torch
 
-from run import FULL, ROOT, add_teacher_arg, compress_config, load_teacher, machine, run_method, teacher_label
+from run import FULL, ROOT, add_teacher_arg, compress_config, load_teacher, machine, run_method, save, teacher_label
 from uvc.compress import Run
 
 METHODS = ("uvc", "uniform", "compensated")
@@ -66,9 +65,7 @@ def main() -> int:
                              record["top1"], record["top1_val"], record["ratio"])
     results["seconds"] = time.perf_counter() - started
     results["load_average_end"] = os.getloadavg()
-    results_dir = ROOT / "bench" / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    save(results, ROOT / "bench" / "results" / f"{args.name}.json")
     return 0
 
 

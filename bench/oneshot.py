@@ -1,4 +1,4 @@
-"""One-shot pruning of a teacher (the bundled one by default), with and without compensation (issue 14); no gradient step.
+"""One-shot pruning of a teacher (bench/teacher by default), with and without compensation (issue 14); no gradient step.
 
     python bench/oneshot.py                    # budgets 0.5 and 0.3, ~15 min on 2 CPU cores
     python bench/oneshot.py --budgets 0.5 --test-limit 2000   # quicker

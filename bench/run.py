@@ -39,6 +39,7 @@ from uvc.compress import CompressConfig, Run, compress, post_train
 from uvc.data import DataConfig, build_data
 from uvc.distill import KDConfig
 from uvc.errors import UVCError
+from uvc.io import atomic_write_text
 from uvc.oneshot import one_shot
 from uvc.search import SearchConfig
 
@@ -208,11 +209,10 @@ def places(quick: bool) -> tuple[Path, Path]:
     return ROOT / "bench" / "results", ROOT / "BENCHMARKS.md"
 
 
-def save(results: dict, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(folder / "results.json")
+def save(results: dict, path: Path) -> None:
+    """Write a results file atomically: a killed benchmark leaves the previous version whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(results, indent=1))
 
 
 def _run_settings(settings: dict) -> dict:
@@ -284,7 +284,7 @@ def main() -> int:
             done[(method, budget, seed)] = run_method(method, budget, seed, teacher, s,
                                                       out_root / f"{method}-b{budget}-s{seed}", teacher_scores)
         results["accuracy"].append(done[(method, budget, seed)])
-        save(results, folder)
+        save(results, folder / "results.json")
 
     log.info("=== throughput: the teacher against UVC's slimmed models of seed 0")
     input_size = adapter_for(teacher).input_size(teacher)
@@ -294,20 +294,20 @@ def main() -> int:
         results["speed"].append({"method": "uvc", "budget": budget, "seed": 0, "ratio": run["ratio"],
                                  "pairs": [speed_pair(teacher, slimmed, input_size, b, s.speed_rounds, threads=args.threads)
                                            for b in s.speed_batches]})
-    save(results, folder)
+    save(results, folder / "results.json")
 
     log.info("=== throughput: deit_small_patch16_224 at R <= %.2f, widths at multiples of %s",
              s.deit_budget, " and ".join(map(str, s.deit_width_multiples)))
     results["deit_small"] = [deit_small_speed(s.deit_budget, s.deit_batches, s.speed_rounds, width_multiple=w,
                                               threads=args.threads) for w in s.deit_width_multiples]
-    save(results, folder)
+    save(results, folder / "results.json")
 
     log.info("=== search cost: UVC search step against a plain KD step")
     results["search_cost"] = step_cost(compress_config(s, 0.5, out_root / "step-cost", "uvc"), teacher, s.cost_steps)
     results["seconds"] = time.perf_counter() - started
     results["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     results["load_average_end"] = os.getloadavg()
-    save(results, folder)
+    save(results, folder / "results.json")
     write_summary(results, md_path, folder)
     log.info("done in %.1f min: %s and %s", results["seconds"] / 60, os.path.relpath(md_path, ROOT),
              os.path.relpath(folder, ROOT))

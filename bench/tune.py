@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from run import FULL, ROOT, Settings, add_teacher_arg, compress_config, load_teacher, machine, teacher_label
+from run import FULL, ROOT, Settings, add_teacher_arg, compress_config, load_teacher, machine, save, teacher_label
 from summary import tuning_table
 from uvc.compress import CompressConfig, Run, compress
 from uvc.search import SearchConfig
@@ -62,12 +62,6 @@ def tuning_run(teacher, base: Settings, budget: float, seed: int, search_epochs:
     return {"budget": budget, "seed": seed, "search_epochs": search_epochs, "post_epochs": cfg.post.epochs,
             "ratio": report["ratio"], "top1_val": report["top1_val"], "top1_val_before_post": report["top1_val_after_search"],
             "seconds": time.perf_counter() - started}
-
-
-def save(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(results, indent=1))
-    path.with_suffix(".tmp").replace(path)
 
 
 def main() -> int:
