@@ -38,8 +38,8 @@ def stepped_search(model, budget=0.5):
     search = Search(gated, budget, SearchConfig(), skeleton_of(gated))
     search.mark_groups(fade=0.5, probe=True)
     search.set_gates(fade=0.5, probe=True)
-    dtype = gated.blocks[0].attn.qkv.weight.dtype
-    gated(torch.randn(2, 1, 28, 28, dtype=dtype)).sum().backward()
+    weight = gated.blocks[0].attn.qkv.weight
+    gated(torch.randn(2, 1, 28, 28, dtype=weight.dtype, device=weight.device)).sum().backward()
     search.record_importance()
     search.proximal_shrink(1e-3)
     search.allocation_step()

@@ -19,6 +19,7 @@ of the search state does not depend on this: it holds with per-rank samples too.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import Iterable
 
@@ -144,8 +145,12 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     Buffers are not synchronised at every forward pass: the only buffers of a compressible model
     are its masks, which every rank recomputes identically from the weights (and
     `same_on_all_ranks` checks), so a broadcast would cost a collective per step and hide a bug.
+    The switch is `forward_sync_buffers` from torch 2.14 on; the CUDA images that ship an older
+    torch know it as `broadcast_buffers`.
     """
     if world_size() == 1:
         return model
+    switch = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+              else "broadcast_buffers")
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   forward_sync_buffers=False)
+                                   **{switch: False})
