@@ -36,8 +36,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 (the data order, and which images a seed sees "
                                                        "first, follow the seed; the few images are the same)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--post-lr", type=float, default=None, help="post-training rate per 128 images for every method "
-                                                                "(default: uvc's)")
+    p.add_argument("--post-lr", type=float, default=FULL.post_lr, help="post-training rate per 128 images for every "
+                                                                       "method (default: the benchmark's, %(default)g)")
     p.add_argument("--name", default="few_images", help="results file bench/results/NAME.json (BENCHMARKS.md reads few_images)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -54,12 +54,12 @@ def main() -> int:
         for images in args.images:
             # Batches of 64 so that a thousand images still give 15 steps an epoch.
             s = dataclasses.replace(FULL, budgets=(args.budget,), seeds=args.seeds, train_limit=images, batch_size=64,
-                                    calibration_images=min(images, FULL.calibration_images))
+                                    calibration_images=min(images, FULL.calibration_images), post_lr=args.post_lr)
             for method in METHODS:
                 out = ROOT / "runs" / "bench" / args.name / f"{method}-n{images}-s{seed}"
                 if scores is None:
                     scores = Run(compress_config(s, args.budget, out, method), model=teacher, teacher=teacher).score_teacher()
-                record = run_method(method, args.budget, seed, teacher, s, out, scores, args.post_lr)
+                record = run_method(method, args.budget, seed, teacher, s, out, scores)
                 results["runs"].append({"images": images, **record})
                 logging.info("seed %d, %d images, %s: test %.2f%%, validation %.2f%% at R = %.4f", seed, images, method,
                              record["top1"], record["top1_val"], record["ratio"])

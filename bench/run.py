@@ -75,6 +75,7 @@ class Settings:
     cost_steps: int
     deit_budget: float = 0.5
     deit_width_multiples: tuple[int, ...] = (1, 8)
+    post_lr: float = CompressConfig().post.lr  # post-training rate per 128 images, the same for every method
 
 
 # Timings behind FULL (2-core CPU, free; the 2026-11-25 full run): a search step at batch 128 takes ~0.70 s,
@@ -107,10 +108,10 @@ def training_epochs(s: Settings, method: str) -> tuple[float, float]:
 
 
 def compress_config(s: Settings, budget: float, out: Path, method: str, seed: int = 0,
-                    post_lr: float | None = None) -> CompressConfig:
+                    read_test: bool = True) -> CompressConfig:
     """One configuration for every method: only the control and the UVC ablations flip their switch, and
-    the baselines' post-training takes the epochs UVC spends searching. `post_lr` replaces the default
-    post-training rate (per 128 images) for every method alike."""
+    the baselines' post-training takes the epochs UVC spends searching. `read_test=False` leaves the test
+    split unread, for choices made on validation."""
     defaults = CompressConfig()
     search = SearchConfig(
         schedule=dataclasses.replace(defaults.search.schedule, epochs=s.search_epochs),
@@ -118,10 +119,10 @@ def compress_config(s: Settings, budget: float, out: Path, method: str, seed: in
         skip="both" if method == "uvc_skip" else "none", importance="norm" if method == "uvc_norm" else "taylor",
         start="compensate" if method == "uvc_compensated" else "fade",
         end="searched" if method == "uvc_searched" else defaults.search.end)
-    post = dataclasses.replace(defaults.post, epochs=training_epochs(s, method)[1], lr=post_lr or defaults.post.lr)
+    post = dataclasses.replace(defaults.post, epochs=training_epochs(s, method)[1], lr=s.post_lr)
     data = DataConfig(train_limit=s.train_limit, val_limit=s.val_limit, test_limit=s.test_limit, batch_size=s.batch_size)
     return CompressConfig(budget=budget, out=str(out), device="cpu", seed=seed, data=data, search=search, post=post,
-                          kd=KDConfig(), eval_during_search=False,
+                          kd=KDConfig(), eval_during_search=False, test_at_end=read_test,
                           throughput_rounds=1, throughput_batch=8)  # speed is measured apart, in section 2
 
 
@@ -145,13 +146,13 @@ def prune_baseline(method: str, teacher, budget: float, cfg: CompressConfig, s: 
 
 
 def run_method(method: str, budget: float, seed: int, teacher, s: Settings, out: Path,
-               teacher_scores: dict[str, float], post_lr: float | None = None) -> dict:
+               teacher_scores: dict[str, float | None], read_test: bool = True) -> dict:
     """Compress the teacher to `budget` with one method and seed; returns the figures the tables need.
 
     `teacher_scores` is the teacher's top-1 on each split, the same in every run (evaluation draws
     no random numbers and the splits do not depend on the seed), so it is computed once.
     """
-    cfg = compress_config(s, budget, out, method, seed, post_lr)
+    cfg = compress_config(s, budget, out, method, seed, read_test)
     start = time.perf_counter()
     if method in SEARCHED:
         report = compress(cfg, model=teacher, teacher=teacher, teacher_scores=teacher_scores)

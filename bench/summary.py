@@ -424,7 +424,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "- Every post-training is `uvc.compress.post_train` / `uvc.compress` with identical settings; the baselines' "
             "post-training is as long as UVC's search and post-training together.", ""]
     out += data_efficiency(plot_dir)
-    out += tuning_section(plot_dir, s["search_epochs"])
+    out += tuning_section(plot_dir, s["search_epochs"], s.get("post_lr", 1e-4))  # results before the setting: 1e-4
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(out))
 
@@ -432,36 +432,50 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
 TUNING_VERDICTS = {1: "beats it", 0: "within spread", -1: "loses", None: "-"}
 
 
-def tuning_table(results: dict, default_search: float) -> str:
-    """bench/tune.py's sweep: validation top-1 per budget and split, mean ± std over seeds, each split judged
-    against `default_search` (the benchmark's) by the beating rule."""
-    runs, rows = results["runs"], []
-    for budget in sorted({r["budget"] for r in runs}):
-        by_split = {search: [r for r in runs if r["budget"] == budget and r["search_epochs"] == search]
-                    for search in sorted({r["search_epochs"] for r in runs if r["budget"] == budget})}
-        default = [r["top1_val"] for r in by_split.get(default_search, [])]
-        for search, xs in by_split.items():
-            verdict = compare([r["top1_val"] for r in xs], default) if default and search != default_search else None
-            rows.append([budget, f"{search:g} + {xs[0]['post_epochs']:g}", len(xs), fmt([r["top1_val"] for r in xs]),
-                         fmt([r["top1_val_before_post"] for r in xs]), TUNING_VERDICTS[verdict]])
-    header = ["B", "search + post-training epochs", "seeds", "val top-1 %", "val before post-training",
-              f"vs search {default_search:g} (the benchmark's)"]
+def tuning_table(results: dict, default_search: float, default_lr: float) -> str:
+    """bench/tune.py's sweep: validation top-1 per budget, method, split and post-training rate, mean ± std over
+    seeds. Each setting is judged against the same method at the benchmark's (`default_search`, `default_lr`), and
+    each rival against UVC at the benchmark's split and the same rate, by the beating rule."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results["runs"]:
+        groups.setdefault((r["budget"], r["method"], r["search_epochs"], r["post_lr"]), []).append(r)
+    order = list(LABELS)
+    rows = []
+    for key in sorted(groups, key=lambda k: (k[0], order.index(k[1]), k[2], -k[3])):
+        budget, method, search, lr = key
+        xs = [r["top1_val"] for r in groups[key]]
+        own_search = default_search if method in SEARCHED else search
+        reference = [r["top1_val"] for r in groups.get((budget, method, own_search, default_lr), [])]
+        against_default = compare(xs, reference) if reference and key != (budget, method, own_search, default_lr) else None
+        uvc = [r["top1_val"] for r in groups.get((budget, "uvc", default_search, lr), [])]
+        uvc_against = compare(uvc, xs) if uvc and method != "uvc" else None
+        rows.append([budget, method, f"{search:g} + {groups[key][0]['post_epochs']:g}", f"{lr:g}", len(xs), fmt(xs),
+                     fmt([r["top1_val_before_post"] for r in groups[key]]), TUNING_VERDICTS[against_default],
+                     TUNING_VERDICTS[uvc_against]])
+    header = ["B", "method", "search + post-training epochs", "post-training lr", "seeds", "val top-1 %",
+              "val before post-training", f"vs the benchmark's (search {default_search:g}, lr {default_lr:g})",
+              "UVC against it"]
     return f"Teacher: validation top-1 {results['teacher_val']:.2f}%.\n\n" + table(header, rows)
 
 
-def tuning_section(folder: Path, default_search: float) -> list[str]:
+def tuning_section(folder: Path, default_search: float, default_lr: float) -> list[str]:
     """The section from bench/tune.py's results, where they exist."""
     path = folder / "tune.json"
     if not path.is_file():
         return []
     r = json.loads(path.read_text())
-    change = [x["top1_val"] - x["top1_val_before_post"] for x in r["runs"]]
-    return ["## 6. UVC's split of the training between search and post-training, on validation", "",
-            f"Command: `{r['command']}`, {r['date']}, {r['machine']['threads']} thread(s); teacher: {r['teacher']}. "
-            "UVC as in section 1 with the same 2 epochs in all, the search's warm-up and fade scaled with its length; "
-            "no run read the test split.", "", tuning_table(r, default_search), "",
-            f"Post-training changed validation top-1 by {statistics.fmean(change):+.2f} point on average (lowered it in "
-            f"{sum(c < 0 for c in change)} of {len(change)} runs).", ""]
+    commands = "; ".join(f"`{c}`" for c in r["commands"])
+    out = ["## 6. Training settings chosen on validation: UVC's split, the post-training rate", "",
+           f"Commands: {commands}; last run {r['date']}, {r['machine']['threads']} thread(s); teacher: {r['teacher']}. "
+           "Every method as in section 1 with the same 2 epochs in all; UVC's warm-up and fade scaled with its search's "
+           "length; one post-training rate for every method of a row group; no run read the test split.", "",
+           tuning_table(r, default_search, default_lr), ""]
+    for lr in sorted({x["post_lr"] for x in r["runs"]}, reverse=True):
+        change = [x["top1_val"] - x["top1_val_before_post"] for x in r["runs"] if x["method"] == "uvc" and x["post_lr"] == lr]
+        if change:
+            out.append(f"- UVC's post-training at lr {lr:g} changed validation top-1 by {statistics.fmean(change):+.2f} "
+                       f"point on average (lowered it in {sum(c < 0 for c in change)} of {len(change)} runs).")
+    return out + [""]
 
 
 def data_efficiency(folder: Path) -> list[str]:

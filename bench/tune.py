@@ -1,16 +1,19 @@
-"""Choose how UVC splits the benchmark's training between search and post-training, on validation alone.
+"""Choose the benchmark's training settings on validation alone: UVC's split, and the post-training rate.
 
     python bench/tune.py --budgets 0.5 0.3 --seeds 3 --threads 2   # search 0.5 / 1 / 1.5 of the 2 epochs: ~22 min
+    python bench/tune.py --budgets 0.5 --search-epochs 1 --post-lrs 1e-4 3e-5 --methods uvc oneshot --threads 2
 
 The benchmark (bench/run.py) trains every method 2 epochs in all; UVC spends `search_epochs` of them
 searching and the rest post-training. Each search length tried here keeps that total and scales the
-search's warm-up and fade with it, so the search keeps its shape and only its length changes. No run
-reads the test split (`CompressConfig.test_at_end=False`), so the choice can be made here and the
-benchmark's test figures stay untouched by it. The sweep is only honest with a teacher that never
+search's warm-up and fade with it, so the search keeps its shape and only its length changes. The
+post-training rate is one setting for every method (`Settings.post_lr`), so each rate tried here runs
+for every method named, and a rate is chosen only where it serves UVC and its strongest rival alike.
+No run reads the test split (`CompressConfig.test_at_end=False`), so the choice can be made here and
+the benchmark's test figures stay untouched by it. The sweep is only honest with a teacher that never
 trained on the validation images, as the default bench/teacher never did (`--teacher bundled` did).
 
 Writes bench/results/NAME.json after every run (a killed sweep continues where it stopped when run
-again with the same arguments) and prints validation top-1, mean and std over seeds, per split.
+again with the same arguments) and prints validation top-1, mean and std over seeds, per setting.
 """
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from run import FULL, ROOT, Settings, add_teacher_arg, compress_config, load_teacher, machine, save, teacher_label
-from summary import tuning_table
+from run import (FULL, ROOT, Settings, add_teacher_arg, compress_config, load_teacher, machine, run_method, save,
+                 teacher_label, training_epochs)
+from summary import LABELS, tuning_table
 from uvc.compress import CompressConfig, Run, compress
 from uvc.search import SearchConfig
 
@@ -47,20 +51,27 @@ def split_settings(base: Settings, search_epochs: float) -> Settings:
 
 def tuning_config(base: Settings, budget: float, seed: int, search_epochs: float, out: Path) -> CompressConfig:
     """The benchmark's UVC configuration at another split: the fade scales with the search, and test stays unread."""
-    cfg = compress_config(split_settings(base, search_epochs), budget, out, "uvc", seed)
+    cfg = compress_config(split_settings(base, search_epochs), budget, out, "uvc", seed, read_test=False)
     cfg.search.fade_epochs = SearchConfig().fade_epochs * search_epochs / base.search_epochs
-    cfg.test_at_end = False
     return cfg
 
 
-def tuning_run(teacher, base: Settings, budget: float, seed: int, search_epochs: float, teacher_val: float,
-               out: Path) -> dict:
-    """One UVC run of the sweep: validation figures only."""
-    cfg = tuning_config(base, budget, seed, search_epochs, out)
+def tuning_run(teacher, base: Settings, method: str, budget: float, seed: int, search_epochs: float,
+               teacher_val: float, out: Path) -> dict:
+    """One run of the sweep, validation figures only: UVC at `search_epochs`, any other method as the benchmark
+    runs it (`search_epochs` is then ignored), both at `base.post_lr`."""
     started = time.perf_counter()
-    report = compress(cfg, model=teacher, teacher=teacher, teacher_scores={"test": None, "val": teacher_val})
-    return {"budget": budget, "seed": seed, "search_epochs": search_epochs, "post_epochs": cfg.post.epochs,
-            "ratio": report["ratio"], "top1_val": report["top1_val"], "top1_val_before_post": report["top1_val_after_search"],
+    if method == "uvc":
+        cfg = tuning_config(base, budget, seed, search_epochs, out)
+        report = compress(cfg, model=teacher, teacher=teacher, teacher_scores={"test": None, "val": teacher_val})
+        search_epochs, post_epochs = cfg.search.schedule.epochs, cfg.post.epochs
+        ratio, val, val_before = report["ratio"], report["top1_val"], report["top1_val_after_search"]
+    else:
+        record = run_method(method, budget, seed, teacher, base, out, {"test": None, "val": teacher_val}, read_test=False)
+        (search_epochs, post_epochs), ratio = record["epochs"], record["ratio"]
+        val, val_before = record["top1_val"], record["top1_val_before_post"]
+    return {"method": method, "budget": budget, "seed": seed, "search_epochs": search_epochs, "post_epochs": post_epochs,
+            "post_lr": base.post_lr, "ratio": ratio, "top1_val": val, "top1_val_before_post": val_before,
             "seconds": time.perf_counter() - started}
 
 
@@ -70,6 +81,10 @@ def main() -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=list(FULL.budgets))
     p.add_argument("--search-epochs", type=float, nargs="+", default=[0.5, 1.0, 1.5],
                    help=f"search lengths to try; post-training takes the rest of {TOTAL_EPOCHS:g} epochs")
+    p.add_argument("--post-lrs", type=float, nargs="+", default=[FULL.post_lr],
+                   help="post-training rates per 128 images to try, each for every method (default: the benchmark's)")
+    p.add_argument("--methods", nargs="+", default=["uvc"], choices=list(LABELS),
+                   help="methods to run at each rate; only UVC takes --search-epochs (default: uvc)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="tune", help="results file bench/results/NAME.json; run folders runs/bench/NAME/")
@@ -80,29 +95,33 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     teacher = load_teacher(args.teacher)
     path = ROOT / "bench" / "results" / f"{args.name}.json"
-    results = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
+    results = {"commands": [shlex.join([os.path.relpath(sys.executable), *sys.argv])],
                "teacher": teacher_label(args.teacher),
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(args.threads), "runs": []}
     earlier = json.loads(path.read_text()) if path.is_file() else {}
     if earlier.get("teacher") == results["teacher"]:
         results["runs"] = earlier["runs"]
+        results["commands"] = [c for c in earlier["commands"] if c not in results["commands"]] + results["commands"]
         log.info("%d runs of an earlier sweep with this teacher kept (%s)", len(results["runs"]), path)
-    done = {(r["budget"], r["seed"], r["search_epochs"]) for r in results["runs"]}
-    cfg = compress_config(FULL, args.budgets[0], ROOT / "runs" / "bench" / args.name / "teacher", "uvc")
-    cfg.test_at_end = False
+    done = {(r["method"], r["budget"], r["seed"], r["search_epochs"], r["post_lr"]) for r in results["runs"]}
+    cfg = compress_config(FULL, args.budgets[0], ROOT / "runs" / "bench" / args.name / "teacher", "uvc", read_test=False)
     teacher_val = results["teacher_val"] = Run(cfg, model=teacher, teacher=teacher).score_teacher()["val"]
     for seed in range(args.seeds):
         for budget in args.budgets:
-            for search in args.search_epochs:
-                if (budget, seed, search) in done:
-                    continue
-                log.info("=== B = %.2f, seed %d, search %g + post-training %g epochs", budget, seed, search,
-                         TOTAL_EPOCHS - search)
-                out = ROOT / "runs" / "bench" / args.name / f"uvc-b{budget}-search{search:g}-s{seed}"
-                results["runs"].append(tuning_run(teacher, FULL, budget, seed, search, teacher_val, out))
-                save(results, path)
-    print(tuning_table(results, FULL.search_epochs))
+            for lr in args.post_lrs:
+                base = dataclasses.replace(FULL, post_lr=lr)
+                for method in args.methods:
+                    for search in args.search_epochs if method == "uvc" else [training_epochs(FULL, method)[0]]:
+                        if (method, budget, seed, search, lr) in done:
+                            continue
+                        log.info("=== %s at B = %.2f, seed %d, post-training rate %g%s", LABELS[method], budget, seed,
+                                 lr, f", search {search:g} + post-training {TOTAL_EPOCHS - search:g} epochs"
+                                 if method == "uvc" else "")
+                        out = ROOT / "runs" / "bench" / args.name / f"{method}-b{budget}-search{search:g}-lr{lr:g}-s{seed}"
+                        results["runs"].append(tuning_run(teacher, base, method, budget, seed, search, teacher_val, out))
+                        save(results, path)
+    print(tuning_table(results, FULL.search_epochs, FULL.post_lr))
     return 0
 
 

@@ -157,29 +157,41 @@ def test_a_tuning_split_keeps_the_total_training_and_scales_the_search_to_its_le
 def test_a_tuning_run_reports_validation_only(tmp_path, fmnist_available):
     if not fmnist_available:
         pytest.skip("Fashion-MNIST is missing")
-    record = tune.tuning_run(tiny_vit(), TINY, 0.5, 0, 0.5, 50.0, tmp_path)
-    assert record["search_epochs"] + record["post_epochs"] == TINY.search_epochs + TINY.post_epochs
-    assert summary.in_window(record["ratio"], 0.5) and 0 <= record["top1_val"] <= 100
-    assert "top1" not in record and json.loads((tmp_path / "report.json").read_text())["top1"] is None
+    base = dataclasses.replace(TINY, post_lr=3e-5)
+    uvc_run = tune.tuning_run(tiny_vit(), base, "uvc", 0.5, 0, 0.5, 50.0, tmp_path / "uvc")
+    assert uvc_run["search_epochs"] == 0.5 and uvc_run["search_epochs"] + uvc_run["post_epochs"] == TINY.search_epochs + TINY.post_epochs
+    rival = tune.tuning_run(tiny_vit(), base, "uniform", 0.5, 0, 0.5, 50.0, tmp_path / "uniform")
+    assert (rival["search_epochs"], rival["post_epochs"]) == (0.0, TINY.search_epochs + TINY.post_epochs)  # as benchmarked
+    for record, folder in ((uvc_run, "uvc"), (rival, "uniform")):
+        assert summary.in_window(record["ratio"], 0.5) and 0 <= record["top1_val"] <= 100 and record["post_lr"] == 3e-5
+        report = json.loads((tmp_path / folder / "report.json").read_text())
+        assert "top1" not in record and report["top1"] is None and report["top1_val"] == record["top1_val"]
 
 
-def test_the_tuning_table_judges_each_split_against_the_benchmarks_by_the_beating_rule(tmp_path):
-    def runs(search, vals):
-        return [{"budget": 0.5, "seed": i, "search_epochs": search, "post_epochs": 2 - search, "top1_val": v,
-                 "top1_val_before_post": 91.0} for i, v in enumerate(vals)]
-    results = {"teacher_val": 91.6, "command": "python bench/tune.py", "date": "2026-11-26", "machine": {"threads": 1},
-               "teacher": "runs/t5", "runs": runs(0.5, [90.0, 90.1, 90.2]) + runs(1.0, [90.4, 90.5, 90.6])
-               + runs(1.5, [90.3, 90.5, 90.9])}
-    text = summary.tuning_table(results, 1.0)
-    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| 0.5")}
-    assert "90.10 ± 0.10" in rows["0.5 + 1.5"] and rows["0.5 + 1.5"].endswith("| loses |")  # gap 0.4 > std 0.1
-    assert rows["1.5 + 0.5"].endswith("| within spread |")  # gap 0.067 < std 0.31
-    assert rows["1 + 1"].endswith("| - |") and text.startswith("Teacher: validation top-1 91.60%")
-    assert summary.tuning_section(tmp_path, 1.0) == []  # no sweep, no section
+def test_the_tuning_table_judges_each_setting_against_the_benchmarks_and_each_rival_against_uvc(tmp_path):
+    def runs(method, search, lr, vals, before=91.0):
+        return [{"method": method, "budget": 0.5, "seed": i, "search_epochs": search, "post_epochs": 2 - search,
+                 "post_lr": lr, "top1_val": v, "top1_val_before_post": before} for i, v in enumerate(vals)]
+    results = {"teacher_val": 91.6, "commands": ["python bench/tune.py", "python bench/tune.py --post-lrs 3e-5"],
+               "date": "2026-11-26", "machine": {"threads": 1}, "teacher": "runs/t5",
+               "runs": runs("uvc", 0.5, 1e-4, [90.0, 90.1, 90.2]) + runs("uvc", 1.0, 1e-4, [90.4, 90.5, 90.6])
+               + runs("uvc", 1.5, 1e-4, [90.3, 90.5, 90.9]) + runs("uvc", 1.0, 3e-5, [90.8, 90.9, 91.0])
+               + runs("oneshot", 0.0, 1e-4, [90.4, 90.45, 90.5], 88.0) + runs("oneshot", 0.0, 3e-5, [90.5, 90.6, 90.7], 88.0)}
+    text = summary.tuning_table(results, 1.0, 1e-4)
+    rows = {tuple(line.split(" | ")[1:4]): line for line in text.splitlines() if line.startswith("| 0.5")}
+    assert "90.10 ± 0.10" in rows["uvc", "0.5 + 1.5", "0.0001"] and rows["uvc", "0.5 + 1.5", "0.0001"].endswith("| loses | - |")
+    assert rows["uvc", "1.5 + 0.5", "0.0001"].endswith("| within spread | - |")  # gap 0.067 < std 0.31
+    assert rows["uvc", "1 + 1", "0.0001"].endswith("| - | - |") and text.startswith("Teacher: validation top-1 91.60%")
+    assert rows["uvc", "1 + 1", "3e-05"].endswith("| beats it | - |")  # +0.4 over the benchmark's rate, std 0.1
+    assert rows["oneshot", "0 + 2", "0.0001"].endswith("| - | within spread |")  # UVC 90.5 against 90.45
+    assert rows["oneshot", "0 + 2", "3e-05"].endswith("| beats it | beats it |")  # UVC 90.9 against 90.6, std 0.1
+    assert summary.tuning_section(tmp_path, 1.0, 1e-4) == []  # no sweep, no section
     (tmp_path / "tune.json").write_text(json.dumps(results))
-    section = "\n".join(summary.tuning_section(tmp_path, 1.0))
+    section = "\n".join(summary.tuning_section(tmp_path, 1.0, 1e-4))
     assert "runs/t5" in section and text in section and "no run read the test split" in section
-    assert "by -0.61 point on average (lowered it in 9 of 9 runs)" in section  # 91.0 before, 90.39 on average after
+    assert "`python bench/tune.py`; `python bench/tune.py --post-lrs 3e-5`" in section
+    assert "lr 0.0001 changed validation top-1 by -0.61 point on average (lowered it in 9 of 9 runs)" in section
+    assert "lr 3e-05 changed validation top-1 by -0.10 point" in section  # UVC's runs alone: one-shot's start is 88
 
 
 # ---- baselines -------------------------------------------------------------------------------
