@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from run import FULL, ROOT, add_teacher_arg, compress_config, load_teacher, machine, run_method, save, teacher_label
+from run import FULL, ROOT, add_teacher_arg, at_post_lr, compress_config, load_teacher, machine, run_method, save, teacher_label
 from uvc.compress import Run
 
 METHODS = ("uvc", "uniform", "compensated")
@@ -36,8 +36,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 (the data order, and which images a seed sees "
                                                        "first, follow the seed; the few images are the same)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--post-lr", type=float, default=FULL.post_lr, help="post-training rate per 128 images for every "
-                                                                       "method (default: the benchmark's, %(default)g)")
+    p.add_argument("--post-lr", type=float, default=None, help="one post-training rate per 128 images for every method "
+                                                                "(default: each method's in the benchmark)")
     p.add_argument("--name", default="few_images", help="results file bench/results/NAME.json (BENCHMARKS.md reads few_images)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -46,7 +46,7 @@ def main() -> int:
     started = time.perf_counter()
     results = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "budget": args.budget,
                "teacher": teacher_label(args.teacher),
-               "post_lr": args.post_lr,
+               "post_lrs": {m: (args.post_lr or FULL.post_lrs[m]) for m in METHODS},
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(args.threads), "load_average_start": os.getloadavg(), "runs": []}
     scores = None
@@ -54,7 +54,8 @@ def main() -> int:
         for images in args.images:
             # Batches of 64 so that a thousand images still give 15 steps an epoch.
             s = dataclasses.replace(FULL, budgets=(args.budget,), seeds=args.seeds, train_limit=images, batch_size=64,
-                                    calibration_images=min(images, FULL.calibration_images), post_lr=args.post_lr)
+                                    calibration_images=min(images, FULL.calibration_images))
+            s = at_post_lr(s, args.post_lr) if args.post_lr else s
             for method in METHODS:
                 out = ROOT / "runs" / "bench" / args.name / f"{method}-n{images}-s{seed}"
                 if scores is None:

@@ -27,7 +27,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +54,12 @@ log = logging.getLogger("bench")
 COMPENSATED_IMPORTANCE = "weight"
 
 
+# Each method's post-training rate per 128 images, chosen on validation with bench/teacher by bench/tune.py
+# (BENCHMARKS.md section 6): the best of the rates tried for that method, so that no rival trains at a rate
+# chosen for UVC.
+POST_LRS = dict.fromkeys(LABELS, CompressConfig().post.lr)
+
+
 @dataclass(frozen=True)
 class Settings:
     """How much work each part gets; `--quick` swaps in QUICK."""
@@ -75,7 +81,7 @@ class Settings:
     cost_steps: int
     deit_budget: float = 0.5
     deit_width_multiples: tuple[int, ...] = (1, 8)
-    post_lr: float = CompressConfig().post.lr  # post-training rate per 128 images, the same for every method
+    post_lrs: dict[str, float] = field(default_factory=lambda: dict(POST_LRS))  # each method's, per 128 images
 
 
 # Timings behind FULL (2-core CPU, free; the 2026-11-25 full run): a search step at batch 128 takes ~0.70 s,
@@ -107,6 +113,11 @@ def training_epochs(s: Settings, method: str) -> tuple[float, float]:
     return (s.search_epochs, s.post_epochs) if method in SEARCHED else (0.0, s.search_epochs + s.post_epochs)
 
 
+def at_post_lr(s: Settings, lr: float) -> Settings:
+    """`s` with one post-training rate for every method."""
+    return dataclasses.replace(s, post_lrs=dict.fromkeys(s.post_lrs, lr))
+
+
 def compress_config(s: Settings, budget: float, out: Path, method: str, seed: int = 0,
                     read_test: bool = True) -> CompressConfig:
     """One configuration for every method: only the control and the UVC ablations flip their switch, and
@@ -119,7 +130,7 @@ def compress_config(s: Settings, budget: float, out: Path, method: str, seed: in
         skip="both" if method == "uvc_skip" else "none", importance="norm" if method == "uvc_norm" else "taylor",
         start="compensate" if method == "uvc_compensated" else "fade",
         end="searched" if method == "uvc_searched" else defaults.search.end)
-    post = dataclasses.replace(defaults.post, epochs=training_epochs(s, method)[1], lr=s.post_lr)
+    post = dataclasses.replace(defaults.post, epochs=training_epochs(s, method)[1], lr=s.post_lrs[method])
     data = DataConfig(train_limit=s.train_limit, val_limit=s.val_limit, test_limit=s.test_limit, batch_size=s.batch_size)
     return CompressConfig(budget=budget, out=str(out), device="cpu", seed=seed, data=data, search=search, post=post,
                           kd=KDConfig(), eval_during_search=False, test_at_end=read_test,

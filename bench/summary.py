@@ -347,7 +347,10 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "MACs of the delivered model (mean over seeds, measured by `uvc.macs`); whether every seed's R lies in "
             f"[B - {R_TOLERANCE}, B]; test top-1 % and validation top-1 % (mean ± std over seeds); validation top-1 % "
             "right after pruning / slimming, before post-training; the comparison with UVC by the rule above "
-            "(test top-1); parameters; wall seconds per run.", ""]
+            "(test top-1); parameters; wall seconds per run.", "",
+            "Post-training rate per 128 images, each method's own (chosen on validation, section 6): "
+            + ", ".join(f"{m} {lr:g}" for m, lr in post_lrs(s).items() if m in {r["method"] for r in results["accuracy"]})
+            + ".", ""]
     for budget in s["budgets"]:
         out += [f"### B = {budget}", "",
                 table(["method", "seeds", "epochs", "R (mean)", f"R in [B - {R_TOLERANCE}, B]", "test top-1 %",
@@ -424,7 +427,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "- Every post-training is `uvc.compress.post_train` / `uvc.compress` with identical settings; the baselines' "
             "post-training is as long as UVC's search and post-training together.", ""]
     out += data_efficiency(plot_dir)
-    out += tuning_section(plot_dir, s["search_epochs"], s.get("post_lr", 1e-4))  # results before the setting: 1e-4
+    out += tuning_section(plot_dir, s["search_epochs"], post_lrs(s))
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(out))
 
@@ -432,10 +435,16 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
 TUNING_VERDICTS = {1: "beats it", 0: "within spread", -1: "loses", None: "-"}
 
 
-def tuning_table(results: dict, default_search: float, default_lr: float) -> str:
+def post_lrs(settings: dict) -> dict[str, float]:
+    """Each method's post-training rate in a benchmark's settings (1e-4 for every method before they were chosen)."""
+    return settings.get("post_lrs", dict.fromkeys(LABELS, 1e-4))
+
+
+def tuning_table(results: dict, default_search: float, default_lrs: dict[str, float]) -> str:
     """bench/tune.py's sweep: validation top-1 per budget, method, split and post-training rate, mean ± std over
-    seeds. Each setting is judged against the same method at the benchmark's (`default_search`, `default_lr`), and
-    each rival against UVC at the benchmark's split and the same rate, by the beating rule."""
+    seeds. Each setting is judged against the same method at the benchmark's (UVC's `default_search`, the
+    method's rate in `default_lrs`), and each rival against UVC at the benchmark's split and the same rate, by
+    the beating rule."""
     groups: dict[tuple, list[dict]] = {}
     for r in results["runs"]:
         groups.setdefault((r["budget"], r["method"], r["search_epochs"], r["post_lr"]), []).append(r)
@@ -445,20 +454,21 @@ def tuning_table(results: dict, default_search: float, default_lr: float) -> str
         budget, method, search, lr = key
         xs = [r["top1_val"] for r in groups[key]]
         own_search = default_search if method in SEARCHED else search
-        reference = [r["top1_val"] for r in groups.get((budget, method, own_search, default_lr), [])]
-        against_default = compare(xs, reference) if reference and key != (budget, method, own_search, default_lr) else None
+        own = (budget, method, own_search, default_lrs[method])
+        reference = [r["top1_val"] for r in groups.get(own, [])]
+        against_default = compare(xs, reference) if reference and key != own else None
         uvc = [r["top1_val"] for r in groups.get((budget, "uvc", default_search, lr), [])]
         uvc_against = compare(uvc, xs) if uvc and method != "uvc" else None
         rows.append([budget, method, f"{search:g} + {groups[key][0]['post_epochs']:g}", f"{lr:g}", len(xs), fmt(xs),
                      fmt([r["top1_val_before_post"] for r in groups[key]]), TUNING_VERDICTS[against_default],
                      TUNING_VERDICTS[uvc_against]])
     header = ["B", "method", "search + post-training epochs", "post-training lr", "seeds", "val top-1 %",
-              "val before post-training", f"vs the benchmark's (search {default_search:g}, lr {default_lr:g})",
+              "val before post-training", f"vs the benchmark's setting (UVC's search {default_search:g}, the method's lr)",
               "UVC against it"]
     return f"Teacher: validation top-1 {results['teacher_val']:.2f}%.\n\n" + table(header, rows)
 
 
-def tuning_section(folder: Path, default_search: float, default_lr: float) -> list[str]:
+def tuning_section(folder: Path, default_search: float, default_lrs: dict[str, float]) -> list[str]:
     """The section from bench/tune.py's results, where they exist."""
     path = folder / "tune.json"
     if not path.is_file():
@@ -468,8 +478,8 @@ def tuning_section(folder: Path, default_search: float, default_lr: float) -> li
     out = ["## 6. Training settings chosen on validation: UVC's split, the post-training rate", "",
            f"Commands: {commands}; last run {r['date']}, {r['machine']['threads']} thread(s); teacher: {r['teacher']}. "
            "Every method as in section 1 with the same 2 epochs in all; UVC's warm-up and fade scaled with its search's "
-           "length; one post-training rate for every method of a row group; no run read the test split.", "",
-           tuning_table(r, default_search, default_lr), ""]
+           "length; no run read the test split. The benchmark runs each method at its best rate here.", "",
+           tuning_table(r, default_search, default_lrs), ""]
     for lr in sorted({x["post_lr"] for x in r["runs"]}, reverse=True):
         change = [x["top1_val"] - x["top1_val_before_post"] for x in r["runs"] if x["method"] == "uvc" and x["post_lr"] == lr]
         if change:

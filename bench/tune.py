@@ -6,8 +6,8 @@
 The benchmark (bench/run.py) trains every method 2 epochs in all; UVC spends `search_epochs` of them
 searching and the rest post-training. Each search length tried here keeps that total and scales the
 search's warm-up and fade with it, so the search keeps its shape and only its length changes. The
-post-training rate is one setting for every method (`Settings.post_lr`), so each rate tried here runs
-for every method named, and a rate is chosen only where it serves UVC and its strongest rival alike.
+post-training rate is each method's own (`Settings.post_lrs`): each rate tried here runs for every
+method named, and each method keeps the best of its rates, so no rival trains at a rate chosen for UVC.
 No run reads the test split (`CompressConfig.test_at_end=False`), so the choice can be made here and
 the benchmark's test figures stay untouched by it. The sweep is only honest with a teacher that never
 trained on the validation images, as the default bench/teacher never did (`--teacher bundled` did).
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from run import (FULL, ROOT, Settings, add_teacher_arg, compress_config, load_teacher, machine, run_method, save,
+from run import (FULL, ROOT, Settings, add_teacher_arg, at_post_lr, compress_config, load_teacher, machine, run_method, save,
                  teacher_label, training_epochs)
 from summary import LABELS, tuning_table
 from uvc.compress import CompressConfig, Run, compress
@@ -59,7 +59,7 @@ def tuning_config(base: Settings, budget: float, seed: int, search_epochs: float
 def tuning_run(teacher, base: Settings, method: str, budget: float, seed: int, search_epochs: float,
                teacher_val: float, out: Path) -> dict:
     """One run of the sweep, validation figures only: UVC at `search_epochs`, any other method as the benchmark
-    runs it (`search_epochs` is then ignored), both at `base.post_lr`."""
+    runs it (`search_epochs` is then ignored), each at its rate in `base`."""
     started = time.perf_counter()
     if method == "uvc":
         cfg = tuning_config(base, budget, seed, search_epochs, out)
@@ -71,7 +71,7 @@ def tuning_run(teacher, base: Settings, method: str, budget: float, seed: int, s
         (search_epochs, post_epochs), ratio = record["epochs"], record["ratio"]
         val, val_before = record["top1_val"], record["top1_val_before_post"]
     return {"method": method, "budget": budget, "seed": seed, "search_epochs": search_epochs, "post_epochs": post_epochs,
-            "post_lr": base.post_lr, "ratio": ratio, "top1_val": val, "top1_val_before_post": val_before,
+            "post_lr": base.post_lrs[method], "ratio": ratio, "top1_val": val, "top1_val_before_post": val_before,
             "seconds": time.perf_counter() - started}
 
 
@@ -81,8 +81,8 @@ def main() -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=list(FULL.budgets))
     p.add_argument("--search-epochs", type=float, nargs="+", default=[0.5, 1.0, 1.5],
                    help=f"search lengths to try; post-training takes the rest of {TOTAL_EPOCHS:g} epochs")
-    p.add_argument("--post-lrs", type=float, nargs="+", default=[FULL.post_lr],
-                   help="post-training rates per 128 images to try, each for every method (default: the benchmark's)")
+    p.add_argument("--post-lrs", type=float, nargs="+", default=[FULL.post_lrs["uvc"]],
+                   help="post-training rates per 128 images to try, each for every method (default: UVC's in the benchmark)")
     p.add_argument("--methods", nargs="+", default=["uvc"], choices=list(LABELS),
                    help="methods to run at each rate; only UVC takes --search-epochs (default: uvc)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
@@ -110,7 +110,7 @@ def main() -> int:
     for seed in range(args.seeds):
         for budget in args.budgets:
             for lr in args.post_lrs:
-                base = dataclasses.replace(FULL, post_lr=lr)
+                base = at_post_lr(FULL, lr)
                 for method in args.methods:
                     for search in args.search_epochs if method == "uvc" else [training_epochs(FULL, method)[0]]:
                         if (method, budget, seed, search, lr) in done:
@@ -121,7 +121,7 @@ def main() -> int:
                         out = ROOT / "runs" / "bench" / args.name / f"{method}-b{budget}-search{search:g}-lr{lr:g}-s{seed}"
                         results["runs"].append(tuning_run(teacher, base, method, budget, seed, search, teacher_val, out))
                         save(results, path)
-    print(tuning_table(results, FULL.search_epochs, FULL.post_lr))
+    print(tuning_table(results, FULL.search_epochs, FULL.post_lrs))
     return 0
 
 

@@ -85,9 +85,12 @@ def test_every_method_trains_equally_long_with_the_same_data_optimizer_and_kd(tm
         assert search + cfg.post.epochs == s.search_epochs + s.post_epochs == uvc_cfg.search.schedule.epochs + uvc_cfg.post.epochs
         assert (search, cfg.post.epochs) == bench.training_epochs(s, method)
         assert cfg.seed == 2 and cfg.data == uvc_cfg.data and cfg.budget == budget
-        assert (cfg.post.lr, cfg.post.weight_decay, cfg.post.warmup_epochs) == (uvc_cfg.post.lr, uvc_cfg.post.weight_decay, uvc_cfg.post.warmup_epochs)
+        assert cfg.post.lr == s.post_lrs[method]  # each method's own rate, chosen on validation
+        assert (cfg.post.weight_decay, cfg.post.warmup_epochs) == (uvc_cfg.post.weight_decay, uvc_cfg.post.warmup_epochs)
         assert cfg.kd == uvc_cfg.kd
         assert not cfg.eval_during_search and cfg.throughput_rounds == 1 and cfg.throughput_batch == 8
+    one_rate = bench.at_post_lr(s, 3e-5)
+    assert {bench.compress_config(one_rate, budget, tmp_path, m).post.lr for m in summary.LABELS} == {3e-5}
     for baseline in ("uniform", "tp_magnitude", "tp_taylor", "compensated", "oneshot"):
         assert cfgs[baseline].post.epochs == uvc_cfg.search.schedule.epochs + uvc_cfg.post.epochs
     assert uvc_cfg.data.train_limit == s.train_limit and uvc_cfg.data.val_limit == s.val_limit
@@ -157,7 +160,7 @@ def test_a_tuning_split_keeps_the_total_training_and_scales_the_search_to_its_le
 def test_a_tuning_run_reports_validation_only(tmp_path, fmnist_available):
     if not fmnist_available:
         pytest.skip("Fashion-MNIST is missing")
-    base = dataclasses.replace(TINY, post_lr=3e-5)
+    base = bench.at_post_lr(TINY, 3e-5)
     uvc_run = tune.tuning_run(tiny_vit(), base, "uvc", 0.5, 0, 0.5, 50.0, tmp_path / "uvc")
     assert uvc_run["search_epochs"] == 0.5 and uvc_run["search_epochs"] + uvc_run["post_epochs"] == TINY.search_epochs + TINY.post_epochs
     rival = tune.tuning_run(tiny_vit(), base, "uniform", 0.5, 0, 0.5, 50.0, tmp_path / "uniform")
@@ -177,7 +180,7 @@ def test_the_tuning_table_judges_each_setting_against_the_benchmarks_and_each_ri
                "runs": runs("uvc", 0.5, 1e-4, [90.0, 90.1, 90.2]) + runs("uvc", 1.0, 1e-4, [90.4, 90.5, 90.6])
                + runs("uvc", 1.5, 1e-4, [90.3, 90.5, 90.9]) + runs("uvc", 1.0, 3e-5, [90.8, 90.9, 91.0])
                + runs("oneshot", 0.0, 1e-4, [90.4, 90.45, 90.5], 88.0) + runs("oneshot", 0.0, 3e-5, [90.5, 90.6, 90.7], 88.0)}
-    text = summary.tuning_table(results, 1.0, 1e-4)
+    text = summary.tuning_table(results, 1.0, dict.fromkeys(summary.LABELS, 1e-4))
     rows = {tuple(line.split(" | ")[1:4]): line for line in text.splitlines() if line.startswith("| 0.5")}
     assert "90.10 ± 0.10" in rows["uvc", "0.5 + 1.5", "0.0001"] and rows["uvc", "0.5 + 1.5", "0.0001"].endswith("| loses | - |")
     assert rows["uvc", "1.5 + 0.5", "0.0001"].endswith("| within spread | - |")  # gap 0.067 < std 0.31
@@ -185,9 +188,9 @@ def test_the_tuning_table_judges_each_setting_against_the_benchmarks_and_each_ri
     assert rows["uvc", "1 + 1", "3e-05"].endswith("| beats it | - |")  # +0.4 over the benchmark's rate, std 0.1
     assert rows["oneshot", "0 + 2", "0.0001"].endswith("| - | within spread |")  # UVC 90.5 against 90.45
     assert rows["oneshot", "0 + 2", "3e-05"].endswith("| beats it | beats it |")  # UVC 90.9 against 90.6, std 0.1
-    assert summary.tuning_section(tmp_path, 1.0, 1e-4) == []  # no sweep, no section
+    assert summary.tuning_section(tmp_path, 1.0, dict.fromkeys(summary.LABELS, 1e-4)) == []  # no sweep, no section
     (tmp_path / "tune.json").write_text(json.dumps(results))
-    section = "\n".join(summary.tuning_section(tmp_path, 1.0, 1e-4))
+    section = "\n".join(summary.tuning_section(tmp_path, 1.0, dict.fromkeys(summary.LABELS, 1e-4)))
     assert "runs/t5" in section and text in section and "no run read the test split" in section
     assert "`python bench/tune.py`; `python bench/tune.py --post-lrs 3e-5`" in section
     assert "lr 0.0001 changed validation top-1 by -0.61 point on average (lowered it in 9 of 9 runs)" in section
