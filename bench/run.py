@@ -55,9 +55,13 @@ COMPENSATED_IMPORTANCE = "weight"
 
 
 # Each method's post-training rate per 128 images, chosen on validation with bench/teacher by bench/tune.py
-# (BENCHMARKS.md section 6): the best of the rates tried for that method, so that no rival trains at a rate
-# chosen for UVC.
-POST_LRS = dict.fromkeys(LABELS, CompressConfig().post.lr)
+# (BENCHMARKS.md section 6): the best mean of the rates tried for that method (1e-4 and 1e-5; UVC and
+# --one-shot also 3e-5), so that no rival trains at a rate chosen for UVC. Methods that start from a
+# least-squares refit keep what it gives and want the gentle rate; the uncompensated baselines must recover
+# and want the faster one. The control and the UVC ablations take UVC's, so that they differ from it by
+# their switch alone.
+POST_LRS = {**dict.fromkeys(SEARCHED, 1e-5), "oneshot": 1e-5, "compensated": 1e-5,
+            "uniform": 1e-4, "tp_magnitude": 1e-4, "tp_taylor": 1e-4}
 
 
 @dataclass(frozen=True)
