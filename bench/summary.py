@@ -319,6 +319,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
     rel = Path(plot_dir).resolve().relative_to(Path(md_path).parent.resolve())
     s = results["settings"]
     first = results["accuracy"][0]
+    methods_run = {r["method"] for r in results["accuracy"]}
     out = ["# Benchmarks", ""]
     if results["mode"] == "quick":
         out += ["> **Quick mode**: small settings (below) to check the pipeline, not the full benchmark. One seed, "
@@ -349,7 +350,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "right after pruning / slimming, before post-training; the comparison with UVC by the rule above "
             "(test top-1); parameters; wall seconds per run.", "",
             "Post-training rate per 128 images, each method's own (chosen on validation, section 6): "
-            + ", ".join(f"{m} {lr:g}" for m, lr in post_lrs(s).items() if m in {r["method"] for r in results["accuracy"]})
+            + ", ".join(f"{m} {lr:g}" for m, lr in post_lrs(s).items() if m in methods_run)
             + ".", ""]
     for budget in s["budgets"]:
         out += [f"### B = {budget}", "",
