@@ -44,7 +44,7 @@ from uvc.oneshot import one_shot
 from uvc.search import SearchConfig
 
 from baselines import plan_of_slimmed, taylor_gradients, torch_pruning_to_budget
-from speed import deit_small_speed, speed_pair, step_cost
+from speed import deit_small_speed, speed_pair, steady_allocator, step_cost
 from summary import (ABLATIONS, BENCH_TEACHER, BUNDLED_TEACHER, LABELS, MAIN_METHODS, RESULTS_FORMAT, SEARCHED,
                      TEACHER_NOTES, write_summary)
 
@@ -231,10 +231,14 @@ def save(results: dict, path: Path) -> None:
     atomic_write_text(path, json.dumps(results, indent=1))
 
 
+NOT_READ_BY_RUNS = {"seeds", "speed_batches", "speed_rounds", "deit_batches", "deit_budget", "deit_width_multiples",
+                    "cost_steps"}
+
+
 def _run_settings(settings: dict) -> dict:
-    """The settings two invocations must share for a run to be reused: all but the seed count, which only says
-    how many runs there are (the speed settings stay in, although a run does not read them)."""
-    return {k: v for k, v in settings.items() if k != "seeds"}
+    """The settings two invocations must share for a run to be reused: all but those no accuracy run reads
+    (the seed count only says how many runs there are; the timings come after the runs)."""
+    return {k: v for k, v in settings.items() if k not in NOT_READ_BY_RUNS}
 
 
 def previous_runs(results: dict, folder: Path) -> dict:
@@ -302,20 +306,25 @@ def main() -> int:
         results["accuracy"].append(done[(method, budget, seed)])
         save(results, folder / "results.json")
 
-    log.info("=== throughput: the teacher against UVC's slimmed models of seed 0")
+    # Small models gain less from a second thread than their dense teacher does, so the speedup is
+    # measured on one thread as well as on the run's.
+    speed_threads = sorted({1, args.threads})
+    results["allocator"] = steady_allocator()
+    log.info("=== throughput on %s thread(s): the teacher against UVC's slimmed models of seed 0; %s",
+             " and ".join(map(str, speed_threads)), results["allocator"])
     input_size = adapter_for(teacher).input_size(teacher)
     for budget in s.budgets:
         run = done[("uvc", budget, 0)]
         slimmed = uvc.load(ROOT / run["out"])
         results["speed"].append({"method": "uvc", "budget": budget, "seed": 0, "ratio": run["ratio"],
-                                 "pairs": [speed_pair(teacher, slimmed, input_size, b, s.speed_rounds, threads=args.threads)
-                                           for b in s.speed_batches]})
+                                 "pairs": [speed_pair(teacher, slimmed, input_size, b, s.speed_rounds, threads=t)
+                                           for t in speed_threads for b in s.speed_batches]})
     save(results, folder / "results.json")
 
     log.info("=== throughput: deit_small_patch16_224 at R <= %.2f, widths at multiples of %s",
              s.deit_budget, " and ".join(map(str, s.deit_width_multiples)))
     results["deit_small"] = [deit_small_speed(s.deit_budget, s.deit_batches, s.speed_rounds, width_multiple=w,
-                                              threads=args.threads) for w in s.deit_width_multiples]
+                                              threads=t) for t in speed_threads for w in s.deit_width_multiples]
     save(results, folder / "results.json")
 
     log.info("=== search cost: UVC search step against a plain KD step")

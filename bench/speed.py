@@ -7,6 +7,8 @@ background load moves both numbers of a pair alike; the median and the spread ar
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import statistics
 import time
 from itertools import cycle, islice
@@ -21,6 +23,28 @@ from uvc.budget import uniform_plan
 from uvc.engine import compare_throughput, make_optimizer, optimizer_step, predict_logits
 
 CPU = torch.device("cpu")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+MMAP_THRESHOLD_MAX = 32 << 20  # the largest that glibc accepts on 64-bit machines
+
+
+def steady_allocator() -> str:
+    """Make glibc's malloc keep freed memory, so that a model's measured speed does not depend on what the
+    process ran before; returns what was done, for the record.
+
+    By default glibc gives freed memory back to the system, above thresholds that grow with the largest
+    block freed so far. A model whose activations lie above them pays page faults on every call, and
+    whether they do depends on history: in one process the teacher ran at 730 images/s before an
+    evaluation at a large batch and at 900 after it, while its slimmed model, with smaller activations,
+    stayed the same. Fixed high thresholds give every model the state a long-running server reaches.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        done = libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+    except (OSError, TypeError, AttributeError):  # no C library by that name, or one without mallopt (not glibc)
+        done = False
+    return ("glibc malloc: freed memory kept (trim threshold 1 GiB, mmap threshold 32 MiB)" if done
+            else "the C library's default allocator (mallopt unavailable)")
 
 
 def speed_pair(dense: nn.Module, slimmed: nn.Module, input_size, batch: int, rounds: int, seconds: float = 1.0,

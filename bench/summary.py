@@ -147,10 +147,12 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
                      f"over {len(uvc_half)} seed(s)", _verdict(ok)))
     else:
         rows.append((name, "B = 0.5 not run in this mode", _verdict(None)))
-    eff = [(r["budget"], p["speedup"] * r["ratio"]) for r in results.get("speed", []) for p in r["pairs"] if p["batch"] == 64]
-    rows.append((f"measured speedup >= {TARGET_SPEED} x 1/R at batch 64 (CPU), UVC's models of seed 0",
-                 ", ".join(f"B = {b}: {e:.2f} x 1/R" for b, e in eff) or "-",
-                 _verdict(all(e >= TARGET_SPEED for _, e in eff) if eff else None)))
+    eff = [(p["threads"], r["budget"], p["speedup"] * r["ratio"]) for r in results.get("speed", [])
+           for p in r["pairs"] if p["batch"] == 64]
+    rows.append((f"measured speedup >= {TARGET_SPEED} x 1/R at batch 64 (CPU), UVC's models of seed 0, at every "
+                 "thread count measured",
+                 "; ".join(f"{threads} thread(s), B = {b}: {e:.2f} x 1/R" for threads, b, e in sorted(eff)) or "-",
+                 _verdict(all(e >= TARGET_SPEED for *_, e in eff) if eff else None)))
     cost = results.get("search_cost")
     rows.append((f"search step <= {TARGET_STEP} x plain KD step",
                  f"{cost['ratio']:.2f} x" if cost else "-", _verdict(cost["ratio"] <= TARGET_STEP if cost else None)))
@@ -256,15 +258,19 @@ def plot_speedup(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ideal_all = [2.0]
-    for batch, marker in zip(results["settings"]["speed_batches"], "ox"):
-        points = [(1 / r["ratio"], p["speedup"]) for r in results["speed"] for p in r["pairs"] if p["batch"] == batch]
+    kinds = sorted({(p["threads"], p["batch"]) for r in results["speed"] for p in r["pairs"]})
+    for (threads, batch), marker in zip(kinds, "oxs+^v"):
+        points = [(1 / r["ratio"], p["speedup"]) for r in results["speed"] for p in r["pairs"]
+                  if (p["threads"], p["batch"]) == (threads, batch)]
         ideal_all += [x for x, _ in points]
-        ax.scatter([x for x, _ in points], [y for _, y in points], marker=marker, label=f"UVC on Fashion-MNIST, batch {batch}")
-    for deit, marker in zip(results.get("deit_small", []), "*P"):
+        ax.scatter([x for x, _ in points], [y for _, y in points], marker=marker,
+                   label=f"UVC on Fashion-MNIST, batch {batch}, {threads} thread(s)")
+    for deit, marker in zip(results.get("deit_small", []), "*PDdhH"):
         ideal_all.append(1 / deit["ratio"])
         for p in deit["speed"]:
             ax.scatter([1 / deit["ratio"]], [p["speedup"]], marker=marker, s=110,
-                       label=f"DeiT-Small uniform, widths x{deit['width_multiple']}, batch {p['batch']}")
+                       label=f"DeiT-Small uniform, widths x{deit['width_multiple']}, batch {p['batch']}, "
+                             f"{p['threads']} thread(s)")
     top = max(ideal_all) * 1.1
     ax.plot([1, top], [1, top], "k:", lw=1, label="ideal: 1 / R")
     ax.plot([1, top], [TARGET_SPEED, TARGET_SPEED * top], "k--", lw=0.7, label=f"target: {TARGET_SPEED} / R")
@@ -360,16 +366,19 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
     out += [f"![accuracy against MACs]({rel / 'accuracy_vs_macs.png'})", "",
             "## 2. Measured inference speed (CPU)", "",
             "`uvc.engine.compare_throughput`: the teacher and the slimmed model alternate in rounds of at least one "
-            "second in one process at the fixed thread count; images per second as the median over the rounds, "
-            "[min, max] beside it. Speedup = ratio of the medians; efficiency = speedup / ideal speedup (1 / R). "
-            "The models are UVC's of seed 0.", ""]
+            "second in one process at a fixed thread count, one thread and the run's; images per second as the "
+            "median over the rounds, [min, max] beside it. Speedup = ratio of the medians; efficiency = speedup / "
+            "ideal speedup (1 / R). The models are UVC's of seed 0. Allocator: "
+            f"{results.get('allocator', 'the default (not recorded)')}, so that a model's rate does not depend on "
+            "what the process ran before (`bench/speed.py`, `steady_allocator`).", ""]
     rows = []
     for r in results["speed"]:
         for p in r["pairs"]:
-            rows.append([LABELS[r["method"]], r["budget"], f"{r['ratio']:.3f}", f"{1 / r['ratio']:.2f}", p["batch"],
-                         _rate(p["dense"], p["dense_range"]), _rate(p["slimmed"], p["slimmed_range"]),
+            rows.append([LABELS[r["method"]], r["budget"], f"{r['ratio']:.3f}", f"{1 / r['ratio']:.2f}", p["threads"],
+                         p["batch"], _rate(p["dense"], p["dense_range"]), _rate(p["slimmed"], p["slimmed_range"]),
                          f"{p['speedup']:.2f}", f"{p['speedup'] * r['ratio']:.2f}"])
-    out += [table(["model", "B", "R", "1/R", "batch", "teacher img/s", "slimmed img/s", "speedup", "efficiency"], rows), ""]
+    out += [table(["model", "B", "R", "1/R", "threads", "batch", "teacher img/s", "slimmed img/s", "speedup",
+                   "efficiency"], rows), ""]
     deits = results.get("deit_small", [])
     if deits:
         out += ["**DeiT-Small** (`deit_small_patch16_224`, 224 px, random weights: speed does not depend on them) slimmed "
@@ -381,10 +390,10 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             block = d["layers"][0]
             for p in d["speed"]:
                 rows.append([d["width_multiple"], f"{d['ratio']:.3f}", f"{block['heads']} x {block['head_dim']}, {block['hidden']}",
-                             p["batch"], _rate(p["dense"], p["dense_range"]), _rate(p["slimmed"], p["slimmed_range"]),
-                             f"{p['speedup']:.2f}", f"{p['speedup'] * d['ratio']:.2f}"])
-        out += [table(["width multiple", "R", "heads x head width, MLP width (block 0)", "batch", "dense img/s",
-                        "slimmed img/s", "speedup", "efficiency"], rows), ""]
+                             p["threads"], p["batch"], _rate(p["dense"], p["dense_range"]),
+                             _rate(p["slimmed"], p["slimmed_range"]), f"{p['speedup']:.2f}", f"{p['speedup'] * d['ratio']:.2f}"])
+        out += [table(["width multiple", "R", "heads x head width, MLP width (block 0)", "threads", "batch",
+                       "dense img/s", "slimmed img/s", "speedup", "efficiency"], rows), ""]
     out += [f"![measured speedup]({rel / 'speedup.png'})", ""]
     cost = results.get("search_cost")
     if cost:
