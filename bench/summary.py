@@ -8,8 +8,9 @@ with a single seed there is no spread, so nothing is decided ("not measured"). A
 """
 from __future__ import annotations
 
-import statistics
 import json
+import statistics
+from itertools import cycle
 from pathlib import Path
 
 RESULTS_FORMAT = 2  # results.json written by this bench (seeds, validation figures); older files are refused
@@ -265,11 +266,11 @@ def plot_speedup(results: dict, path: Path) -> None:
         ideal_all += [x for x, _ in points]
         ax.scatter([x for x, _ in points], [y for _, y in points], marker=marker,
                    label=f"UVC on Fashion-MNIST, batch {batch}, {threads} thread(s)")
-    for deit, marker in zip(results.get("deit_small", []), "*PDdhH"):
+    for deit, marker in zip(results.get("deit_small", []), cycle("*PDdhH<>")):
         ideal_all.append(1 / deit["ratio"])
         for p in deit["speed"]:
             ax.scatter([1 / deit["ratio"]], [p["speedup"]], marker=marker, s=110,
-                       label=f"DeiT-Small uniform, widths x{deit['width_multiple']}, batch {p['batch']}, "
+                       label=f"DeiT-Small uniform, B = {deit['budget']}, widths x{deit['width_multiple']}, batch {p['batch']}, "
                              f"{p['threads']} thread(s)")
     top = max(ideal_all) * 1.1
     ax.plot([1, top], [1, top], "k:", lw=1, label="ideal: 1 / R")
@@ -383,16 +384,17 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
     if deits:
         out += ["**DeiT-Small** (`deit_small_patch16_224`, 224 px, random weights: speed does not depend on them) slimmed "
                 "with the uniform plan (the same keep ratio of head dimensions and MLP neurons in every block) at "
-                f"B = {deits[0]['budget']}, once with any width and once with head and MLP widths kept at multiples of 8 "
+                f"B = {' and '.join(sorted({str(d['budget']) for d in deits}, reverse=True))}, once with any width and "
+                "once with head and MLP widths kept at multiples of 8 "
                 "(`width_multiple`), which suits vectorised CPU and GPU kernels:", ""]
         rows = []
         for d in deits:
             block = d["layers"][0]
             for p in d["speed"]:
-                rows.append([d["width_multiple"], f"{d['ratio']:.3f}", f"{block['heads']} x {block['head_dim']}, {block['hidden']}",
+                rows.append([d["budget"], d["width_multiple"], f"{d['ratio']:.3f}", f"{block['heads']} x {block['head_dim']}, {block['hidden']}",
                              p["threads"], p["batch"], _rate(p["dense"], p["dense_range"]),
                              _rate(p["slimmed"], p["slimmed_range"]), f"{p['speedup']:.2f}", f"{p['speedup'] * d['ratio']:.2f}"])
-        out += [table(["width multiple", "R", "heads x head width, MLP width (block 0)", "threads", "batch",
+        out += [table(["B", "width multiple", "R", "heads x head width, MLP width (block 0)", "threads", "batch",
                        "dense img/s", "slimmed img/s", "speedup", "efficiency"], rows), ""]
     out += [f"![measured speedup]({rel / 'speedup.png'})", ""]
     cost = results.get("search_cost")
