@@ -231,8 +231,9 @@ def save(results: dict, path: Path) -> None:
     atomic_write_text(path, json.dumps(results, indent=1))
 
 
-NOT_READ_BY_RUNS = {"seeds", "speed_batches", "speed_rounds", "deit_batches", "deit_budgets", "deit_width_multiples",
-                    "cost_steps"}
+# "deit_budget" is the name DeiT-Small's single budget had before "deit_budgets".
+NOT_READ_BY_RUNS = {"seeds", "speed_batches", "speed_rounds", "deit_batches", "deit_budgets", "deit_budget",
+                    "deit_width_multiples", "cost_steps"}
 
 
 def _run_settings(settings: dict) -> dict:
@@ -242,17 +243,20 @@ def _run_settings(settings: dict) -> dict:
 
 
 def previous_runs(results: dict, folder: Path) -> dict:
-    """Accuracy runs of an earlier invocation with the same settings (the seed count aside) and teacher, by
-    (method, budget, seed)."""
+    """Accuracy runs of an earlier invocation with the same settings (the seed count and timings aside) and
+    teacher, by (method, budget, seed). Anything else is refused rather than started over: --resume asks
+    for the earlier runs, and a fresh benchmark takes more than an hour."""
     path = folder / "results.json"
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    same = (old.get("format") == RESULTS_FORMAT and old.get("teacher") == results["teacher"]
-            and _run_settings(old.get("settings", {})) == _run_settings(json.loads(json.dumps(results["settings"]))))
-    if not same:
-        log.warning("%s is from other settings, another teacher or an older bench; starting over", path)
-        return {}
+    before, now = _run_settings(old.get("settings", {})), _run_settings(json.loads(json.dumps(results["settings"])))
+    differences = [name for name, a, b in (("format", old.get("format"), RESULTS_FORMAT),
+                                           ("teacher", old.get("teacher"), results["teacher"])) if a != b]
+    differences += sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if differences:
+        sys.exit(f"bench: {os.path.relpath(path, ROOT)} differs from this invocation in {', '.join(differences)}, "
+                 "so its runs cannot be reused; run without --resume to start over")
     return {(r["method"], r["budget"], r["seed"]): r for r in old.get("accuracy", [])
             if (ROOT / r["out"] / "model.safetensors").is_file()}
 

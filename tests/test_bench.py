@@ -53,7 +53,7 @@ def test_full_run_plan_seeds_the_main_methods_and_runs_each_ablation_once():
     assert runs[:len(summary.LABELS) * 2] == [(m, b, 0) for b in (0.3, 0.5) for m in (*summary.MAIN_METHODS, *summary.ABLATIONS)]
 
 
-def test_resume_keeps_runs_across_a_change_of_the_seed_count_or_the_timings_and_no_other(tmp_path):
+def test_resume_keeps_runs_across_a_change_of_the_seed_count_or_the_timings_and_refuses_any_other(tmp_path):
     run_dir = tmp_path / "uvc-b0.5-s0"
     run_dir.mkdir()
     (run_dir / "model.safetensors").write_bytes(b"")
@@ -66,7 +66,10 @@ def test_resume_keeps_runs_across_a_change_of_the_seed_count_or_the_timings_and_
     timed_longer = {**now, "settings": {**settings, "speed_rounds": 9, "deit_batches": (1,), "cost_steps": 3}}
     assert list(bench.previous_runs(timed_longer, tmp_path)) == [("uvc", 0.5, 0)]
     longer = {**now, "settings": {**settings, "post_epochs": settings["post_epochs"] + 1}}
-    assert bench.previous_runs(longer, tmp_path) == {}
+    with pytest.raises(SystemExit, match="differs from this invocation in post_epochs, so its runs cannot be reused"):
+        bench.previous_runs(longer, tmp_path)
+    with pytest.raises(SystemExit, match="in teacher"):
+        bench.previous_runs({**now, "teacher": "bench/teacher"}, tmp_path)
 
 
 def test_quick_settings_are_small():
