@@ -1,6 +1,7 @@
 """UVC against a frozen-search control and baselines at equal MACs and equal training; writes BENCHMARKS.md.
 
-    python bench/run.py            # full: budgets 0.3 / 0.5, 5 seeds, 70 runs, ~80 min on 2 free CPU cores (estimated below)
+    python bench/run.py            # full: budgets 0.3 / 0.5, 5 seeds, 70 runs, ~85 min on 2 free CPU cores (estimated below)
+    python bench/run.py --resume   # after a kill, or to re-time: reuses the finished runs of the same settings
     python bench/run.py --quick    # a few minutes: budget 0.5, one seed, small data (runs/bench/quick/)
 
 Equal training: every method trains `search_epochs + post_epochs` epochs in all, with the seed's data
@@ -91,9 +92,9 @@ class Settings:
 # Timings behind FULL (2-core CPU, free; the 2026-11-25 full run): a search step at batch 128 takes ~0.70 s,
 # a post-training step ~0.3-0.4 s, and a run evaluates ~20,000 slimmed images (validation before and after
 # post-training, test; the teacher once per invocation). With 6,400 training images (50 steps an epoch) a
-# search + post run takes ~65-75 s and a baseline ~50-80 s: 70 runs ~75 min, speed and search cost ~4 min
-# (2 free cores). On one thread a seed of the main methods at both budgets took ~22 min (2026-11-26: seeds 3
-# and 4 in 45 min); BENCHMARKS.md's header sums the recorded runs' "seconds" in bench/results/results.json.
+# search + post run takes ~65-75 s and a baseline ~50-80 s: 70 runs ~75 min, speed (on 1 and 2 threads)
+# and search cost ~9 min (2 free cores). On one thread a seed of the main methods at both budgets took
+# ~22 min (2026-11-26: seeds 3 and 4 in 45 min); BENCHMARKS.md's header sums the recorded runs' "seconds" in bench/results/results.json.
 # Five seeds, not three: at B = 0.5 the methods differ by about one standard deviation of the seeds, and
 # three draws give that standard deviation itself to within about +-50 %.
 # 10,000 training images would take ~60 min.

@@ -453,25 +453,27 @@ def post_lrs(settings: dict) -> dict[str, float]:
 
 
 def tuning_table(results: dict, default_search: float, default_lrs: dict[str, float]) -> str:
-    """bench/tune.py's sweep: validation top-1 per budget, method, split and post-training rate, mean ± std over
-    seeds. Each setting is judged against the same method at the benchmark's (UVC's `default_search`, the
-    method's rate in `default_lrs`), and each rival against UVC at the benchmark's split and the same rate, by
-    the beating rule."""
+    """bench/tune.py's sweep: validation top-1 per budget, method (with its search changes), split and
+    post-training rate, mean ± std over seeds. Each setting is judged against the same method at the
+    benchmark's (UVC's `default_search`, the method's rate in `default_lrs`, no changes), and each rival
+    against UVC at the benchmark's split and the same rate, by the beating rule."""
     groups: dict[tuple, list[dict]] = {}
     for r in results["runs"]:
-        groups.setdefault((r["budget"], r["method"], r["search_epochs"], r["post_lr"]), []).append(r)
+        changes = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(r.get("search_set", {}).items()))
+        groups.setdefault((r["budget"], r["method"], r["search_epochs"], r["post_lr"], changes), []).append(r)
     order = list(LABELS)
     rows = []
-    for key in sorted(groups, key=lambda k: (k[0], order.index(k[1]), k[2], -k[3])):
-        budget, method, search, lr = key
+    for key in sorted(groups, key=lambda k: (k[0], order.index(k[1]), k[2], -k[3], k[4])):
+        budget, method, search, lr, changes = key
         xs = [r["top1_val"] for r in groups[key]]
         own_search = default_search if method in SEARCHED else search
-        own = (budget, method, own_search, default_lrs[method])
+        own = (budget, method, own_search, default_lrs[method], "")
         reference = [r["top1_val"] for r in groups.get(own, [])]
         against_default = compare(xs, reference) if reference and key != own else None
-        uvc = [r["top1_val"] for r in groups.get((budget, "uvc", default_search, lr), [])]
+        uvc = [r["top1_val"] for r in groups.get((budget, "uvc", default_search, lr, ""), [])]
         uvc_against = compare(uvc, xs) if uvc and method != "uvc" else None
-        rows.append([budget, method, f"{search:g} + {groups[key][0]['post_epochs']:g}", f"{lr:g}", len(xs), fmt(xs),
+        rows.append([budget, f"{method} ({changes})" if changes else method,
+                     f"{search:g} + {groups[key][0]['post_epochs']:g}", f"{lr:g}", len(xs), fmt(xs),
                      fmt([r["top1_val_before_post"] for r in groups[key]]), TUNING_VERDICTS[against_default],
                      TUNING_VERDICTS[uvc_against]])
     header = ["B", "method", "search + post-training epochs", "post-training lr", "seeds", "val top-1 %",
@@ -487,13 +489,14 @@ def tuning_section(folder: Path, default_search: float, default_lrs: dict[str, f
         return []
     r = json.loads(path.read_text())
     commands = "; ".join(f"`{c}`" for c in r["commands"])
-    out = ["## 6. Training settings chosen on validation: UVC's split, the post-training rate", "",
+    out = ["## 6. Training settings chosen on validation: UVC's split, the post-training rate, parts of the search", "",
            f"Commands: {commands}; last run {r['date']}, {r['machine']['threads']} thread(s); teacher: {r['teacher']}. "
            "Every method as in section 1 with the same 2 epochs in all; UVC's warm-up and fade scaled with its search's "
            "length; no run read the test split. The benchmark runs each method at its best rate here.", "",
            tuning_table(r, default_search, default_lrs), ""]
     for lr in sorted({x["post_lr"] for x in r["runs"]}, reverse=True):
-        change = [x["top1_val"] - x["top1_val_before_post"] for x in r["runs"] if x["method"] == "uvc" and x["post_lr"] == lr]
+        change = [x["top1_val"] - x["top1_val_before_post"] for x in r["runs"] if x["method"] == "uvc" and x["post_lr"] == lr
+                  and not x.get("search_set")]
         if change:
             out.append(f"- UVC's post-training at lr {lr:g} changed validation top-1 by {statistics.fmean(change):+.2f} "
                        f"point on average (lowered it in {sum(c < 0 for c in change)} of {len(change)} runs).")

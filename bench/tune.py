@@ -1,7 +1,9 @@
-"""Choose the benchmark's training settings on validation alone: UVC's split, and the post-training rate.
+"""Choose the benchmark's training settings on validation alone: UVC's split, the post-training rate, and
+what each part of the search adds.
 
     python bench/tune.py --budgets 0.5 0.3 --post-lrs 1e-4 --seeds 3 --threads 2   # search 0.5 / 1 / 1.5 of 2 epochs: ~22 min
     python bench/tune.py --budgets 0.5 --search-epochs 1 --post-lrs 1e-4 3e-5 --methods uvc oneshot --threads 2
+    python bench/tune.py --search-epochs 1 --search-set y_init=0 y_lr=0 --threads 2   # UVC without the proximal shrink
 
 The benchmark (bench/run.py) trains every method 2 epochs in all; UVC spends `search_epochs` of them
 searching and the rest post-training. Each search length tried here keeps that total and scales the
@@ -37,6 +39,7 @@ from run import (FULL, ROOT, Settings, add_teacher_arg, at_post_lr, compress_con
                  teacher_label, training_epochs)
 from summary import LABELS, tuning_table
 from uvc.compress import CompressConfig, Run, compress
+from uvc.errors import UVCError
 from uvc.search import SearchConfig
 
 log = logging.getLogger("bench")
@@ -52,20 +55,45 @@ def split_settings(base: Settings, search_epochs: float) -> Settings:
                                search_warmup_epochs=base.search_warmup_epochs * search_epochs / base.search_epochs)
 
 
-def tuning_config(base: Settings, budget: float, seed: int, search_epochs: float, out: Path) -> CompressConfig:
-    """The benchmark's UVC configuration at another split: the fade scales with the search, and test stays unread."""
+def parse_search_set(pairs: list[str]) -> dict[str, float | str]:
+    """`--search-set` KEY=VALUE pairs as SearchConfig fields (numbers as floats), refused before any work if
+    a key is not a field or the result does not validate."""
+    fields = {f.name for f in dataclasses.fields(SearchConfig)} - {"schedule"}
+    changes: dict[str, float | str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"tune: --search-set takes KEY=VALUE with KEY one of {', '.join(sorted(fields))}; got {pair!r}")
+        try:
+            changes[key] = float(value)
+        except ValueError:
+            changes[key] = value
+    try:
+        dataclasses.replace(SearchConfig(), **changes).validate()
+    except (UVCError, TypeError) as e:
+        raise SystemExit(f"tune: --search-set {' '.join(pairs)}: {e}") from e
+    return changes
+
+
+def tuning_config(base: Settings, budget: float, seed: int, search_epochs: float, out: Path,
+                  search_set: dict | None = None) -> CompressConfig:
+    """The benchmark's UVC configuration at another split (the fade scales with the search) with the
+    `search_set` changes on top; test stays unread."""
     cfg = compress_config(split_settings(base, search_epochs), budget, out, "uvc", seed, read_test=False)
     cfg.search.fade_epochs = SearchConfig().fade_epochs * search_epochs / base.search_epochs
+    cfg.search = dataclasses.replace(cfg.search, **(search_set or {}))
     return cfg
 
 
 def tuning_run(teacher, base: Settings, method: str, budget: float, seed: int, search_epochs: float,
-               teacher_val: float, out: Path) -> dict:
-    """One run of the sweep, validation figures only: UVC at `search_epochs`, any other method as the benchmark
-    runs it (`search_epochs` is then ignored), each at its rate in `base`."""
+               teacher_val: float, out: Path, search_set: dict | None = None) -> dict:
+    """One run of the sweep, validation figures only: UVC at `search_epochs` with the `search_set` changes, any
+    other method as the benchmark runs it (`search_epochs` and `search_set` are then ignored), each at its
+    rate in `base`."""
     started = time.perf_counter()
+    search_set = search_set if method == "uvc" else {}
     if method == "uvc":
-        cfg = tuning_config(base, budget, seed, search_epochs, out)
+        cfg = tuning_config(base, budget, seed, search_epochs, out, search_set)
         report = compress(cfg, model=teacher, teacher=teacher, teacher_scores={"test": None, "val": teacher_val})
         search_epochs, post_epochs = cfg.search.schedule.epochs, cfg.post.epochs
         ratio, val, val_before = report["ratio"], report["top1_val"], report["top1_val_after_search"]
@@ -74,7 +102,7 @@ def tuning_run(teacher, base: Settings, method: str, budget: float, seed: int, s
         (search_epochs, post_epochs), ratio = record["epochs"], record["ratio"]
         val, val_before = record["top1_val"], record["top1_val_before_post"]
     return {"method": method, "budget": budget, "seed": seed, "search_epochs": search_epochs, "post_epochs": post_epochs,
-            "post_lr": base.post_lrs[method], "ratio": ratio, "top1_val": val, "top1_val_before_post": val_before,
+            "post_lr": base.post_lrs[method], "search_set": search_set or {}, "ratio": ratio, "top1_val": val, "top1_val_before_post": val_before,
             "seconds": time.perf_counter() - started}
 
 
@@ -88,6 +116,8 @@ def main() -> int:
                    help="post-training rates per 128 images to try, each for every method (default: UVC's in the benchmark)")
     p.add_argument("--methods", nargs="+", default=["uvc"], choices=list(LABELS),
                    help="methods to run at each rate; only UVC takes --search-epochs (default: uvc)")
+    p.add_argument("--search-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="SearchConfig changes for UVC's runs, e.g. y_init=0 y_lr=0 (no proximal shrink) or fade_epochs=0")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="tune", help="results file bench/results/NAME.json; run folders runs/bench/NAME/")
@@ -95,6 +125,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for search in args.search_epochs:
         split_settings(FULL, search)  # refuse a bad length before any work
+    search_set = parse_search_set(args.search_set)
+    set_key = tuple(sorted(search_set.items()))
+    set_name = "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in set_key)
     torch.set_num_threads(args.threads)
     teacher = load_teacher(args.teacher)
     path = ROOT / "bench" / "results" / f"{args.name}.json"
@@ -107,7 +140,8 @@ def main() -> int:
         results["runs"] = earlier["runs"]
         results["commands"] = [c for c in earlier["commands"] if c not in results["commands"]] + results["commands"]
         log.info("%d runs of an earlier sweep with this teacher kept (%s)", len(results["runs"]), path)
-    done = {(r["method"], r["budget"], r["seed"], r["search_epochs"], r["post_lr"]) for r in results["runs"]}
+    done = {(r["method"], r["budget"], r["seed"], r["search_epochs"], r["post_lr"],
+             tuple(sorted(r.get("search_set", {}).items()))) for r in results["runs"]}
     cfg = compress_config(FULL, args.budgets[0], ROOT / "runs" / "bench" / args.name / "teacher", "uvc", read_test=False)
     teacher_val = results["teacher_val"] = Run(cfg, model=teacher, teacher=teacher).score_teacher()["val"]
     for seed in range(args.seeds):
@@ -116,13 +150,16 @@ def main() -> int:
                 base = at_post_lr(FULL, lr)
                 for method in args.methods:
                     for search in args.search_epochs if method == "uvc" else [training_epochs(FULL, method)[0]]:
-                        if (method, budget, seed, search, lr) in done:
+                        changes = set_key if method == "uvc" else ()
+                        if (method, budget, seed, search, lr, changes) in done:
                             continue
-                        log.info("=== %s at B = %.2f, seed %d, post-training rate %g%s", LABELS[method], budget, seed,
+                        log.info("=== %s at B = %.2f, seed %d, post-training rate %g%s%s", LABELS[method], budget, seed,
                                  lr, f", search {search:g} + post-training {TOTAL_EPOCHS - search:g} epochs"
-                                 if method == "uvc" else "")
-                        out = ROOT / "runs" / "bench" / args.name / f"{method}-b{budget}-search{search:g}-lr{lr:g}-s{seed}"
-                        results["runs"].append(tuning_run(teacher, base, method, budget, seed, search, teacher_val, out))
+                                 if method == "uvc" else "", f", {dict(changes)}" if changes else "")
+                        out = (ROOT / "runs" / "bench" / args.name /
+                               f"{method}-b{budget}-search{search:g}-lr{lr:g}{set_name if changes else ''}-s{seed}")
+                        results["runs"].append(tuning_run(teacher, base, method, budget, seed, search, teacher_val, out,
+                                                          dict(changes)))
                         save(results, path)
     print(tuning_table(results, FULL.search_epochs, FULL.post_lrs))
     return 0

@@ -164,6 +164,19 @@ def test_a_tuning_split_keeps_the_total_training_and_scales_the_search_to_its_le
             tune.split_settings(full, bad)
 
 
+def test_search_changes_apply_to_uvc_alone_and_bad_ones_are_refused_before_any_work(tmp_path):
+    changes = tune.parse_search_set(["y_init=0", "y_lr=0", "importance=norm"])
+    assert changes == {"y_init": 0.0, "y_lr": 0.0, "importance": "norm"}
+    cfg = tune.tuning_config(bench.FULL, 0.5, 0, 1.0, tmp_path, changes)
+    assert (cfg.search.y_init, cfg.search.y_lr, cfg.search.importance) == (0.0, 0.0, "norm")
+    assert cfg.search.fade_epochs == SearchConfig().fade_epochs  # what is not changed stays the benchmark's
+    assert tune.tuning_config(bench.FULL, 0.5, 0, 1.0, tmp_path, {"fade_epochs": 0.0}).search.fade_epochs == 0.0
+    for bad, message in ((["y_lr"], "KEY=VALUE"), (["schedule=1"], "KEY=VALUE"), (["nonsense=1"], "KEY=VALUE"),
+                         (["importance=random"], "importance")):
+        with pytest.raises(SystemExit, match=message):
+            tune.parse_search_set(bad)
+
+
 def test_a_tuning_run_reports_validation_only(tmp_path, fmnist_available):
     if not fmnist_available:
         pytest.skip("Fashion-MNIST is missing")
@@ -186,12 +199,14 @@ def test_the_tuning_table_judges_each_setting_against_the_benchmarks_and_each_ri
                "date": "2026-11-26", "machine": {"threads": 1}, "teacher": "runs/t5",
                "runs": runs("uvc", 0.5, 1e-4, [90.0, 90.1, 90.2]) + runs("uvc", 1.0, 1e-4, [90.4, 90.5, 90.6])
                + runs("uvc", 1.5, 1e-4, [90.3, 90.5, 90.9]) + runs("uvc", 1.0, 3e-5, [90.8, 90.9, 91.0])
-               + runs("oneshot", 0.0, 1e-4, [90.4, 90.45, 90.5], 88.0) + runs("oneshot", 0.0, 3e-5, [90.5, 90.6, 90.7], 88.0)}
+               + runs("oneshot", 0.0, 1e-4, [90.4, 90.45, 90.5], 88.0) + runs("oneshot", 0.0, 3e-5, [90.5, 90.6, 90.7], 88.0)
+               + [{**r, "search_set": {"y_init": 0.0, "y_lr": 0.0}} for r in runs("uvc", 1.0, 1e-4, [89.9, 90.0, 90.1])]}
     text = summary.tuning_table(results, 1.0, dict.fromkeys(summary.LABELS, 1e-4))
     rows = {tuple(line.split(" | ")[1:4]): line for line in text.splitlines() if line.startswith("| 0.5")}
     assert "90.10 ± 0.10" in rows["uvc", "0.5 + 1.5", "0.0001"] and rows["uvc", "0.5 + 1.5", "0.0001"].endswith("| loses | - |")
     assert rows["uvc", "1.5 + 0.5", "0.0001"].endswith("| within spread | - |")  # gap 0.067 < std 0.31
     assert rows["uvc", "1 + 1", "0.0001"].endswith("| - | - |") and text.startswith("Teacher: validation top-1 91.60%")
+    assert rows["uvc (y_init=0, y_lr=0)", "1 + 1", "0.0001"].endswith("| loses | - |")  # 90.0 against 90.5, std 0.1
     assert rows["uvc", "1 + 1", "3e-05"].endswith("| beats it | - |")  # +0.4 over the benchmark's rate, std 0.1
     assert rows["oneshot", "0 + 2", "0.0001"].endswith("| - | within spread |")  # UVC 90.5 against 90.45
     assert rows["oneshot", "0 + 2", "3e-05"].endswith("| beats it | beats it |")  # UVC 90.9 against 90.6, std 0.1
