@@ -13,15 +13,20 @@ it. With `--teacher bundled` the validation figures are optimistic: that teacher
 Times: wall and process CPU seconds of importance + plan + slimming, and of the compensation
 (evaluation excluded). Another process may share the CPU: then run with --threads 1, since two
 torch threads on one free core spin against each other (measured 83 s instead of 8 s).
-Writes bench/results/oneshot.json.
+Writes bench/results/oneshot.json, with the defaults of `uvc compress --one-shot` beside the best
+configuration on validation.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
+import inspect
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +42,14 @@ from run import add_teacher_arg, load_teacher, teacher_label
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"none": None, "bias": dict(mode="bias"), "refit-block": dict(target="block"), "refit-stream": dict(target="stream")}
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def one_shot_defaults() -> dict[str, str]:
+    """What `uvc compress --one-shot` uses unless told otherwise, in this bench's terms."""
+    params = inspect.signature(one_shot).parameters
+    return {"importance": params["importance"].default, "allocation": params["allocation"].default,
+            "compensation": (f"refit-{inspect.signature(compensate).parameters['target'].default}"
+                             if params["compensate"].default else "none")}
 
 
 def counts(layer) -> dict:
@@ -71,7 +84,9 @@ def main() -> None:
         return {"val": evaluate(model, data.val, cpu), "test": evaluate(model, data.test, cpu)}
 
     results = {"teacher": measure(teacher), "teacher_model": teacher_label(args.teacher),
-               "calibration_images": args.calibration, "ridge": DEFAULT_RIDGE,
+               "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
+               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "calibration_images": args.calibration, "ridge": DEFAULT_RIDGE, "defaults": one_shot_defaults(),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads",
                "rows": [], "ridge_sweep": []}
     print(f"teacher: val {results['teacher']['val']:.2f} %, test {results['teacher']['test']:.2f} %", flush=True)
@@ -100,7 +115,7 @@ def main() -> None:
                 / len(args.budgets) for k in keys}
     best = max(keys, key=mean_val.get)
     results["mean_val"] = {" / ".join(k): round(v, 3) for k, v in mean_val.items()}
-    results["chosen"] = dict(zip(("importance", "allocation", "compensation"), best))
+    results["best_on_validation"] = dict(zip(("importance", "allocation", "compensation"), best))
     print(f"\nbest on validation (mean over budgets): {best}, {mean_val[best]:.2f} %", flush=True)
     for budget in args.budgets:
         slimmed, plan, _ = one_shot(teacher, budget, calibration, importance=best[0], allocation=best[1], compensate=False)

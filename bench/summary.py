@@ -426,8 +426,8 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "- **compensated**: `uvc.oneshot.one_shot` with the uniform allocation and weight-norm importance (the "
             "uniform baseline's allocation and ranking, fitted to [B - 0.01, B]), then closed-form least-squares compensation of the "
             f"layers that read the pruned groups on {s['calibration_images']} unlabeled training images; then post-training.",
-            "- **oneshot**: `uvc.oneshot.one_shot` with its own defaults, those of `uvc compress --one-shot` (chosen on "
-            "validation in section 4): groups ranked by weight norm times mean squared activation, removed across all "
+            "- **oneshot**: `uvc.oneshot.one_shot` with its own defaults, those of `uvc compress --one-shot` (section 4 "
+            "sets them beside the best configuration on validation): groups ranked by weight norm times mean squared activation, removed across all "
             "blocks by least importance per MAC saved, the same compensation; then post-training. It differs from "
             "**compensated** by the ranking and by a non-uniform allocation read off the importance scores, without training.",
             "- **Torch-Pruning**: `MetaPruner` with global ranking (`GroupMagnitudeImportance(p=2)` or "
@@ -516,11 +516,17 @@ def data_efficiency(folder: Path) -> list[str]:
                 f"Command: `{r.get('command', 'python bench/oneshot.py')}`. The teacher "
                 f"({r.get('teacher_model', BUNDLED_TEACHER)}, {r['teacher']['test']:.2f} % "
                 f"test, {r['teacher']['val']:.2f} % validation) pruned to each budget without training; compensation "
-                f"(`uvc.compensate`) on {r['calibration_images']} unlabeled training images, ridge {r['ridge']}; "
-                "every choice made on validation (the defaults of `uvc compress --one-shot`: "
-                f"{r.get('chosen', '')}). Seconds: ranking, planning, slimming and compensation, evaluation excluded.", "",
+                f"(`uvc.compensate`) on {r['calibration_images']} unlabeled training images, ridge {r['ridge']}. "
+                "Seconds: ranking, planning, slimming and compensation, evaluation excluded.", "",
                 table(["B", "importance", "allocation", "compensation", "R", "val top-1", "test top-1", "seconds"], rows),
                 ""]
+        if "best_on_validation" in r:
+            name = lambda c: " / ".join(c[k] for k in ("importance", "allocation", "compensation"))  # noqa: E731
+            best, defaults = name(r["best_on_validation"]), name(r["defaults"])
+            sweep = ", ".join(f"B = {x['budget']}, ridge {x['ridge']:g}: {x['val']:.2f}" for x in r["ridge_sweep"])
+            out += [f"Best compensated configuration on validation, mean over the budgets: {best} "
+                    f"({r['mean_val'][best]:.2f} %); `uvc compress --one-shot` defaults to {defaults} "
+                    f"({r['mean_val'][defaults]:.2f} %). Ridge sweep of the best (validation top-1): {sweep}.", ""]
     if few.is_file():
         r = json.loads(few.read_text())
         groups: dict[tuple, list[dict]] = {}

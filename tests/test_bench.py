@@ -502,7 +502,7 @@ def test_data_efficiency_sections_come_from_their_result_files(tmp_path):
     row = {"budget": 0.5, "importance": "activation", "allocation": "global", "compensation": "refit-stream",
            "ratio": 0.4999, "val": 91.28, "test": 89.83, "plan_time": {"wall_s": 1.4}, "compensation_time": {"wall_s": 5.0}}
     (tmp_path / "oneshot.json").write_text(json.dumps({"teacher": {"val": 91.58, "test": 90.21}, "calibration_images": 1000,
-                                                        "ridge": 1e-3, "rows": [row], "chosen": {}}))
+                                                        "ridge": 1e-3, "rows": [row]}))
     run = {"images": 3000, "method": "compensated", "ratio": 0.5, "top1_val_before_post": 91.0, "top1_val": 91.2,
            "top1": 89.9, "top1_teacher": 90.21, "seconds": 60}
     (tmp_path / "few_images.json").write_text(json.dumps({"command": "python bench/few_images.py", "date": "today",
@@ -512,5 +512,15 @@ def test_data_efficiency_sections_come_from_their_result_files(tmp_path):
                                                                           "top1": 89.7, "seconds": 70}]}))
     text = "\n".join(summary.data_efficiency(tmp_path))
     assert "| 0.5 | activation | global | refit-stream | 0.4999 | 91.28 | 89.83 | 6.4 |" in text
+    assert "Best compensated configuration" not in text  # an older file without the choice says nothing of it
+    choice = {"best_on_validation": {"importance": "activation", "allocation": "uniform", "compensation": "refit-stream"},
+              "defaults": {"importance": "activation", "allocation": "global", "compensation": "refit-stream"},
+              "mean_val": {"activation / uniform / refit-stream": 90.07, "activation / global / refit-stream": 89.94},
+              "ridge_sweep": [{"budget": 0.5, "ridge": 1e-3, "val": 90.48}]}
+    (tmp_path / "oneshot.json").write_text(json.dumps({**json.loads((tmp_path / "oneshot.json").read_text()), **choice}))
+    text = "\n".join(summary.data_efficiency(tmp_path))
+    assert ("on validation, mean over the budgets: activation / uniform / refit-stream (90.07 %); `uvc compress --one-shot` "
+            "defaults to activation / global / refit-stream (89.94 %). Ridge sweep of the best (validation top-1): "
+            "B = 0.5, ridge 0.001: 90.48.") in text
     assert ("| 3000 | one-shot uniform plan + LS compensation + KD | 2 | 0.5000 | 90.90 ± 0.14 | 91.10 ± 0.14 | "
             "89.80 ± 0.14 | -0.41 | 65 |") in text  # the seeds' mean ± std, one row per (images, method)
