@@ -513,7 +513,8 @@ def data_efficiency(folder: Path) -> list[str]:
                  f"{x['val']:.2f}", f"{x['test']:.2f}",
                  f"{x['plan_time']['wall_s'] + x['compensation_time']['wall_s']:.1f}"] for x in r["rows"]]
         out += ["## 4. One-shot pruning, no gradient step (issue 14)", "",
-                f"Command: `{r.get('command', 'python bench/oneshot.py')}`. The teacher "
+                f"Command: `{r.get('command', 'python bench/oneshot.py')}`"
+                + "".join(f", {r[k]}" for k in ("date", "machine") if k in r) + ". The teacher "
                 f"({r.get('teacher_model', BUNDLED_TEACHER)}, {r['teacher']['test']:.2f} % "
                 f"test, {r['teacher']['val']:.2f} % validation) pruned to each budget without training; compensation "
                 f"(`uvc.compensate`) on {r['calibration_images']} unlabeled training images, ridge {r['ridge']}. "

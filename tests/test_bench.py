@@ -513,12 +513,15 @@ def test_data_efficiency_sections_come_from_their_result_files(tmp_path):
     text = "\n".join(summary.data_efficiency(tmp_path))
     assert "| 0.5 | activation | global | refit-stream | 0.4999 | 91.28 | 89.83 | 6.4 |" in text
     assert "Best compensated configuration" not in text  # an older file without the choice says nothing of it
+    assert "Command: `python bench/oneshot.py`. The teacher" in text
     choice = {"best_on_validation": {"importance": "activation", "allocation": "uniform", "compensation": "refit-stream"},
               "defaults": {"importance": "activation", "allocation": "global", "compensation": "refit-stream"},
               "mean_val": {"activation / uniform / refit-stream": 90.07, "activation / global / refit-stream": 89.94},
-              "ridge_sweep": [{"budget": 0.5, "ridge": 1e-3, "val": 90.48}]}
+              "ridge_sweep": [{"budget": 0.5, "ridge": 1e-3, "val": 90.48}], "command": "python bench/oneshot.py --threads 1",
+              "date": "2026-11-26T22:46:00+00:00", "machine": "x86_64, 2 CPUs, torch 2.14.1, 1 threads"}
     (tmp_path / "oneshot.json").write_text(json.dumps({**json.loads((tmp_path / "oneshot.json").read_text()), **choice}))
     text = "\n".join(summary.data_efficiency(tmp_path))
+    assert "`python bench/oneshot.py --threads 1`, 2026-11-26T22:46:00+00:00, x86_64, 2 CPUs, torch 2.14.1, 1 threads." in text
     assert ("on validation, mean over the budgets: activation / uniform / refit-stream (90.07 %); `uvc compress --one-shot` "
             "defaults to activation / global / refit-stream (89.94 %). Ridge sweep of the best (validation top-1): "
             "B = 0.5, ridge 0.001: 90.48.") in text
