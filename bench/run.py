@@ -94,7 +94,8 @@ class Settings:
 # post-training, test; the teacher once per invocation). With 6,400 training images (50 steps an epoch) a
 # search + post run takes ~65-75 s and a baseline ~50-80 s: 70 runs ~75 min, speed (on 1 and 2 threads)
 # and search cost ~9 min (2 free cores). On one thread a seed of the main methods at both budgets took
-# ~22 min (2026-11-26: seeds 3 and 4 in 45 min); BENCHMARKS.md's header sums the recorded runs' "seconds" in bench/results/results.json.
+# ~22 min (2026-11-26: seeds 3 and 4 in 45 min); BENCHMARKS.md's header sums the recorded runs' "seconds"
+# in bench/results/results.json.
 # Five seeds, not three: at B = 0.5 the methods differ by about one standard deviation of the seeds, and
 # three draws give that standard deviation itself to within about +-50 %.
 # 10,000 training images would take ~60 min.

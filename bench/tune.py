@@ -55,22 +55,26 @@ def split_settings(base: Settings, search_epochs: float) -> Settings:
                                search_warmup_epochs=base.search_warmup_epochs * search_epochs / base.search_epochs)
 
 
-def parse_search_set(pairs: list[str]) -> dict[str, float | str]:
-    """`--search-set` KEY=VALUE pairs as SearchConfig fields (numbers as floats), refused before any work if
-    a key is not a field or the result does not validate."""
-    fields = {f.name for f in dataclasses.fields(SearchConfig)} - {"schedule"}
-    changes: dict[str, float | str] = {}
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def parse_search_set(pairs: list[str]) -> dict[str, bool | int | float | str]:
+    """`--search-set` KEY=VALUE pairs as SearchConfig fields, each VALUE read as its field's default's type;
+    refused before any work if a key is not a field, a value does not read, or the result does not validate."""
+    defaults = {f.name: getattr(SearchConfig(), f.name) for f in dataclasses.fields(SearchConfig) if f.name != "schedule"}
+    changes: dict[str, bool | int | float | str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"tune: --search-set takes KEY=VALUE with KEY one of {', '.join(sorted(fields))}; got {pair!r}")
+        if not sep or key not in defaults:
+            raise SystemExit(f"tune: --search-set takes KEY=VALUE with KEY one of {', '.join(sorted(defaults))}; got {pair!r}")
+        kind = type(defaults[key])
         try:
-            changes[key] = float(value)
-        except ValueError:
-            changes[key] = value
+            changes[key] = BOOLEANS[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            raise SystemExit(f"tune: --search-set {pair}: {key} takes a value of type {kind.__name__}") from None
     try:
         dataclasses.replace(SearchConfig(), **changes).validate()
-    except (UVCError, TypeError) as e:
+    except UVCError as e:
         raise SystemExit(f"tune: --search-set {' '.join(pairs)}: {e}") from e
     return changes
 
@@ -127,7 +131,7 @@ def main() -> int:
         split_settings(FULL, search)  # refuse a bad length before any work
     search_set = parse_search_set(args.search_set)
     set_key = tuple(sorted(search_set.items()))
-    set_name = "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in set_key)
+    set_name = "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in set_key)  # a folder name
     torch.set_num_threads(args.threads)
     teacher = load_teacher(args.teacher)
     path = ROOT / "bench" / "results" / f"{args.name}.json"

@@ -171,8 +171,10 @@ def test_search_changes_apply_to_uvc_alone_and_bad_ones_are_refused_before_any_w
     assert (cfg.search.y_init, cfg.search.y_lr, cfg.search.importance) == (0.0, 0.0, "norm")
     assert cfg.search.fade_epochs == SearchConfig().fade_epochs  # what is not changed stays the benchmark's
     assert tune.tuning_config(bench.FULL, 0.5, 0, 1.0, tmp_path, {"fade_epochs": 0.0}).search.fade_epochs == 0.0
+    assert tune.parse_search_set(["prune=false", "width_multiple=8"]) == {"prune": False, "width_multiple": 8}
     for bad, message in ((["y_lr"], "KEY=VALUE"), (["schedule=1"], "KEY=VALUE"), (["nonsense=1"], "KEY=VALUE"),
-                         (["importance=random"], "importance")):
+                         (["importance=random"], "importance"), (["prune=maybe"], "prune takes a value of type bool"),
+                         (["width_multiple=1.5"], "width_multiple takes a value of type int")):
         with pytest.raises(SystemExit, match=message):
             tune.parse_search_set(bad)
 
