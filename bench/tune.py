@@ -14,8 +14,9 @@ No run reads the test split (`CompressConfig.test_at_end=False`), so the choice 
 the benchmark's test figures stay untouched by it. The sweep is only honest with a teacher that never
 trained on the validation images, as the default bench/teacher never did (`--teacher bundled` did).
 
-The rate defaults to UVC's in the benchmark, now 1e-5; the split sweep in bench/results/tune.json ran
-at 1e-4, the benchmark's rate then, so its recorded command repeats it only with `--post-lrs 1e-4`.
+The rate defaults to UVC's in the benchmark, now 1e-5. The first split sweep in bench/results/tune.json
+ran at 1e-4, the benchmark's rate then, so its recorded command repeats it only with `--post-lrs 1e-4`;
+the split was swept again at 1e-5 (`--search-epochs 0.5 1.5`).
 
 Writes bench/results/NAME.json after every run (a killed sweep continues where it stopped when run
 again with the same arguments) and prints validation top-1, mean and std over seeds, per setting.
