@@ -260,7 +260,7 @@ def plot_speedup(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ideal_all = [2.0]
     kinds = sorted({(p["threads"], p["batch"]) for r in results["speed"] for p in r["pairs"]})
-    for (threads, batch), marker in zip(kinds, "oxs+^v"):
+    for (threads, batch), marker in zip(kinds, cycle("oxs+^v")):
         points = [(1 / r["ratio"], p["speedup"]) for r in results["speed"] for p in r["pairs"]
                   if (p["threads"], p["batch"]) == (threads, batch)]
         ideal_all += [x for x, _ in points]
@@ -452,6 +452,12 @@ def post_lrs(settings: dict) -> dict[str, float]:
     return settings.get("post_lrs", dict.fromkeys(LABELS, 1e-4))
 
 
+def search_set_items(search_set: dict) -> list[tuple[str, str]]:
+    """`bench/tune.py --search-set` changes as (field, value) text, sorted, numbers as `%g`: one spelling for
+    the table's labels and the run folders' names."""
+    return [(k, f"{v:g}" if isinstance(v, float) else str(v)) for k, v in sorted(search_set.items())]
+
+
 def tuning_table(results: dict, default_search: float, default_lrs: dict[str, float]) -> str:
     """bench/tune.py's sweep: validation top-1 per budget, method (with its search changes), split and
     post-training rate, mean ± std over seeds. Each setting is judged against the same method at the
@@ -459,7 +465,7 @@ def tuning_table(results: dict, default_search: float, default_lrs: dict[str, fl
     against UVC at the benchmark's split and the same rate, by the beating rule."""
     groups: dict[tuple, list[dict]] = {}
     for r in results["runs"]:
-        changes = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(r.get("search_set", {}).items()))
+        changes = ", ".join(f"{k}={v}" for k, v in search_set_items(r.get("search_set", {})))
         groups.setdefault((r["budget"], r["method"], r["search_epochs"], r["post_lr"], changes), []).append(r)
     order = list(LABELS)
     rows = []

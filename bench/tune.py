@@ -38,7 +38,7 @@ import torch
 
 from run import (FULL, ROOT, Settings, add_teacher_arg, at_post_lr, compress_config, load_teacher, machine, run_method, save,
                  teacher_label, training_epochs)
-from summary import LABELS, tuning_table
+from summary import LABELS, search_set_items, tuning_table
 from uvc.compress import CompressConfig, Run, compress
 from uvc.errors import UVCError
 from uvc.search import SearchConfig
@@ -132,7 +132,7 @@ def main() -> int:
         split_settings(FULL, search)  # refuse a bad length before any work
     search_set = parse_search_set(args.search_set)
     set_key = tuple(sorted(search_set.items()))
-    set_name = "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in set_key)  # a folder name
+    set_name = "".join(f"-{k}{v}" for k, v in search_set_items(search_set))  # a folder name
     torch.set_num_threads(args.threads)
     teacher = load_teacher(args.teacher)
     path = ROOT / "bench" / "results" / f"{args.name}.json"
