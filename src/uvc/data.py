@@ -72,6 +72,10 @@ class DataConfig:
     def validate(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.workers < 0:
             raise UVCError("batch sizes must be >= 1 and workers >= 0")
+        for name, value, upper in (("mixup", self.mixup, None), ("cutmix", self.cutmix, None),
+                                   ("smoothing", self.smoothing, 1.0), ("reprob", self.reprob, 1.0)):
+            if value is not None and not (0 <= value and (upper is None or value <= upper)):
+                raise UVCError(f"--{name} must be {'in [0, 1]' if upper else '>= 0'}, got {value}")
         for name in ("train_limit", "val_limit", "test_limit", "input_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -330,6 +334,32 @@ class EpochLoader:
         return iter(self.loader)
 
 
+def _image_folder(root: Path, split: str, class_to_idx: dict[str, int] | None = None, training: bool | None = None):
+    """timm's dataset over `root/split`, labelled by `class_to_idx` (default: its own sorted class folders)."""
+    if not (root / split).is_dir():
+        raise UVCError(f"{root} has no {split}/ folder: an ImageFolder dataset needs train/ and val/ class sub-folders")
+    try:
+        dataset = create_dataset("", root=str(root), split=split, class_map=class_to_idx,
+                                 is_training=split == "train" if training is None else training)
+    except RuntimeError as e:  # timm's reader finds no image files
+        raise UVCError(f"{root / split} holds no images in class sub-folders ({e}); put images "
+                       f"(.jpg, .png, ...) in {root / split}/CLASS/") from e
+    if len(dataset) == 0:
+        raise UVCError(f"{root / split} holds no images in class sub-folders; put images in {root / split}/CLASS/")
+    return dataset
+
+
+def _class_mismatch(root: Path, train: set[str], val: set[str]) -> str:
+    def show(names: set[str]) -> str:
+        names = sorted(names)
+        return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+    parts = [f"only in train/: {show(train - val)}" if train - val else "",
+             f"only in val/: {show(val - train)}" if val - train else ""]
+    return (f"{root}'s train/ and val/ have different class folders ({'; '.join(p for p in parts if p)}), so their "
+            "labels would not match: give both splits the same class sub-folders")
+
+
 def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, size: int) -> Dataset:
     """An ImageNet-style folder through timm's dataset and transform factories, with DeiT's recipe.
 
@@ -343,18 +373,13 @@ def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, size: int) -> D
             f"--data {cfg.data!r} is neither 'fashion-mnist' nor an existing folder. Pass a folder "
             "with train/ and val/ class sub-folders (ImageNet layout)."
         )
-    splits = {}
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise UVCError(f"{root} has no {split}/ folder: an ImageFolder dataset needs train/ and val/ class sub-folders")
-        try:
-            splits[split] = create_dataset("", root=str(root), split=split, is_training=split == "train")
-        except RuntimeError as e:  # timm's reader finds no image files
-            raise UVCError(f"{root / split} holds no images in class sub-folders ({e}); put images "
-                           f"(.jpg, .png, ...) in {root / split}/CLASS/") from e
-        if len(splits[split]) == 0:
-            raise UVCError(f"{root / split} holds no images in class sub-folders; put images in {root / split}/CLASS/")
-    classes = len(splits["train"].reader.class_to_idx)
+    splits = {split: _image_folder(root, split) for split in ("train", "val")}
+    class_to_idx = splits["train"].reader.class_to_idx
+    if set(splits["val"].reader.class_to_idx) != set(class_to_idx):
+        raise UVCError(_class_mismatch(root, set(class_to_idx), set(splits["val"].reader.class_to_idx)))
+    # val/ labelled by train/'s numbering, whatever order its own folders sort in.
+    splits["val"] = _image_folder(root, "val", class_to_idx)
+    classes = len(class_to_idx)
     data_cfg = resolve_data_config({"input_size": (3, size, size)})
     rank, world = distributed.rank(), distributed.world_size()
     transform = dict(mean=data_cfg["mean"], std=data_cfg["std"], interpolation="bicubic", crop_pct=data_cfg["crop_pct"])
@@ -365,7 +390,7 @@ def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, size: int) -> D
     train = EpochLoader(train_set, per_process_batch(cfg.batch_size, world), cfg.workers, seed, rank, world)
     val = splits["val"]
     val.transform = create_transform(data_cfg["input_size"], is_training=False, **transform)
-    plain_train = create_dataset("", root=str(root), split="train", is_training=False)
+    plain_train = _image_folder(root, "train", class_to_idx, training=False)
     plain_train.transform = val.transform
     # A fixed shuffle: the folder lists images class by class, and calibration takes the first ones.
     calibration = torch.utils.data.DataLoader(plain_train, batch_size=cfg.eval_batch_size, shuffle=True,
