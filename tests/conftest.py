@@ -49,12 +49,12 @@ def fvcore_macs(model: torch.nn.Module, input_size, exclude_norms: bool = True) 
 
 def kill_after_first_checkpoint(command: list[str], out: Path, env: dict, sig=signal.SIGKILL,
                                 timeout: float = 120) -> None:
-    """Start `command`, wait until it has written out/checkpoint.pt and run on a little, then send `sig`.
+    """Start `command`, wait until it has written out/checkpoint.safetensors and run on a little, then send `sig`.
 
     Asserts that the kill landed mid-run: the checkpoint is there and the final model is not.
     """
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / "checkpoint.pt"
+    ckpt = out / "checkpoint.safetensors"
     deadline = time.time() + timeout
     while time.time() < deadline and not ckpt.exists():
         time.sleep(0.05)

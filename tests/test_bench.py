@@ -322,7 +322,7 @@ def test_post_train_reports_the_slimmed_model(tmp_path, fmnist_available):
     report = post_train(cfg, uvc.slim(model, plan), plan, model=copy.deepcopy(model), teacher=model)
     assert report["ratio"] == uvc.macs(uvc.load(tmp_path)) / uvc.macs(model) <= 0.5
     assert [l["hidden"] for l in report["layers"]] == [len(p.neurons) for p in plan]
-    assert not (tmp_path / "checkpoint.pt").exists()
+    assert not (tmp_path / "checkpoint.safetensors").exists()
 
 
 def test_step_cost_and_speed_pair_measure_positive_times(tmp_path, fmnist_available):

@@ -1,5 +1,6 @@
 """The bundled teacher: present, loadable anywhere from its two files, and as accurate as stated."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def test_train_teacher_writes_a_loadable_teacher_and_continues_from_init(tmp_pat
     data = DataConfig(train_limit=256, test_limit=256, batch_size=64)
     first = train_teacher(TeacherConfig(out=str(tmp_path / "a"), schedule=Schedule(1, 1e-3, warmup_epochs=0.5), data=data))
     assert first["continues"] is None and len(first["history"]) == 1
-    assert not (tmp_path / "a" / "teacher_checkpoint.pt").exists()
+    assert not (tmp_path / "a" / "teacher_checkpoint.safetensors").exists()
     assert first["top1"] == pytest.approx(evaluate(uvc.load(tmp_path / "a"), build_data(data).test, torch.device("cpu")), abs=1e-6)
     # lr 0 leaves AdamW's weights untouched, so the continued teacher must be the first one exactly.
     second = train_teacher(TeacherConfig(out=str(tmp_path / "b"), schedule=Schedule(1, 0.0), init=str(tmp_path / "a"),
@@ -73,11 +74,10 @@ def test_train_teacher_writes_a_loadable_teacher_and_continues_from_init(tmp_pat
         train_teacher(TeacherConfig(out=str(tmp_path / "c"), schedule=ONE_EPOCH, init=str(tmp_path / "s"), data=data))
 
 
-def test_train_teacher_with_a_convnet_tutor_records_it_and_resumes_past_it(tmp_path, fmnist_available):
+def test_train_teacher_with_a_convnet_tutor_records_it_and_resumes_past_it(tmp_path, fmnist_available, monkeypatch):
     """The tutor is trained, evaluated, kept and recorded; later runs reuse it rather than train a new one."""
     if not fmnist_available:
         pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
-    from uvc.engine import make_optimizer, save_checkpoint
     from uvc.teacher import ConvTutor, TeacherConfig, train_teacher
 
     data = DataConfig(train_limit=256, test_limit=256, batch_size=64)
@@ -101,19 +101,32 @@ def test_train_teacher_with_a_convnet_tutor_records_it_and_resumes_past_it(tmp_p
         train_teacher(TeacherConfig(out=str(tmp_path / "v"), tutor=Schedule(1, 2e-3), tutor_from=str(tmp_path / "t"),
                                     data=data))
 
-    # A run killed after its tutor phase: the tutor checkpoint is complete, the ViT has none yet.
-    # Resuming must load that tutor (history kept, no tutor epoch re-run) and finish the ViT.
-    out = tmp_path / "r"
-    out.mkdir()
-    marker = {"epoch": 2, "top1_val": -1.0, "loss": 0.0}  # an impossible accuracy: only a reused record keeps it
-    tutor = ConvTutor()
-    optimizer, _ = make_optimizer(tutor, Schedule(2, 1e-3), 4, batch_size=32)
-    save_checkpoint(out / "tutor_checkpoint.pt", {"model": tutor.state_dict(), "optimizer": optimizer.state_dict(),
-                                                   "epoch": 2, "history": [dict(marker, epoch=1), marker]})
-    resumed = train_teacher(TeacherConfig(out=str(out), schedule=ONE_EPOCH, tutor=Schedule(2, 2e-3), resume=True,
-                                          data=data))
-    assert resumed["tutor"]["top1_val"] == -1.0 and len(resumed["history"]) == 1
-    assert not (out / "tutor_checkpoint.pt").exists()
+    # A run killed in its first teacher epoch, after its tutor phase: the tutor checkpoint is complete,
+    # the ViT has none yet. Resuming must load that tutor (no tutor epoch re-run) and finish the ViT.
+    import uvc.teacher
+    real_epoch, calls = uvc.teacher.train_epoch, []
+
+    def counted_epoch(*args, **kwargs):
+        calls.append(1)
+        if interrupt_at and len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(uvc.teacher, "train_epoch", counted_epoch)
+    out, interrupt_at = tmp_path / "r", 3  # two tutor epochs, then the teacher's first
+    killed = TeacherConfig(out=str(out), schedule=ONE_EPOCH, tutor=Schedule(2, 2e-3), data=data)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(killed)
+    assert (out / "tutor_checkpoint.safetensors").is_file() and not (out / "teacher_checkpoint.safetensors").exists()
+    calls.clear()
+    interrupt_at = None
+    with pytest.raises(UVCError, match="unfinished run"):
+        train_teacher(killed)
+    with pytest.raises(UVCError, match=r"other settings \(tutor.lr: 0.002 -> 0.001\)"):
+        train_teacher(replace(killed, tutor=Schedule(2, 1e-3), resume=True))
+    resumed = train_teacher(replace(killed, resume=True))
+    assert len(calls) == 1 and [h["epoch"] for h in resumed["tutor"]["history"]] == [1, 2]
+    assert not (out / "tutor_checkpoint.safetensors").exists()
 
 
 def test_teacher_architecture_is_a_timm_model_name():

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -58,7 +59,7 @@ def _data_config(a):
 
 def cmd_train_teacher(a) -> int:
     t = TeacherConfig()
-    cfg = TeacherConfig(out=a.out, seed=a.seed, device=a.device, resume=a.resume, drop_path=a.drop_path, init=a.init,
+    cfg = TeacherConfig(out=a.out, seed=a.seed, device=a.device, resume=a.resume, overwrite=a.overwrite, drop_path=a.drop_path, init=a.init,
                         schedule=Schedule(a.epochs, a.lr, t.schedule.weight_decay, a.warmup_epochs),
                         tutor=Schedule(a.tutor_epochs, a.tutor_lr, t.tutor.weight_decay, t.tutor.warmup_epochs),
                         tutor_alpha=a.tutor_alpha, tutor_from=a.tutor_from, data=_data_config(a))
@@ -80,7 +81,7 @@ def cmd_info(a) -> int:
 
 def cmd_export(a) -> int:
     model = load_model(a.model)
-    result = export.export_onnx(model, a.onnx)
+    result = export.export_onnx(model, a.onnx, overwrite=a.overwrite)
     print(f"{a.onnx}: batch axis dynamic, max |ONNX - PyTorch| = {result['max_abs_diff']:.1e} (checked in onnxruntime)")
     if a.dense:
         input_size = adapter_for(model).input_size(model)
@@ -110,12 +111,14 @@ def cmd_compress(a) -> int:
                          post=Schedule(a.post_epochs if a.post_epochs is not None else 0.0 if a.one_shot else c.post.epochs,
                                        a.post_lr, c.post.weight_decay, c.post.warmup_epochs, c.post.lr_batch),
                          one_shot=a.one_shot, calibration_images=a.calibration_images,
-                         seed=a.seed, device=a.device, resume=a.resume, checkpoint_every=a.checkpoint_every,
+                         seed=a.seed, device=a.device, resume=a.resume, overwrite=a.overwrite, checkpoint_every=a.checkpoint_every,
                          deterministic=a.deterministic)
     try:
         report = compress(cfg)
         if not distributed.is_main():
             return 0
+    except KeyboardInterrupt:
+        raise UVCError(f"interrupted; the same command with --resume goes on from the last checkpoint in {a.out}") from None
     finally:
         distributed.shutdown()
     print(f"R = {report['ratio']:.4f} of {report['macs_dense'] / 1e6:.2f} M MACs (budget {report['budget']}); "
@@ -147,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tutor-from", default=T.tutor_from, help="reuse the tutor kept in the folder of an earlier run")
     t.add_argument("--seed", type=int, default=T.seed)
     t.add_argument("--device", default=T.device)
-    t.add_argument("--resume", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace the teacher or checkpoints already in --out")
     t.set_defaults(func=cmd_train_teacher)
 
     c = sub.add_parser("compress", help="compress a ViT to a MACs budget (default: the bundled teacher to 0.5)")
@@ -192,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-kd", action="store_true", help="ablation: labels only")
     c.add_argument("--seed", type=int, default=C.seed)
     c.add_argument("--device", default=C.device, help="cpu, cuda, cuda:N or auto (under torchrun: one GPU per process)")
-    c.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    c.add_argument("--resume", action="store_true", help="continue the unfinished run in --out (its checkpoint)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace the results or checkpoint of an earlier run in --out (never an input's folder)")
     c.add_argument("--deterministic", action="store_true",
                    help="deterministic GPU kernels: a resumed GPU run then ends bit-exactly where an unbroken one would")
     c.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every, help="also checkpoint every N steps")
@@ -211,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a model to ONNX (dynamic batch), checked against PyTorch in onnxruntime")
     e.add_argument("model", help="a model folder (slimmed or not), a timm name, or a transformers folder")
     e.add_argument("--onnx", required=True, help="the .onnx file to write")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --onnx file")
     e.add_argument("--dense", default=None,
                    help="also time this dense model against MODEL in onnxruntime, alternating (e.g. the model you compressed)")
     e.add_argument("--batch-size", type=int, default=64)
@@ -229,4 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UVCError as e:
         print(f"uvc: error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        print(f"uvc: error: {os_error_line(e)}", file=sys.stderr)
+    return 2
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a failed file operation: what, where, and what to do about it."""
+    where = f" ({e.filename})" if e.filename else ""
+    fixes = {errno.ENOSPC: "free space on that disk or write elsewhere (--out)",
+             errno.EDQUOT: "free space within your quota or write elsewhere (--out)",
+             errno.EACCES: "choose a path you may write to, or fix its permissions",
+             errno.EPERM: "choose a path you may write to, or fix its permissions",
+             errno.EROFS: "that file system is read-only: write elsewhere",
+             errno.ENOENT: "check the path; create the folder it should be written in first",
+             errno.EISDIR: "that is a folder: pass a file path",
+             errno.ENOTDIR: "a part of that path is a file, not a folder: check the path"}
+    reason = e.strerror or type(e).__name__
+    return f"{reason}{where}: {fixes.get(e.errno, 'check the path and the disk, then run the command again')}"

@@ -12,6 +12,7 @@ on every rank (distributed.py says how); rank 0 alone writes checkpoints, the mo
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -27,24 +28,37 @@ from torch import nn
 from . import distributed
 from .adapters import adapter_for
 from .budget import check_budget
+from .checkpoint import (checkpoint_exists, flat_settings, load_for_resume, remove_checkpoint, restoring,
+                         save_checkpoint)
 from .compensate import compensate, compensate_masked
 from .data import DataConfig, build_data
 from .distill import KDConfig, distillation_loss
-from .engine import (Schedule, autocast, compare_throughput, evaluate, load_checkpoint, make_optimizer, model_dtype,
-                     optimizer_step, predict_logits, progress, resolve_device, save_checkpoint, seed_everything)
-from .errors import UVCError
+from .engine import (Schedule, autocast, compare_throughput, evaluate, make_optimizer, model_dtype, optimizer_step,
+                     predict_logits, progress, resolve_device, seed_everything)
+from .errors import UVCError, check_finite
 from .flops import macs, skeleton_of
 from .gates import make_compressible
-from .io import atomic_write_text, ensure_writable_dir
-from .models import load_model, save
+from .io import atomic_write_text, tensor_digest
+from .models import default_teacher_dir, load_model, save
 from .oneshot import one_shot
 from .plan import LayerPlan
 from .report import percent, write_report
+from .rundir import check_output_dir, claimed
 from .search import Search, SearchConfig, fade_at
 from .slim import arch_of, build_from_arch, slim
 
 log = logging.getLogger("uvc")
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+# Settings that cannot change what a run computes: a resume may change them (every other setting must match).
+RESULT_NEUTRAL = frozenset({"out", "resume", "overwrite", "checkpoint_every", "log_every", "throughput_batch",
+                            "throughput_rounds", "test_at_end", "data.workers", "data.eval_batch_size"})
+
+
+# The command-line option behind each numeric field, for error messages.
+FLAGS = {"budget": "--budget", "search.schedule.epochs": "--search-epochs", "search.schedule.lr": "--lr",
+         "search.warmup_epochs": "--warmup-epochs", "post.epochs": "--post-epochs", "post.lr": "--post-lr",
+         "kd.alpha": "--kd-alpha", "kd.temperature": "--kd-temperature", "data.mixup": "--mixup",
+         "data.cutmix": "--cutmix", "data.smoothing": "--smoothing", "data.reprob": "--reprob"}
 
 
 @dataclass
@@ -71,6 +85,7 @@ class CompressConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False  # replace the results or checkpoint of an earlier run in `out`
     deterministic: bool = False  # deterministic GPU kernels, so that a resumed GPU run is bit-exact (a little slower)
     checkpoint_every: int = 0  # extra checkpoints every N steps (0: only at epoch and phase ends)
     log_every: int = 10
@@ -84,6 +99,7 @@ class CompressConfig:
             self.data = DataConfig(data=self.data)
 
     def validate(self) -> None:
+        check_finite(self, FLAGS)
         if not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
             raise UVCError(f"budget {self.budget} is outside (0, 1]; it is the fraction of MACs to keep, e.g. 0.5")
         self.data.validate()
@@ -133,6 +149,9 @@ class Run:
                  teacher_scores: dict[str, float] | None = None):
         cfg.validate()
         self.cfg = cfg
+        self.out = check_output_dir(cfg.out, checkpoints=[CHECKPOINT], resume=cfg.resume, overwrite=cfg.overwrite,
+                                    inputs=[None if isinstance(model, nn.Module) else cfg.model or default_teacher_dir(),
+                                            cfg.checkpoint, cfg.teacher, cfg.data.data, cfg.data.root])
         self.teacher_scores = teacher_scores
         seed_everything(cfg.seed)  # the same seed on every rank: see distributed.py
         if cfg.deterministic:
@@ -153,7 +172,6 @@ class Run:
         self._check_compatible(student, model_input)
         self.skel = skeleton_of(student, self.input_size)
         check_budget(cfg.budget, self.skel, cfg.search.prune, cfg.search.skip != "none")
-        self.out = ensure_writable_dir(cfg.out)
         self.dense_macs = macs(student, self.input_size)
         # The copy trains even when `model` is frozen (e.g. the very object passed as the teacher).
         self.student = make_compressible(copy.deepcopy(student)).requires_grad_(True).to(self.device)
@@ -173,6 +191,8 @@ class Run:
         self.slimmed: nn.Module | None = None
         self.train_slimmed: nn.Module | None = None
         self.state = RunState(budget=cfg.budget, dense_macs=self.dense_macs)
+        self.settings = {**flat_settings(asdict(cfg), RESULT_NEUTRAL), "weights of the model": tensor_digest(student.state_dict()),
+                         "weights of the teacher": tensor_digest(self.teacher.state_dict())}
 
     def _check_compatible(self, student: nn.Module, model_input: tuple[int, int, int]) -> None:
         """Refuse, before anything runs, data whose images or classes the model cannot take."""
@@ -197,7 +217,8 @@ class Run:
         if self.state.phase == "search":
             self._check_ranks_agree()
         if distributed.is_main():
-            state = {"run": asdict(self.state), "rng": _rng_states(), "optimizer": self.optimizer.state_dict()}
+            state = {"run": asdict(self.state), "settings": self.settings, "rng": _rng_states(),
+                     "optimizer": self.optimizer.state_dict()}
             if self.state.phase == "search":
                 state.update(student=self.student.state_dict(), search=self.search.state_dict())
             else:
@@ -211,21 +232,20 @@ class Run:
 
     def resume(self) -> bool:
         path = self.out / CHECKPOINT
-        if not path.is_file():
+        if not checkpoint_exists(path):
             log.info("no checkpoint in %s; starting from the beginning", self.out)
             return False
-        state = load_checkpoint(path)  # on the CPU; every load below copies onto this run's device and dtype
-        run = RunState(**state["run"])
-        if run.budget != self.cfg.budget or run.dense_macs != self.dense_macs:
-            raise UVCError(f"{path} belongs to a run with another model or budget; use another --out or drop --resume")
-        if run.phase == "search":
-            self.student.load_state_dict(state["student"])
-            self.search.load_state_dict(state["search"])
-        else:
-            self._start_post_training(build_from_arch(state["arch"]).to(self.device, self.dtype))
-            self.slimmed.load_state_dict(state["slimmed"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        _set_rng_states(state["rng"])
+        state = load_for_resume(path, self.settings)  # on the CPU; every load below copies onto this run's device and dtype
+        with restoring(path):
+            run = RunState(**state["run"])
+            if run.phase == "search":
+                self.student.load_state_dict(state["student"])
+                self.search.load_state_dict(state["search"])
+            else:
+                self._start_post_training(build_from_arch(state["arch"]).to(self.device, self.dtype))
+                self.slimmed.load_state_dict(state["slimmed"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            _set_rng_states(state["rng"])
         self.state = run
         log.info("resumed from %s: %s step %d", path, run.phase, run.step)
         return True
@@ -375,7 +395,17 @@ class Run:
         test = evaluate(self.teacher, self.data.test, self.device, desc="test teacher") if self.cfg.test_at_end else None
         return {"test": test, "val": evaluate(self.teacher, self.data.val, self.device, desc="val teacher")}
 
-    def run(self) -> dict:
+    def run(self, pruned: tuple[nn.Module, list[LayerPlan]] | None = None) -> dict:
+        """The whole run, holding `out`'s lock (rank 0); `pruned` (a slimmed model and its plan) skips the search."""
+        with claimed(self.out) if distributed.is_main() else contextlib.nullcontext():
+            if self.cfg.overwrite and not self.cfg.resume and distributed.is_main():
+                remove_checkpoint(self.out / CHECKPOINT)
+            distributed.barrier()
+            if pruned is not None:
+                self.begin_post_training(*pruned)
+            return self._run()
+
+    def _run(self) -> dict:
         if not (self.cfg.resume and self.resume()):
             scores = self.teacher_scores or self.score_teacher()
             self.state.top1_teacher, self.state.top1_val_teacher = scores["test"], scores["val"]
@@ -425,7 +455,7 @@ class Run:
         }
         atomic_write_text(self.out / "report.json", json.dumps(report, indent=1))
         write_report(report, self.out / "report.png")
-        (self.out / CHECKPOINT).unlink(missing_ok=True)
+        remove_checkpoint(self.out / CHECKPOINT)
         log.info("compressed to R = %.4f (budget %.2f): test top-1 %s (teacher %s), validation %.2f%%, %.0f -> %.0f images/s",
                  report["ratio"], self.cfg.budget, percent(top1), percent(s.top1_teacher), top1_val,
                  report["throughput_dense"], report["throughput"])
@@ -464,6 +494,4 @@ def post_train(cfg: CompressConfig, slimmed: nn.Module, plan: list[LayerPlan], m
     after its search, so baselines compare at equal training. `plan` gives the report its per-block
     shapes; `top1_val_after_search` is then the validation accuracy right after pruning.
     """
-    run = Run(cfg, model=model, teacher=teacher, teacher_scores=teacher_scores)
-    run.begin_post_training(slimmed, plan)
-    return run.run()
+    return Run(cfg, model=model, teacher=teacher, teacher_scores=teacher_scores).run(pruned=(slimmed, plan))

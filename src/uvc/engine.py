@@ -1,4 +1,4 @@
-"""Training and measuring: epochs with progress bars, evaluation, throughput, checkpoints."""
+"""Training and measuring: epochs with progress bars, evaluation, throughput."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .errors import UVCError
-from .io import atomic_write
 
 log = logging.getLogger("uvc")
 
@@ -134,19 +133,6 @@ def compare_throughput(models: dict[str, nn.Module], input_size: tuple[int, int,
         torch.set_num_threads(previous_threads)
     return {name: {**r, "threads": threads or previous_threads, "batch": batch_size, "seconds_per_round": seconds}
             for name, r in rates.items()}
-
-
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Atomic: the previous checkpoint stays valid until the new one is complete."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """A training checkpoint this package wrote (it holds RNG states and configs, hence full unpickling), on the CPU."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a torn or foreign file raises many types; torch's own advice does not apply here
-        raise UVCError(f"{path} is not a readable uvc checkpoint ({type(e).__name__}); delete it to start over") from e
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, step: int, where: str) -> float:

@@ -50,13 +50,21 @@ def _cores() -> int:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int] | None = None,
-                opset: int = 17, atol: float = 1e-4) -> dict:
+                opset: int = 17, atol: float = 1e-4, overwrite: bool = False) -> dict:
     """Write `model` (float32, on the CPU) as ONNX: input "images" (batch, C, H, W), output "logits", batch dynamic.
 
     The exported graph is run in onnxruntime on random batches of 1 and 3 images and compared with
     PyTorch in eval mode; a difference above `atol` raises UVCError and leaves `path` untouched.
+    An existing file at `path` is replaced only with `overwrite`.
     Returns {"path", "max_abs_diff", "opset", "input_size"}.
     """
+    path = Path(path)
+    if path.is_dir():
+        raise UVCError(f"--onnx {path} is a folder; pass the path of the .onnx file to write")
+    if path.exists() and not overwrite:
+        raise UVCError(f"{path} exists; pass --overwrite to replace it, or another --onnx path")
+    if not path.parent.is_dir():
+        raise UVCError(f"the folder of --onnx {path} does not exist; create {path.parent} first")
     params = list(model.parameters())
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
         raise UVCError("export_onnx needs a float32 model on the CPU; call model.float().cpu() first")
@@ -70,7 +78,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     input_size = tuple(int(v) for v in input_size)
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(b, *input_size, generator=generator) for b in (1, 3)]
-    path = Path(path)
     was_training = model.training
     model.eval()
     result = {}

@@ -22,13 +22,14 @@ from torch import nn
 from . import hf
 from .adapters import check_supported
 from .errors import UVCError
-from .io import atomic_write_text, ensure_writable_dir, read_weights, write_weights
+from .io import DIGEST_KEY, atomic_write_text, ensure_writable_dir, read_tensors, write_weights
 from .slim import ARCH_FORMAT, arch_of, build_from_arch, is_slim
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_TEACHER = "vit_tiny_patch7_fmnist"
 TEACHER_ARGS = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=192, depth=12, num_heads=3)
 WEIGHTS = "model.safetensors"
+WEIGHTS_DIGEST = "weights_sha256"  # arch.json's record of the weights file it was saved with
 
 
 # ---- uvc's saved folders -----------------------------------------------------------------------
@@ -36,11 +37,13 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype | N
     """Write `model.safetensors` + `arch.json` into `out_dir` (created if missing).
 
     `dtype` (e.g. torch.float16) shrinks the weights file; `load` returns float32 either way.
+    arch.json records the weights' digest, so a folder whose two files come from different saves
+    (a kill between the two writes) is refused by `load` instead of loading mismatched weights.
     """
     out = ensure_writable_dir(out_dir)
     arch = arch_of(model)
-    write_weights(out / WEIGHTS, model, dtype=dtype, metadata={"format": ARCH_FORMAT})
-    atomic_write_text(out / "arch.json", json.dumps(arch, indent=1))
+    digest = write_weights(out / WEIGHTS, model, dtype=dtype, metadata={"format": ARCH_FORMAT})
+    atomic_write_text(out / "arch.json", json.dumps({**arch, WEIGHTS_DIGEST: digest}, indent=1))
     return out
 
 
@@ -56,11 +59,16 @@ def read_arch(folder: str | os.PathLike) -> dict:
 
 def load(folder: str | os.PathLike) -> nn.Module:
     """Rebuild a model saved by `save` from its folder: float32, eval mode."""
-    model = build_from_arch(read_arch(folder))
+    arch = read_arch(folder)
     path = Path(folder) / WEIGHTS
     if not path.is_file():
         raise UVCError(f"{folder} has arch.json but no {WEIGHTS}")
-    load_state_dict_checked(model, read_weights(path), str(path))
+    tensors, metadata = read_tensors(path)
+    if arch.get(WEIGHTS_DIGEST, metadata.get(DIGEST_KEY)) != metadata.get(DIGEST_KEY):
+        raise UVCError(f"{folder}: {WEIGHTS} and arch.json come from different saves (a save was interrupted); "
+                       "save the model again")
+    model = build_from_arch(arch)
+    load_state_dict_checked(model, tensors, str(path))
     return model.float().eval()
 
 

@@ -23,16 +23,22 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .checkpoint import checkpoint_exists, flat_settings, load_for_resume, remove_checkpoint, restoring, save_checkpoint
 from .data import DataConfig, build_data
 from .distill import KDConfig, distillation_loss
-from .engine import (Schedule, evaluate, load_checkpoint, make_optimizer, resolve_device, save_checkpoint,
-                     seed_everything, train_epoch)
-from .errors import UVCError
-from .io import atomic_write_text, ensure_writable_dir, read_weights, write_weights
+from .engine import Schedule, evaluate, make_optimizer, resolve_device, seed_everything, train_epoch
+from .errors import UVCError, check_finite
+from .io import atomic_write_text, read_weights, tensor_digest, write_weights
 from .models import DEFAULT_TEACHER, TEACHER_ARGS, default_teacher_dir, load, load_state_dict_checked, save
+from .rundir import check_output_dir, claimed
 
 log = logging.getLogger("uvc")
 TUTOR_WEIGHTS = "tutor.safetensors"
+CHECKPOINTS = {"teacher": "teacher_checkpoint.safetensors", "tutor": "tutor_checkpoint.safetensors"}
+FLAGS = {"schedule.epochs": "--epochs", "schedule.lr": "--lr", "schedule.warmup_epochs": "--warmup-epochs",
+         "tutor.lr": "--tutor-lr", "tutor_alpha": "--tutor-alpha", "drop_path": "--drop-path"}
+# Settings a resume may change: they cannot change the weights trained.
+RESULT_NEUTRAL = frozenset({"out", "resume", "overwrite", "data.workers", "data.eval_batch_size"})
 
 
 @dataclass
@@ -46,6 +52,7 @@ class TeacherConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run's teacher or checkpoints in `out`
     init: str | None = None  # a folder written by an earlier run: start from its weights
     tutor: Schedule = field(default_factory=lambda: Schedule(epochs=0, lr=2e-3, weight_decay=0.05, warmup_epochs=1.0))
     tutor_alpha: float = 0.5  # weight of the tutor's hard labels; the rest goes to the true labels
@@ -53,6 +60,9 @@ class TeacherConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> None:
+        check_finite(self, FLAGS)
+        if not 0 <= self.drop_path < 1:
+            raise UVCError(f"--drop-path must be in [0, 1), got {self.drop_path}")
         self.schedule.validate("teacher", allow_zero=False)
         self.tutor.validate("tutor")
         self.data.validate()
@@ -83,19 +93,21 @@ class ConvTutor(nn.Module):
 
 
 def _fit(model: nn.Module, data, device: torch.device, loss_fn, schedule: Schedule, resume: bool,
-         ckpt: Path, name: str, batch_size: int) -> list[dict]:
+         ckpt: Path, name: str, batch_size: int, settings: dict) -> list[dict]:
     """Train `model` on `schedule` with an atomic checkpoint per epoch; returns the per-epoch history.
 
     The checkpoint is left in place (the caller removes it once everything is written), so that
-    `--resume` after a kill in a later phase skips this one.
+    `--resume` after a kill in a later phase skips this one. A resume must have the same `settings`.
     """
     optimizer, scheduler = make_optimizer(model, schedule, len(data.train), batch_size)
     start, history, epochs = 0, [], int(schedule.epochs)
-    if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = state["epoch"], state["history"]
+    settings = {**settings, f"initial weights of the {name}": tensor_digest(model.state_dict())}
+    if resume and checkpoint_exists(ckpt):
+        state = load_for_resume(ckpt, settings)
+        with restoring(ckpt):
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, history = int(state["epoch"]), list(state["history"])
         log.info("resumed %s training after epoch %d", name, start)
     for epoch in range(start, epochs):
         data.train.set_epoch(epoch)
@@ -104,7 +116,7 @@ def _fit(model: nn.Module, data, device: torch.device, loss_fn, schedule: Schedu
         history.append({"epoch": epoch + 1, "loss": loss, "top1_val": top1})
         log.info("%s epoch %d/%d: loss %.4f, validation top-1 %.2f%%", name, epoch + 1, epochs, loss, top1)
         save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "epoch": epoch + 1, "history": history})
+                               "epoch": epoch + 1, "history": history, "settings": settings})
     return history
 
 
@@ -133,10 +145,21 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     Per-epoch figures are on the validation split; the test split is read once, from the saved file.
     """
     cfg.validate()
+    out = check_output_dir(cfg.out, checkpoints=CHECKPOINTS.values(), resume=cfg.resume, overwrite=cfg.overwrite,
+                           inputs=[cfg.init, cfg.tutor_from, cfg.data.root])
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    out = ensure_writable_dir(cfg.out)
     data = build_data(cfg.data, seed=cfg.seed)
+    with claimed(out):
+        if cfg.overwrite and not cfg.resume:
+            for name in CHECKPOINTS.values():
+                remove_checkpoint(out / name)
+        return _train(cfg, out, data, device)
+
+
+def _train(cfg: TeacherConfig, out: Path, data, device: torch.device) -> dict:
+    """`train_teacher`'s work, in an `out` this process holds."""
+    settings = flat_settings(asdict(cfg), RESULT_NEUTRAL)
     model = VisionTransformer(**TEACHER_ARGS, drop_path_rate=cfg.drop_path)
     earlier = None
     if cfg.init:
@@ -145,19 +168,19 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         earlier = _training_record(cfg.init)
         log.info("starting from the teacher in %s", cfg.init)
     model.to(device)
-    checkpoints = [out / "teacher_checkpoint.pt"]
+    checkpoints = [out / CHECKPOINTS["teacher"]]
     tutor, tutor_record = None, None
     if cfg.tutor_from:
         tutor, tutor_record = _reuse_tutor(cfg.tutor_from)
     elif cfg.tutor.epochs > 0:
         tutor = ConvTutor()
-        checkpoints.append(out / "tutor_checkpoint.pt")
+        checkpoints.append(out / CHECKPOINTS["tutor"])
 
         def tutor_loss(m, x, y):
             return F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing)
 
         tutor_history = _fit(tutor.to(device), data, device, tutor_loss, cfg.tutor, cfg.resume, checkpoints[1], "tutor",
-                             cfg.data.batch_size)
+                             cfg.data.batch_size, settings)
         tutor_record = {"epochs": cfg.tutor.epochs, "top1_val": tutor_history[-1]["top1_val"], "history": tutor_history}
     if tutor is not None:
         write_weights(out / TUTOR_WEIGHTS, tutor.to(device).eval())
@@ -168,7 +191,8 @@ def train_teacher(cfg: TeacherConfig) -> dict:
             tutor_logits = tutor(x) if tutor is not None else None
         return distillation_loss(m(x), y, tutor_logits, kd, cfg.label_smoothing)
 
-    history = _fit(model, data, device, loss_fn, cfg.schedule, cfg.resume, checkpoints[0], "teacher", cfg.data.batch_size)
+    history = _fit(model, data, device, loss_fn, cfg.schedule, cfg.resume, checkpoints[0], "teacher", cfg.data.batch_size,
+                   settings)
     model.eval()
     # Re-measure from the fp16 file actually shipped, so the stated accuracy is the bundled model's.
     save(model.cpu(), out, dtype=torch.float16)
@@ -181,6 +205,6 @@ def train_teacher(cfg: TeacherConfig) -> dict:
               "continues": earlier}
     atomic_write_text(Path(out) / "training.json", json.dumps(result, indent=1))
     for ckpt in checkpoints:
-        ckpt.unlink()
+        remove_checkpoint(ckpt)
     log.info("teacher written to %s: test top-1 %.2f%% (fp16 weights)", out, top1)
     return result
