@@ -140,7 +140,8 @@ def compress_config(s: Settings, budget: float, out: Path, method: str, seed: in
     data = DataConfig(train_limit=s.train_limit, val_limit=s.val_limit, test_limit=s.test_limit, batch_size=s.batch_size)
     return CompressConfig(budget=budget, out=str(out), device="cpu", seed=seed, data=data, search=search, post=post,
                           kd=KDConfig(), eval_during_search=False, test_at_end=read_test,
-                          throughput_rounds=1, throughput_batch=8)  # speed is measured apart, in section 2
+                          throughput_rounds=1, throughput_batch=8,  # speed is measured apart, in section 2
+                          overwrite=True)  # the benchmark owns its run folders; its --resume reuses finished ones
 
 
 def prune_baseline(method: str, teacher, budget: float, cfg: CompressConfig, s: Settings):
