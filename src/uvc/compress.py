@@ -46,6 +46,7 @@ from .report import percent, write_report
 from .rundir import check_output_dir, claimed
 from .search import Search, SearchConfig, fade_at
 from .slim import arch_of, build_from_arch, slim
+from .transfer import fit_head, predicts
 
 log = logging.getLogger("uvc")
 CHECKPOINT = "checkpoint.safetensors"
@@ -73,6 +74,7 @@ class CompressConfig:
     pretrained: bool = False
     img_size: int | None = None  # build a timm `model` at this image size (position embeddings are resampled)
     teacher: str | None = None  # default: the input model itself
+    num_classes: int | None = None  # a model trained for other classes first gets a head for these (transfer, then compress)
     budget: float = 0.5
     out: str = "runs/compress"
     data: DataConfig = field(default_factory=DataConfig)
@@ -110,6 +112,8 @@ class CompressConfig:
             raise UVCError(f"--calibration-images must be >= 1, got {self.calibration_images}")
         if self.img_size is not None and self.img_size < 1:
             raise UVCError(f"--img-size must be a positive number of pixels, got {self.img_size}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise UVCError(f"--num-classes must be >= 2 (the data's class count), got {self.num_classes}")
 
 
 @dataclass
@@ -163,11 +167,12 @@ class Run:
         with distributed.main_first():
             student = load_model(model if model is not None else cfg.model, checkpoint=cfg.checkpoint,
                                  pretrained=cfg.pretrained, **timm_kwargs)
-            if teacher is None:
-                teacher = load_model(cfg.teacher) if cfg.teacher else copy.deepcopy(student)
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+            if teacher is None and cfg.teacher:
+                teacher = load_model(cfg.teacher)
         model_input = adapter_for(student).input_size(student)
         self.data = build_data(cfg.data, seed=cfg.seed, input_size=model_input)
+        self.transfer = self._fit_head(student) if cfg.num_classes is not None else None
+        self.teacher = (teacher if teacher is not None else copy.deepcopy(student)).to(self.device).eval().requires_grad_(False)
         self.input_size = self.data.input_size
         self._check_compatible(student, model_input)
         self.skel = skeleton_of(student, self.input_size)
@@ -194,6 +199,19 @@ class Run:
         self.settings = {**flat_settings(asdict(cfg), RESULT_NEUTRAL), "weights of the model": tensor_digest(student.state_dict()),
                          "weights of the teacher": tensor_digest(self.teacher.state_dict())}
 
+    def _fit_head(self, student: nn.Module) -> dict | None:
+        """Transfer: a head for `num_classes` fitted on the student's frozen features (see transfer.py), unless it
+        already predicts them; the fitted model is then the teacher too (when no other is given)."""
+        if self.cfg.num_classes != self.data.num_classes:
+            raise UVCError(f"--num-classes is {self.cfg.num_classes} but {self.data.name} has {self.data.num_classes} "
+                           f"classes; pass --num-classes {self.data.num_classes}")
+        if predicts(student) == self.cfg.num_classes:
+            return None
+        home = next(student.parameters()).device
+        fitted = fit_head(student.to(self.device), self.data.calibration, self.data.val, self.cfg.num_classes, self.device)
+        student.to(home)
+        return fitted
+
     def _check_compatible(self, student: nn.Module, model_input: tuple[int, int, int]) -> None:
         """Refuse, before anything runs, data whose images or classes the model cannot take."""
         dynamic = getattr(student, "dynamic_img_size", False)
@@ -210,7 +228,8 @@ class Run:
             t_out = predict_logits(self.teacher, x.to(self.device, model_dtype(self.teacher)))
         if s_out.shape[-1] != self.data.num_classes or t_out.shape[-1] != self.data.num_classes:
             raise UVCError(f"the data has {self.data.num_classes} classes but the model predicts {s_out.shape[-1]} "
-                           f"and the teacher {t_out.shape[-1]}; pass a model trained for this data")
+                           f"and the teacher {t_out.shape[-1]}; pass --num-classes {self.data.num_classes} to fit a new "
+                           "head on the model's features first (transfer, then compress), or a model trained for this data")
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -437,9 +456,11 @@ class Run:
         """Rank 0's part of the end: throughput, the saved model, report.json and report.png."""
         s = self.state
         slim_macs = macs(model, self.input_size)
+        save(model, self.out)  # before the speed timing, so an interruption there keeps the model
+        log.info("saved the slimmed model in %s; timing it against the dense model (%d alternating rounds)",
+                 self.out, self.cfg.throughput_rounds)
         speed = compare_throughput({"dense": self.dense, "slimmed": model}, self.input_size, self.cfg.throughput_batch,
                                    self.device, rounds=self.cfg.throughput_rounds)
-        save(model.cpu(), self.out)
         plan = [LayerPlan.from_dict(p) for p in s.plan]
         report = {
             "budget": self.cfg.budget, "macs_dense": self.dense_macs, "macs": slim_macs,
@@ -451,7 +472,7 @@ class Run:
             "params_dense": sum(p.numel() for p in self.dense.parameters()),
             "params": sum(p.numel() for p in model.parameters()),
             "layers": [p.shape(d).to_dict() for p, d in zip(plan, self.skel.dim)],
-            "plan": s.plan, "history": s.history, "evals": s.evals, "config": _jsonable(asdict(self.cfg)),
+            "plan": s.plan, "transfer": self.transfer, "history": s.history, "evals": s.evals, "config": _jsonable(asdict(self.cfg)),
         }
         atomic_write_text(self.out / "report.json", json.dumps(report, indent=1))
         write_report(report, self.out / "report.png")
