@@ -292,3 +292,29 @@ def test_marked_groups_fade_from_one_to_zero_so_the_search_starts_from_the_dense
     assert set(masks().unique().tolist()) == {0.5, 1.0}
     run.search_step(x, y, 4)
     assert set(masks().unique().tolist()) == {0.0, 1.0}  # the fade is over: the marked groups are cut
+
+
+def test_an_image_folder_val_split_is_read_once_per_model_and_reported_as_both_splits(tmp_path, monkeypatch):
+    import importlib
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b", "c"):
+            (tmp_path / "folder" / split / cls).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "folder" / split / cls / f"{i}.png")
+    pipeline = importlib.import_module("uvc.compress")
+    read = []
+    original = pipeline.evaluate
+    monkeypatch.setattr(pipeline, "evaluate", lambda model, loader, device, desc="eval": read.append(desc) or original(model, loader, device, desc))
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, num_classes=3, embed_dim=32, depth=2, num_heads=2)
+    cfg = tiny_config(tmp_path / "out")
+    cfg.data = DataConfig(data=str(tmp_path / "folder"), batch_size=8, eval_batch_size=8, workers=0, mixup=0, cutmix=0, reprob=0)
+    cfg.search.schedule, cfg.eval_during_search = Schedule(1, 3e-4), False
+    report = compress(cfg, model=model)
+    assert read.count("val teacher") == read.count("val final") == 1 and not any(d.startswith("test") for d in read)
+    assert report["top1"] == report["top1_val"] and report["top1_teacher"] == report["top1_val_teacher"]

@@ -411,8 +411,17 @@ class Run:
     def score_teacher(self) -> dict[str, float | None]:
         """The teacher's top-1 on the test (None with `test_at_end` off) and validation splits; a benchmark running
         many seeds computes it once."""
-        test = evaluate(self.teacher, self.data.test, self.device, desc="test teacher") if self.cfg.test_at_end else None
-        return {"test": test, "val": evaluate(self.teacher, self.data.val, self.device, desc="val teacher")}
+        val = evaluate(self.teacher, self.data.val, self.device, desc="val teacher")
+        return {"test": self._test_score(self.teacher, val, "test teacher"), "val": val}
+
+    def _test_score(self, model: nn.Module, val: float, desc: str) -> float | None:
+        """Top-1 on the test split, or None with `test_at_end` off. An ImageFolder has one held-out folder, val/,
+        which is then both splits: it is evaluated once and its figure reported as both."""
+        if not self.cfg.test_at_end:
+            return None
+        if self.data.test is self.data.val:
+            return val
+        return evaluate(model, self.data.test, self.device, desc=desc)
 
     def run(self, pruned: tuple[nn.Module, list[LayerPlan]] | None = None) -> dict:
         """The whole run, holding `out`'s lock (rank 0); `pruned` (a slimmed model and its plan) skips the search."""
@@ -448,7 +457,7 @@ class Run:
             model.set_distilled_training(False)
         # Every rank evaluates its shard; the test split is read here, once (or never: `test_at_end`).
         top1_val = evaluate(model, self.data.val, self.device, desc="val final")
-        top1 = evaluate(model, self.data.test, self.device, desc="test final") if self.cfg.test_at_end else None
+        top1 = self._test_score(model, top1_val, "test final")
         report = self._write_outputs(model, top1, top1_val, seconds) if distributed.is_main() else None
         return distributed.broadcast_from_main(report)
 
