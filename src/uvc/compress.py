@@ -391,7 +391,7 @@ class Run:
         slimmed, plan, stats = one_shot(self._input_copy(), self.cfg.budget, self._calibration(),
                                         calibration_images=self.cfg.calibration_images, input_size=self.input_size)
         log.info("one-shot: %s importance, %s allocation, compensated on %d images", stats["importance"],
-                 stats["allocation"], self.cfg.calibration_images)
+                 stats["allocation"], stats["images"])
         self.begin_post_training(slimmed, plan)
 
     def begin_post_training(self, slimmed: nn.Module, plan: list[LayerPlan]) -> None:

@@ -149,7 +149,7 @@ def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str
     ratio = macs(slimmed, input_size) / macs(model, input_size)
     if not budget - TOLERANCE <= ratio <= budget:
         raise UVCError(f"one-shot plan reached R = {ratio:.4f}, outside [{budget - TOLERANCE:.3f}, {budget}]")
-    stats = {"importance": importance, "allocation": allocation, "ratio": ratio}
+    stats = {"importance": importance, "allocation": allocation, "ratio": ratio, "images": sum(len(x) for x in images)}
     if compensate:
         stats["compensation"] = _compensate(model, slimmed, plan, images, ridge=ridge, max_images=calibration_images)
     return slimmed, plan, stats
