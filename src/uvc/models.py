@@ -7,6 +7,7 @@ from those two files alone.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -161,9 +162,16 @@ def _hub_unreachable(timeout: float = 5.0) -> str | None:
     return None
 
 
+def _similar_names(model: str) -> list[str]:
+    """timm names close to `model`, from the family it starts with (`deit_...` -> DeiTs), else from all."""
+    family = timm.list_models(f"{model.split('_')[0]}*")
+    return difflib.get_close_matches(model, family, n=8, cutoff=0.5) or difflib.get_close_matches(
+        model, timm.list_models(), n=8, cutoff=0.5)
+
+
 def _create_timm(model: str, checkpoint: str | None, pretrained: bool, timm_kwargs: dict) -> nn.Module:
     if not timm.is_model(model):
-        close = timm.list_models(f"*{model.split('_')[0]}*")[:8]
+        close = _similar_names(model)
         raise UVCError(f"unknown model {model!r}: not a timm model name nor a folder saved by uvc.save or "
                        "transformers' save_pretrained." + (f" Similar names: {', '.join(close)}" if close else ""))
     fetch = pretrained and not checkpoint
