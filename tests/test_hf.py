@@ -111,7 +111,7 @@ def test_save_pretrained_folder_loads(tmp_path, case):
 def test_folders_that_are_not_supported(tmp_path):
     assert not is_hf_folder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "swin", "architectures": ["SwinModel"]}))
-    assert not is_hf_folder(tmp_path)
+    assert is_hf_folder(tmp_path)  # a save_pretrained folder: load_hf_folder names what it cannot convert
     with pytest.raises(uvc.UVCError, match="'swin'.*vit, deit, dinov2"):
         load_hf_folder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTForMaskedImageModeling"]}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -98,20 +99,29 @@ def per_process_batch(batch_size: int, world: int) -> int:
     return batch_size // world
 
 
+def _repair(path: Path) -> str:
+    """How to repair a damaged Fashion-MNIST file: Debian's folder belongs to its package, any other
+    (--data-root, UVC_FASHION_MNIST) to the user who filled it."""
+    if path.parent == FASHION_MNIST_DIR:
+        return "reinstall the data: apt-get install --reinstall dataset-fashion-mnist"
+    return f"replace {path.name} in {path.parent} (the --data-root folder) with an intact copy"
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """Parse one gzipped idx file (the MNIST family's format: magic, dims, raw uint8)."""
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise UVCError(f"cannot read {path}: {e}. Reinstall the data: apt-get install --reinstall dataset-fashion-mnist") from e
+    except (OSError, EOFError, zlib.error) as e:
+        raise UVCError(f"cannot read {path}: {e}. To fix it, {_repair(path)}") from e
     if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UVCError(f"{path} is not an idx file of unsigned bytes")
+        raise UVCError(f"{path} is not an idx file of unsigned bytes; {_repair(path)}")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise UVCError(f"{path} is truncated: expected {int(np.prod(dims))} bytes of data, found {body.size}")
+        raise UVCError(f"{path} is truncated: expected {int(np.prod(dims))} bytes of data, found {body.size}; "
+                       f"{_repair(path)}")
     return body.reshape(dims)
 
 
@@ -119,12 +129,16 @@ def fashion_mnist_dir(root: str | os.PathLike | None = None) -> Path:
     """The folder with the four Fashion-MNIST files, or a UVCError that says how to get them."""
     folder = Path(root) if root else Path(os.environ.get("UVC_FASHION_MNIST", FASHION_MNIST_DIR))
     missing = [n for pair in FASHION_MNIST_FILES.values() for n in pair if not (folder / n).is_file()]
-    if missing:
+    if missing and folder == FASHION_MNIST_DIR:
         raise UVCError(
             f"Fashion-MNIST not found in {folder} (missing {', '.join(missing)}). "
             "Install it with `apt-get install -y dataset-fashion-mnist`, or pass --data-root DIR "
             "pointing at a folder with the four idx .gz files."
         )
+    if missing:
+        raise UVCError(f"Fashion-MNIST not found in {folder} (the --data-root folder; missing {', '.join(missing)}): "
+                       "copy the four idx .gz files there, or drop --data-root to use Debian's package "
+                       "(apt-get install -y dataset-fashion-mnist)")
     return folder
 
 
@@ -147,6 +161,9 @@ def load_fashion_mnist(split: str, root: str | None = None, limit: int | None = 
     images_file, labels_file = FASHION_MNIST_FILES["test" if split == "test" else "train"]
     images = torch.from_numpy(_read_idx(folder / images_file).copy()).unsqueeze(1)
     labels = torch.from_numpy(_read_idx(folder / labels_file).astype(np.int64))
+    if images.shape[1:] != (1, 28, 28) or labels.shape != (len(images),) or bool((labels > 9).any()):
+        raise UVCError(f"{folder}: {images_file} and {labels_file} are not 28x28 images with one label of 0-9 "
+                       f"each (shapes {tuple(images.shape[1:])} and {tuple(labels.shape)}); {_repair(folder / images_file)}")
     if split in ("train", "val"):
         held_out = torch.zeros(len(labels), dtype=torch.bool)
         held_out[validation_indices(len(labels))] = True

@@ -54,7 +54,6 @@ Choices where there is no one-to-one timm counterpart:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from functools import partial
@@ -66,6 +65,8 @@ from torch import nn
 
 from .adapters import register_vit_class
 from .errors import UVCError
+from .io import read_header, read_state_dict
+from .schema import HF_FIX, check_block_count, check_hf_config, check_shapes, read_json
 
 MODEL_TYPES = ("vit", "deit", "dinov2")
 # transformers class name -> its model_type
@@ -234,41 +235,83 @@ def to_timm(hf_model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _read_config(path: str | os.PathLike) -> dict | None:
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) else None
-
-
 def is_hf_folder(path: str | os.PathLike) -> bool:
-    """Whether `path` is a `save_pretrained` folder of a ViT, DeiT or DINOv2 (config.json with that model_type)."""
-    config = _read_config(path) if Path(path).is_dir() else None
-    return config is not None and config.get("model_type") in MODEL_TYPES
+    """Whether `path` is a folder transformers' `save_pretrained` wrote (config.json, no uvc arch.json);
+    `load_hf_folder` then says whether uvc converts the model in it."""
+    return (Path(path) / "config.json").is_file() and not (Path(path) / "arch.json").is_file()
+
+
+def _weights(folder: Path) -> tuple[Path, dict[str, tuple[int, ...]], dict | None]:
+    """The weights file transformers would read, its tensors' shapes and, for a PyTorch pickle, its
+    state dict (unpickled once, weights only, so transformers need not read it again)."""
+    advice = "save the model again with save_pretrained"
+    if (file := folder / "model.safetensors").is_file():
+        return file, read_header(file, advice)[0], None
+    if (file := folder / "pytorch_model.bin").is_file():
+        state = read_state_dict(file)
+        return file, {k: tuple(v.shape) for k, v in state.items()}, state
+    raise UVCError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin (sharded weights are "
+                   "not read); save the model with save_pretrained into one file")
+
+
+def _check_weights(source: Path, config, name: str, weights: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """config.json's sizes against the weights' shapes (transformers' layout), before anything is built."""
+    shapes = {k.removeprefix(f"{config.model_type}."): v for k, v in shapes.items()}  # a classifier's base prefix
+    patch, (ph, pw), (ih, iw) = "embeddings.patch_embeddings.projection.weight", _pair(config.patch_size), _pair(config.image_size)
+    dim = config.hidden_size
+    expected = [("hidden_size", patch, 0, dim), ("num_channels", patch, 1, config.num_channels),
+                ("patch_size", patch, slice(2, 4), (ph, pw)),
+                ("image_size", "embeddings.position_embeddings", 1,
+                 (ih // ph) * (iw // pw) + (2 if config.model_type == "deit" else 1))]
+    check_block_count(source, "num_hidden_layers", config.num_hidden_layers, shapes, weights, _L, HF_FIX)
+    if config.num_hidden_layers:
+        first_fc1 = _L.replace(r"(\d+)", "0") + r"(?:intermediate\.dense|mlp\.fc1)\.weight"
+        fc1 = next((k for k in shapes if re.fullmatch(first_fc1, k)), "encoder.layer.0.intermediate.dense.weight")
+        hidden = ("mlp_ratio", int(dim * config.mlp_ratio)) if config.model_type == "dinov2" else (
+            "intermediate_size", config.intermediate_size)
+        expected.append((hidden[0], fc1, 0, hidden[1]))
+    if name != BARE_MODEL[config.model_type]:
+        expected += [("num_labels (id2label)", key, 0, config.num_labels)
+                     for key in ("classifier.weight", "cls_classifier.weight", "distillation_classifier.weight")
+                     if key in shapes]
+    check_shapes(source, weights, shapes, expected, HF_FIX)
 
 
 def load_hf_folder(path: str | os.PathLike) -> nn.Module:
     """A local `save_pretrained` folder (never the Hub) as the equivalent timm model, via `to_timm`.
 
-    The class is config.json's `architectures[0]` (the bare model when it names none).
+    The class is config.json's `architectures[0]` (the bare model when it names none). config.json
+    and the weights' shapes are checked before transformers builds anything; a PyTorch pickle is
+    read with weights_only=True.
     """
-    config = _read_config(path)
-    if config is None:
-        raise UVCError(f"{path} has no readable config.json; it is not a Hugging Face model folder")
+    source = Path(path) / "config.json"
+    if not source.is_file():
+        raise UVCError(f"{path} has no config.json; it is not a Hugging Face model folder")
+    config = read_json(source, HF_FIX)
+    check_hf_config(source, config)
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise UVCError(f"{path} holds a Hugging Face {model_type!r} model; uvc converts model types "
                        f"{', '.join(MODEL_TYPES)} (ViT, DeiT, DINOv2)")
     name = (config.get("architectures") or [BARE_MODEL[model_type]])[0]
-    if name not in SUPPORTED:
-        raise UVCError(f"{path} holds a {name}; uvc converts these transformers classes: {', '.join(SUPPORTED)}")
+    if name not in SUPPORTED or SUPPORTED[name] != model_type:
+        raise UVCError(f"{path} holds a {model_type!r} {name}; uvc converts these transformers classes: "
+                       f"{', '.join(SUPPORTED)}")
     try:  # optional dependency: only this function and the tests need transformers
         import transformers
     except ImportError as e:
         raise UVCError("loading a Hugging Face model folder needs transformers: pip install 'uvc[hf]'") from e
+    cls = getattr(transformers, name)
     try:
-        hf_model = getattr(transformers, name).from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UVCError(f"cannot load the Hugging Face model in {path}: {e}") from e
+        hf_config = cls.config_class.from_dict(config)
+    except Exception as e:  # the config class's own checks raise what they like
+        raise UVCError(f"{source} is not a valid {cls.config_class.__name__} ({type(e).__name__}); {HF_FIX}") from e
+    weights, shapes, state = _weights(Path(path))
+    _check_weights(source, hf_config, name, weights, shapes)
+    try:
+        hf_model = (cls.from_pretrained(str(path), config=hf_config, local_files_only=True) if state is None else
+                    cls.from_pretrained(None, config=hf_config, state_dict=state))
+    except Exception as e:  # transformers' loaders raise many types; the message may quote torch's unsafe advice
+        raise UVCError(f"cannot load the Hugging Face model in {path} ({type(e).__name__}); "
+                       "save the model again with save_pretrained") from e
     return to_timm(hf_model.eval())

@@ -1,13 +1,16 @@
-"""Files: atomic writes and the safetensors weights format.
+"""Files: atomic writes, the safetensors weights format, and reading PyTorch checkpoints safely.
 
 Every file is written to a temporary name in its folder and renamed into place, so a killed
-process never leaves a half-written file behind.
+process never leaves a half-written file behind. Nothing read is ever executed: safetensors holds
+no code, and PyTorch pickles are unpickled with `weights_only=True`.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,16 +87,31 @@ def write_weights(path: str | os.PathLike, module: nn.Module, *, dtype: torch.dt
     return write_tensors(path, state, metadata)
 
 
-def read_tensors(path: str | os.PathLike, advice: str = "re-save the model") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A safetensors file's tensors and metadata; refused in one line when torn, foreign, or (for files
-    that carry a digest) altered since they were written. Nothing in the file is executed."""
+@contextmanager
+def _safetensors_errors(path: str | os.PathLike, advice: str):
+    """Turn safetensors' and the OS's complaints about a torn or foreign file into one line."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+        yield
     except (SafetensorError, OSError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
         raise UVCError(f"{path} is corrupt or not a safetensors file ({reason}); {advice}") from e
+
+
+def read_header(path: str | os.PathLike, advice: str = "re-save the model") -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Each tensor's shape and the file's metadata, from a safetensors header alone: sizes can be
+    checked before anything is allocated. A torn file is refused here too (its header must cover the
+    whole file)."""
+    with _safetensors_errors(path, advice), safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
+
+
+def read_tensors(path: str | os.PathLike, advice: str = "re-save the model") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata; refused in one line when torn, foreign, or (for files
+    that carry a digest) altered since they were written. Nothing in the file is executed."""
+    with _safetensors_errors(path, advice):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
     digest = metadata.get(DIGEST_KEY)
     if digest is not None and digest != tensor_digest(tensors, metadata.get(STATE_KEY, "")):
         raise UVCError(f"{path} does not match the digest written with it (its bytes changed since); {advice}")
@@ -103,3 +121,29 @@ def read_tensors(path: str | os.PathLike, advice: str = "re-save the model") -> 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors, with a clear error for a torn, foreign or altered file."""
     return read_tensors(path)[0]
+
+
+def read_state_dict(path: Path) -> dict:
+    """A state dict from a .safetensors or a PyTorch file (timm, DeiT, T2T-ViT, transformers layouts),
+    without running pickled code."""
+    if not path.is_file():
+        raise UVCError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            # Released training checkpoints (timm's saver, T2T-ViT, DeiT) also pickle their argparse args.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign file makes the unpickler raise almost anything (IndexError, KeyError, ...)
+        # torch's own message advises weights_only=False, i.e. running the file's code: not advice to pass on.
+        kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
+        raise UVCError(f"{path} is not a readable {kind} checkpoint ({type(e).__name__}); pass a file of weights "
+                       "saved with torch.save(model.state_dict()) or safetensors") from e
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UVCError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}

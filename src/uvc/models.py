@@ -7,14 +7,13 @@ from those two files alone.
 """
 from __future__ import annotations
 
-import argparse
+import difflib
 import json
 import os
 from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file
 from timm.models import is_model, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
@@ -22,7 +21,9 @@ from torch import nn
 from . import hf
 from .adapters import check_supported
 from .errors import UVCError
-from .io import DIGEST_KEY, atomic_write_text, ensure_writable_dir, read_tensors, write_weights
+from .io import (DIGEST_KEY, atomic_write_text, ensure_writable_dir, read_state_dict, read_header, read_tensors,
+                 write_weights)
+from .schema import ARCH_FIX, check_arch, read_json
 from .slim import ARCH_FORMAT, arch_of, build_from_arch, is_slim
 
 ASSETS = Path(__file__).parent / "assets"
@@ -48,25 +49,29 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype | N
 
 
 def read_arch(folder: str | os.PathLike) -> dict:
+    """arch.json's JSON object (checked against the weights by `load`)."""
     path = Path(folder) / "arch.json"
     if not path.is_file():
         raise UVCError(f"{folder} has no arch.json; it is not a model folder written by uvc.save")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UVCError(f"{path} is corrupt (invalid JSON at line {e.lineno}); re-save the model") from e
+    return read_json(path, ARCH_FIX)
 
 
 def load(folder: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved by `save` from its folder: float32, eval mode."""
+    """Rebuild a model saved by `save` from its folder: float32, eval mode.
+
+    arch.json is checked field by field and against the weights' shapes before anything is built.
+    """
     arch = read_arch(folder)
     path = Path(folder) / WEIGHTS
     if not path.is_file():
         raise UVCError(f"{folder} has arch.json but no {WEIGHTS}")
-    tensors, metadata = read_tensors(path)
-    if arch.get(WEIGHTS_DIGEST, metadata.get(DIGEST_KEY)) != metadata.get(DIGEST_KEY):
+    shapes, metadata = read_header(path)
+    recorded = arch.get(WEIGHTS_DIGEST)  # one of another type is named by check_arch
+    if isinstance(recorded, str) and recorded != metadata.get(DIGEST_KEY):
         raise UVCError(f"{folder}: {WEIGHTS} and arch.json come from different saves (a save was interrupted); "
                        "save the model again")
+    check_arch(Path(folder) / "arch.json", arch, path, shapes)
+    tensors = read_tensors(path)[0]
     model = build_from_arch(arch)
     load_state_dict_checked(model, tensors, str(path))
     return model.float().eval()
@@ -106,31 +111,6 @@ def load_default_teacher() -> nn.Module:
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
-def read_state_dict(path: Path) -> dict:
-    """A state dict from a .safetensors or a PyTorch file (timm, DeiT, T2T-ViT layouts), without running pickled code."""
-    if not path.is_file():
-        raise UVCError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            # Released training checkpoints (timm's saver, T2T-ViT, DeiT) also pickle their argparse args.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign file makes the unpickler raise almost anything (IndexError, KeyError, ...)
-        # torch's own message advises weights_only=False, i.e. running the file's code: not advice to pass on.
-        kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
-        raise UVCError(f"{path} is not a readable {kind} checkpoint ({type(e).__name__}); pass a file of weights "
-                       "saved with torch.save(model.state_dict()) or safetensors") from e
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UVCError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def load_state_dict_checked(model: nn.Module, state: dict, source: str,
                             advice: str = "Pass the --model the checkpoint was trained with.") -> None:
     """Strict load, turning key and shape mismatches into a message that lists them and says what to do."""
@@ -182,9 +162,16 @@ def _hub_unreachable(timeout: float = 5.0) -> str | None:
     return None
 
 
+def _similar_names(model: str) -> list[str]:
+    """timm names close to `model`, from the family it starts with (`deit_...` -> DeiTs), else from all."""
+    family = timm.list_models(f"{model.split('_')[0]}*")
+    return difflib.get_close_matches(model, family, n=8, cutoff=0.5) or difflib.get_close_matches(
+        model, timm.list_models(), n=8, cutoff=0.5)
+
+
 def _create_timm(model: str, checkpoint: str | None, pretrained: bool, timm_kwargs: dict) -> nn.Module:
     if not timm.is_model(model):
-        close = timm.list_models(f"*{model.split('_')[0]}*")[:8]
+        close = _similar_names(model)
         raise UVCError(f"unknown model {model!r}: not a timm model name nor a folder saved by uvc.save or "
                        "transformers' save_pretrained." + (f" Similar names: {', '.join(close)}" if close else ""))
     fetch = pretrained and not checkpoint
