@@ -146,6 +146,17 @@ def test_a_checkpoint_with_both_copies_damaged_is_refused_in_one_line(tmp_path, 
     assert len(str(refused.value).splitlines()) == 1 and "--overwrite" in str(refused.value)
 
 
+def test_a_crafted_checkpoint_architecture_is_checked_before_it_is_built(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    interrupted_run(out, monkeypatch, saves=7)
+    state = checkpoint.load_checkpoint(out / CHECKPOINT)
+    assert state["run"]["phase"] == "post"
+    state["arch"]["layers"][0]["hidden"] += 1
+    checkpoint.save_checkpoint(out / CHECKPOINT, state)  # a valid digest: a digest catches damage, not intent
+    with pytest.raises(uvc.UVCError, match=r"layers\[0\]\.hidden"):
+        compress(tiny_config(out, resume=True), model=tiny_vit())
+
+
 def test_an_earlier_runs_results_and_the_input_folder_are_never_replaced(tmp_path, model_dir):
     done = tmp_path / "done"
     done.mkdir()

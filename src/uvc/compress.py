@@ -44,6 +44,7 @@ from .oneshot import one_shot
 from .plan import LayerPlan
 from .report import percent, write_report
 from .rundir import check_output_dir, claimed
+from .schema import check_arch
 from .search import Search, SearchConfig, fade_at
 from .slim import arch_of, build_from_arch, slim
 from .transfer import fit_head, predicts
@@ -261,6 +262,8 @@ class Run:
                 self.student.load_state_dict(state["student"])
                 self.search.load_state_dict(state["search"])
             else:
+                # The architecture is checked as arch.json is: a crafted checkpoint may carry any sizes.
+                check_arch(path, state["arch"], path, {k: tuple(v.shape) for k, v in state["slimmed"].items()})
                 self._start_post_training(build_from_arch(state["arch"]).to(self.device, self.dtype))
                 self.slimmed.load_state_dict(state["slimmed"])
             self.optimizer.load_state_dict(state["optimizer"])
