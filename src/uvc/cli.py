@@ -17,7 +17,7 @@ from .adapters import adapter_for
 from .compress import CompressConfig, compress
 from .data import DataConfig
 from .distill import KDConfig
-from .engine import Schedule
+from .engine import LR_BATCH, Schedule
 from .errors import UVCError
 from .flops import macs
 from .info import describe
@@ -101,7 +101,7 @@ def cmd_export(a) -> int:
 def cmd_compress(a) -> int:
     c = CompressConfig()
     search = SearchConfig(schedule=Schedule(a.search_epochs, a.lr, c.search.schedule.weight_decay,
-                                            c.search.schedule.warmup_epochs, c.search.schedule.lr_batch),
+                                            c.search.schedule.warmup_epochs),
                           warmup_epochs=a.warmup_epochs, prune=not a.no_prune,
                           skip="both" if a.no_prune and a.skip == "none" else a.skip,
                           width_multiple=a.width_multiple, start=a.start, end=a.end)
@@ -109,7 +109,7 @@ def cmd_compress(a) -> int:
     cfg = CompressConfig(model=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, img_size=a.img_size,
                          teacher=a.teacher, budget=a.budget, out=a.out, data=_data_config(a), search=search, kd=kd,
                          post=Schedule(a.post_epochs if a.post_epochs is not None else 0.0 if a.one_shot else c.post.epochs,
-                                       a.post_lr, c.post.weight_decay, c.post.warmup_epochs, c.post.lr_batch),
+                                       a.post_lr, c.post.weight_decay, c.post.warmup_epochs),
                          one_shot=a.one_shot, calibration_images=a.calibration_images,
                          seed=a.seed, device=a.device, resume=a.resume, overwrite=a.overwrite, checkpoint_every=a.checkpoint_every,
                          deterministic=a.deterministic)
@@ -171,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--post-epochs", type=float, default=None,
                    help=f"KD post-training of the slimmed model (default {C.post.epochs:g}; 0 with --one-shot)")
     c.add_argument("--lr", type=float, default=C.search.schedule.lr,
-                   help=f"weight learning rate during the search, per {C.search.schedule.lr_batch} images: it scales "
+                   help=f"weight learning rate during the search, per {LR_BATCH} images: it scales "
                         "linearly with --batch-size (for an ImageNet-pretrained ViT see docs/imagenet.md)")
-    c.add_argument("--post-lr", type=float, default=C.post.lr, help=f"the same for post-training (per {C.post.lr_batch} images)")
+    c.add_argument("--post-lr", type=float, default=C.post.lr, help=f"the same for post-training (per {LR_BATCH} images)")
     c.add_argument("--kd", choices=("soft", "hard"), default=C.kd.kind)
     c.add_argument("--kd-alpha", type=float, default=C.kd.alpha)
     c.add_argument("--kd-temperature", type=float, default=C.kd.temperature)

@@ -78,8 +78,7 @@ class CompressConfig:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    post: Schedule = field(default_factory=lambda: Schedule(epochs=2.0, lr=1e-4, weight_decay=0.05, warmup_epochs=0.1,
-                                                            lr_batch=128))
+    post: Schedule = field(default_factory=lambda: Schedule(epochs=2.0, lr=1e-4, weight_decay=0.05, warmup_epochs=0.1))
     one_shot: bool = False  # no search: rank groups, fit the plan, compensate by least squares, slim; then `post`
     calibration_images: int = 1000  # unlabeled training images for compensation (one-shot, the compensated start, the rewound end)
     seed: int = 0

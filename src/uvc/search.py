@@ -59,7 +59,7 @@ class SearchConfig:
     """Search hyper-parameters; the defaults are tuned for the bundled Fashion-MNIST demo (see docs/method.md)."""
 
     schedule: Schedule = field(default_factory=lambda: Schedule(epochs=1.0, lr=1e-4, weight_decay=0.05,
-                                                                warmup_epochs=0.05, lr_batch=128))
+                                                                warmup_epochs=0.05))
     warmup_epochs: float = 0.2  # the Taylor estimates settle before the counts, the gates and the duals move
     fade_epochs: float = 0.5  # marked groups and skipped halves fade from 1 to 0 over this many epochs (0: at once)
     start: str = "fade"  # "compensate": cut the start plan at once, its proj / fc2 refitted by least squares (no fade)
