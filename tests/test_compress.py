@@ -164,12 +164,19 @@ def test_one_shot_compression_meets_the_budget_without_training(tmp_path):
     model_dir = tmp_path / "tiny"
     uvc.save(tiny_vit(), model_dir)
     result = run_cli("compress", "--model", str(model_dir), "--one-shot", "--calibration-images", "128",
-                     "--out", str(tmp_path / "out"), *CLI_TINY[:8])
+                     "--width-multiple", "8", "--out", str(tmp_path / "out"), *CLI_TINY[:8])
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert 0.49 <= report["ratio"] <= 0.5 and uvc.macs(uvc.load(tmp_path / "out")) == report["macs"]
     assert report["history"] == [] and report["config"]["one_shot"] and report["config"]["post"]["epochs"] == 0
     assert report["top1_val"] == report["top1_val_after_search"]  # nothing trained after slimming
+    assert all(layer["head_dim"] % 8 == 0 and layer["hidden"] % 8 == 0 for layer in report["layers"])
+
+
+def test_the_api_one_shot_post_trains_as_the_command_line_does():
+    assert CompressConfig(one_shot=True).post_training().epochs == 0
+    assert CompressConfig().post_training().epochs > 0
+    assert CompressConfig(one_shot=True, post=Schedule(1, 1e-5)).post_training().epochs == 1
 
 
 class Unreadable:

@@ -108,8 +108,7 @@ def cmd_compress(a) -> int:
     kd = KDConfig(kind="none" if a.no_kd else a.kd, alpha=a.kd_alpha, temperature=a.kd_temperature)
     cfg = CompressConfig(model=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, img_size=a.img_size,
                          teacher=a.teacher, budget=a.budget, out=a.out, data=_data_config(a), search=search, kd=kd,
-                         post=Schedule(a.post_epochs if a.post_epochs is not None else 0.0 if a.one_shot else c.post.epochs,
-                                       a.post_lr, c.post.weight_decay, c.post.warmup_epochs),
+                         post=Schedule(a.post_epochs, a.post_lr, c.post.weight_decay, c.post.warmup_epochs),
                          one_shot=a.one_shot, calibration_images=a.calibration_images,
                          seed=a.seed, device=a.device, resume=a.resume, overwrite=a.overwrite, checkpoint_every=a.checkpoint_every,
                          deterministic=a.deterministic)
@@ -168,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--search-epochs", type=float, default=C.search.schedule.epochs)
     c.add_argument("--warmup-epochs", type=float, default=C.search.warmup_epochs,
                    help="search epochs before the counts and duals move")
-    c.add_argument("--post-epochs", type=float, default=None,
-                   help=f"KD post-training of the slimmed model (default {C.post.epochs:g}; 0 with --one-shot)")
+    c.add_argument("--post-epochs", type=float, default=C.post.epochs,
+                   help="KD post-training of the slimmed model (default: 2 after a search, 0 with --one-shot)")
     c.add_argument("--lr", type=float, default=C.search.schedule.lr,
                    help=f"weight learning rate during the search, per {LR_BATCH} images: it scales "
                         "linearly with --batch-size (for an ImageNet-pretrained ViT see docs/imagenet.md)")

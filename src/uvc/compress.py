@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -78,7 +78,8 @@ class CompressConfig:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    post: Schedule = field(default_factory=lambda: Schedule(epochs=2.0, lr=1e-4, weight_decay=0.05, warmup_epochs=0.1))
+    # KD post-training of the slimmed model; epochs None: 2 after a search, none after one-shot (`post_training`)
+    post: Schedule = field(default_factory=lambda: Schedule(epochs=None, lr=1e-4, weight_decay=0.05, warmup_epochs=0.1))
     one_shot: bool = False  # no search: rank groups, fit the plan, compensate by least squares, slim; then `post`
     calibration_images: int = 1000  # unlabeled training images for compensation (one-shot, the compensated start, the rewound end)
     seed: int = 0
@@ -97,6 +98,13 @@ class CompressConfig:
         if isinstance(self.data, str):
             self.data = DataConfig(data=self.data)
 
+    def post_training(self) -> Schedule:
+        """`post` with its epochs filled in. One-shot post-trains for none by default: at the default rate
+        post-training undoes part of what its least-squares refit keeps (README, Benchmarks)."""
+        if self.post.epochs is not None:
+            return self.post
+        return replace(self.post, epochs=0.0 if self.one_shot else 2.0)
+
     def validate(self) -> None:
         check_finite(self, FLAGS)
         if not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
@@ -104,7 +112,7 @@ class CompressConfig:
         self.data.validate()
         self.search.validate()
         self.kd.validate()
-        self.post.validate("post-training")
+        self.post_training().validate("post-training")
         if self.calibration_images < 1:
             raise UVCError(f"--calibration-images must be >= 1, got {self.calibration_images}")
         if self.img_size is not None and self.img_size < 1:
@@ -147,7 +155,7 @@ class Run:
     def __init__(self, cfg: CompressConfig, model: nn.Module | None = None, teacher: nn.Module | None = None,
                  teacher_scores: dict[str, float] | None = None):
         cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg = replace(cfg, post=cfg.post_training())  # the report and a resume see the epochs that ran
         self.out = check_output_dir(cfg.out, checkpoints=[CHECKPOINT], resume=cfg.resume, overwrite=cfg.overwrite,
                                     inputs=[None if isinstance(model, nn.Module) else cfg.model or default_teacher_dir(),
                                             cfg.checkpoint, cfg.teacher, cfg.data.data, cfg.data.root])
@@ -369,7 +377,8 @@ class Run:
     def _one_shot(self) -> None:
         """Importance from calibration images, the plan fitted to the budget, compensation, slimming: no gradient step."""
         slimmed, plan, stats = one_shot(self._input_copy(), self.cfg.budget, self._calibration(),
-                                        calibration_images=self.cfg.calibration_images, input_size=self.input_size)
+                                        calibration_images=self.cfg.calibration_images, input_size=self.input_size,
+                                        multiple=self.cfg.search.width_multiple)
         log.info("one-shot: %s importance, %s allocation, compensated on %d images", stats["importance"],
                  stats["allocation"], self.cfg.calibration_images)
         self.begin_post_training(slimmed, plan)

@@ -174,7 +174,7 @@ class Schedule:
     line share this one meaning.
     """
 
-    epochs: float
+    epochs: float | None  # None only where the owner fills it in (CompressConfig.post_training)
     lr: float  # per 128 images (LR_BATCH)
     weight_decay: float = 0.05
     warmup_epochs: float = 0.0

@@ -68,7 +68,7 @@ class SearchConfig:
     prune: bool = True
     skip: str = "none"  # which skip gates exist: block, halves (attention / MLP), both, or none (see docs/method.md)
     importance: str = "taylor"  # which groups are removed first: "taylor" (the loss's sensitivity) or "norm" (weights)
-    width_multiple: int = 1  # kept head and MLP widths at multiples of this (8 suits GPU kernels)
+    width_multiple: int = 1  # kept head and MLP widths at multiples of this (8 suits GPU kernels), one-shot's too
     frozen: bool = False  # the benchmark's control: train the masked start plan, but move no count, gate or dual
     importance_decay: float = 0.9  # moving average of the mask gradients' magnitudes
     ratio_lr: float = 0.02
@@ -136,7 +136,7 @@ class Search(nn.Module):
         like = torch.zeros((), device=weight.device, dtype=_state_dtype(weight))
         depth = skeleton.depth
         self.register_buffer("sizes", skeleton.sizes(like))
-        start = uniform_removal(skeleton, budget).to(like) if cfg.prune else torch.zeros_like(self.sizes)
+        start = uniform_removal(skeleton, budget, cfg.width_multiple).to(like) if cfg.prune else torch.zeros_like(self.sizes)
         self.ratios = nn.Parameter(start / self.sizes)
         self.register_buffer("gate_margin", torch.ones(depth, len(GATES), device=like.device, dtype=like.dtype))
         on = {"both": GATES, "block": ("block",), "halves": ("attn", "mlp"), "none": ()}[cfg.skip]
