@@ -1,6 +1,7 @@
 """The UVC search end to end on a tiny ViT and real Fashion-MNIST images: budgets, stability, resume, errors."""
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -171,6 +172,12 @@ def test_one_shot_compression_meets_the_budget_without_training(tmp_path):
     assert report["history"] == [] and report["config"]["one_shot"] and report["config"]["post"]["epochs"] == 0
     assert report["top1_val"] == report["top1_val_after_search"]  # nothing trained after slimming
     assert all(layer["head_dim"] % 8 == 0 and layer["hidden"] % 8 == 0 for layer in report["layers"])
+
+
+def test_a_timm_name_without_weights_gets_a_warning_that_says_how_to_pass_them(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="uvc"), pytest.raises(uvc.UVCError):  # RGB 224 model, Fashion-MNIST
+        Run(CompressConfig(model="vit_tiny_patch16_224", out=str(tmp_path / "o"), device="cpu"))
+    assert "vit_tiny_patch16_224 has random weights" in caplog.text and "--checkpoint PATH" in caplog.text
 
 
 def test_the_api_one_shot_post_trains_as_the_command_line_does():

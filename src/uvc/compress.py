@@ -20,6 +20,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from .errors import UVCError, check_finite
 from .flops import macs, skeleton_of
 from .gates import make_compressible
 from .io import atomic_write_text, tensor_digest
-from .models import default_teacher_dir, load_model, save
+from .models import DEFAULT_TEACHER, default_teacher_dir, load_model, save
 from .oneshot import one_shot
 from .plan import LayerPlan
 from .report import percent, write_report
@@ -66,6 +67,8 @@ class CompressConfig:
     """Everything `uvc compress` takes. The defaults compress the bundled teacher to half its MACs.
 
     `data` may be given as a string (a data set name or an ImageFolder path): it becomes `DataConfig(data=...)`.
+    Learning rates (`search.schedule.lr`, `post.lr`) are per 128 images and scale linearly with the global batch
+    (`engine.LR_BATCH`), as `--lr` and `--post-lr` are: `uvc compress` only copies its options into these fields.
     """
 
     model: str | None = None  # timm name, folder saved by uvc.save or save_pretrained, or None for the bundled teacher
@@ -172,6 +175,8 @@ class Run:
                                  pretrained=cfg.pretrained, **timm_kwargs)
             if teacher is None:
                 teacher = load_model(cfg.teacher) if cfg.teacher else copy.deepcopy(student)
+        if model is None:
+            _warn_if_random(cfg)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         model_input = adapter_for(student).input_size(student)
         self.data = build_data(cfg.data, seed=cfg.seed, input_size=model_input)
@@ -468,6 +473,15 @@ class Run:
                  report["ratio"], self.cfg.budget, percent(top1), percent(s.top1_teacher), top1_val,
                  report["throughput_dense"], report["throughput"])
         return report
+
+
+def _warn_if_random(cfg: CompressConfig) -> None:
+    """A timm name without released or local weights is built with random ones: compressing those is rarely meant."""
+    name = cfg.model
+    if name is None or name == DEFAULT_TEACHER or cfg.pretrained or cfg.checkpoint or Path(name).exists():
+        return
+    log.warning("%s has random weights (no --pretrained, no --checkpoint): pass --checkpoint PATH (a .safetensors/.pth "
+                "state dict; CompressConfig(checkpoint=...)) or --pretrained (timm's released weights, needs network)", name)
 
 
 def _jsonable(value):
