@@ -175,8 +175,6 @@ class Run:
                                  pretrained=cfg.pretrained, **timm_kwargs)
             if teacher is None:
                 teacher = load_model(cfg.teacher) if cfg.teacher else copy.deepcopy(student)
-        if model is None:
-            _warn_if_random(cfg)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         model_input = adapter_for(student).input_size(student)
         self.data = build_data(cfg.data, seed=cfg.seed, input_size=model_input)
@@ -205,6 +203,8 @@ class Run:
         self.state = RunState(budget=cfg.budget, dense_macs=self.dense_macs)
         self.settings = {**flat_settings(asdict(cfg), RESULT_NEUTRAL), "weights of the model": tensor_digest(student.state_dict()),
                          "weights of the teacher": tensor_digest(self.teacher.state_dict())}
+        if model is None:
+            _warn_if_random(cfg)  # last: a run that an input error stops prints that error alone
 
     def _check_compatible(self, student: nn.Module, model_input: tuple[int, int, int]) -> None:
         """Refuse, before anything runs, data whose images or classes the model cannot take."""
