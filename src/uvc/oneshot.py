@@ -142,7 +142,8 @@ def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str
 
     `batches` gives calibration images (labels, if any, are ignored); the first
     `calibration_images` are used for activation importance and for compensation; kept head and MLP
-    widths are multiples of `multiple` (or whole). The input model is not changed. Raises UVCError if the slimmed model misses [budget - 0.01, budget].
+    widths are multiples of `multiple` (or whole). The input model is not changed. Raises UVCError if
+    the slimmed model misses [budget - 0.01, budget].
     """
     images = take_images(batches, calibration_images)
     scores = group_importance(model, importance, images)
