@@ -122,7 +122,7 @@ def test_train_teacher_with_a_convnet_tutor_records_it_and_resumes_past_it(tmp_p
     interrupt_at = None
     with pytest.raises(UVCError, match="unfinished run"):
         train_teacher(killed)
-    with pytest.raises(UVCError, match=r"other settings \(tutor.lr: 0.002 -> 0.001\)"):
+    with pytest.raises(UVCError, match=r"other settings \(tutor.lr: 0.004 -> 0.002\)"):
         train_teacher(replace(killed, tutor=Schedule(2, 2e-3), resume=True))
     resumed = train_teacher(replace(killed, resume=True))
     assert len(calls) == 1 and [h["epoch"] for h in resumed["tutor"]["history"]] == [1, 2]
