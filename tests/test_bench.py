@@ -316,9 +316,9 @@ def test_post_train_reports_the_slimmed_model(tmp_path, fmnist_available):
         pytest.skip("Fashion-MNIST is missing")
     model = tiny_vit()
     plan = uvc.budget.uniform_plan(model, 0.5)
-    cfg = CompressConfig(out=str(tmp_path), budget=0.5, device="cpu", post=Schedule(1, 3e-4), throughput_batch=4, throughput_rounds=1,
+    cfg = CompressConfig(out=str(tmp_path), budget=0.5, device="cpu", post=Schedule(1, 6e-4), throughput_batch=4, throughput_rounds=1,
                          data=DataConfig(train_limit=128, test_limit=64, batch_size=64),
-                         search=SearchConfig(schedule=Schedule(1, 3e-4)))
+                         search=SearchConfig(schedule=Schedule(1, 6e-4)))
     report = post_train(cfg, uvc.slim(model, plan), plan, model=copy.deepcopy(model), teacher=model)
     assert report["ratio"] == uvc.macs(uvc.load(tmp_path)) / uvc.macs(model) <= 0.5
     assert [l["hidden"] for l in report["layers"]] == [len(p.neurons) for p in plan]

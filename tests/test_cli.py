@@ -1,4 +1,6 @@
 """The command line: a thin layer that prints results and turns UVCError into one clear line."""
+import argparse
+import re
 import subprocess
 import sys
 
@@ -6,6 +8,8 @@ import timm
 
 import uvc
 import uvc.budget
+from uvc.cli import _config, build_parser, main
+from uvc.compress import CompressConfig
 
 from conftest import small_vit
 
@@ -26,24 +30,48 @@ def test_weights_file_as_model_gets_a_hint(tmp_path):
     assert result.returncode == 2 and "--checkpoint" in result.stderr
 
 
-def test_help_lists_the_commands():
+def test_help_lists_the_commands_and_the_version_without_loading_torch():
     out = uvc_cli("--help").stdout
     assert all(c in out for c in ("compress", "train-teacher", "macs"))
+    assert uvc_cli("--version").stdout.strip() == f"uvc {uvc.__version__}"
+    probe = ("import sys; from uvc.cli import main\n"
+             "for argv in (['--help'], ['macs', '--help'], ['info', '--help'], ['--version']):\n"
+             "    try: main(argv)\n    except SystemExit: pass\n"
+             "print('heavy:', sorted({'torch', 'timm'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.strip().endswith("heavy: []"), result.stderr
 
 
-def test_info_shows_what_each_block_keeps_and_the_reachable_budgets(tmp_path):
-    dense = uvc_cli("info", "deit_tiny_patch16_224")
-    assert dense.returncode == 0, dense.stderr
-    assert "3 x 64" in dense.stdout and "768" in dense.stdout and "1253.68 M MACs" in dense.stdout
-    assert "reachable budgets" in dense.stdout and "with skipping alone" in dense.stdout
-    model = timm.create_model("deit_tiny_patch16_224")
-    plan = uvc.budget.uniform_plan(model, 0.5)
-    uvc.save(uvc.slim(model, plan), tmp_path / "s")
-    slimmed = uvc_cli("info", str(tmp_path / "s"))
-    assert slimmed.returncode == 0 and "slimmed" in slimmed.stdout and "reachable" not in slimmed.stdout
-    width = len(plan[0].dims[0])
-    assert f"3 x {width}" in slimmed.stdout and str(len(plan[0].neurons)) in slimmed.stdout
-    assert f"{uvc.macs(uvc.load(tmp_path / 's')) / 1e6:.2f} M MACs" in slimmed.stdout
+def test_every_compress_and_teacher_option_shows_its_default():
+    for command, defaults in (("compress", {"--budget": "0.5", "--out": "runs/compress", "--search-epochs": "1.0", "--lr": "0.0001"}),
+                              ("train-teacher", {"--epochs": "12", "--lr": "0.001"})):
+        p = next(a for a in build_parser(command)._actions if a.dest == "command").choices[command]
+        assert all(a.help for a in p._actions)
+        options = " ".join(p.format_help().split()).split("options:")[1]
+        for flag, default in defaults.items():
+            assert re.search(f"{flag} [A-Z_]+ .*?\\(default: ([^)]*)\\)", options).group(1) == default, flag
+        shown = [a for a in p._actions if a.option_strings and a.default is not argparse.SUPPRESS and a.dest != "help"]
+        assert options.count("(default: ") == len(shown)
+
+
+def test_the_command_line_only_copies_values_into_the_api_config():
+    def config(*argv):
+        return _config(CompressConfig(), build_parser("compress").parse_args(["compress", *argv]))
+
+    assert config() == CompressConfig()
+    assert config("--one-shot") == CompressConfig(one_shot=True)  # the same post-training, none by default
+    cfg = config("--lr", "3e-5", "--post-lr", "2e-5", "--width-multiple", "8", "--no-kd", "--no-prune", "--skip", "both",
+                 "--batch-size", "64", "--img-size", "112")
+    assert (cfg.search.schedule.lr, cfg.post.lr, cfg.search.width_multiple) == (3e-5, 2e-5, 8)  # both per 128 images
+    assert (cfg.kd.kind, cfg.search.prune, cfg.search.skip, cfg.data.batch_size, cfg.img_size) == ("none", False, "both", 64, 112)
+
+
+def test_macs_and_info_count_at_another_image_size(capsys):
+    expected = uvc.macs(timm.create_model("deit_tiny_patch16_224", img_size=112)) / 1e6
+    for command in ("macs", "info"):
+        assert main([command, "deit_tiny_patch16_224", "--img-size", "112"]) == 0
+        out = capsys.readouterr().out
+        assert f"{expected:.2f} M MACs" in out and "3x112x112" in out
 
 
 def test_export_writes_a_checked_onnx_file_and_times_it_against_the_dense_model(tmp_path):

@@ -143,6 +143,21 @@ def test_one_shot_meets_the_budget_and_is_deterministic():
                 assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("budget", [0.3, 0.5])
+def test_every_kept_width_is_a_multiple_or_whole_in_the_one_shot_and_the_uniform_plans(budget):
+    model, multiple = tiny_vit(), 8
+    plans = {"uniform plan": uniform_plan(model, budget, multiple=multiple)}
+    for allocation in ("uniform", "global"):
+        slimmed, plans[f"one-shot {allocation}"], _ = one_shot(model, budget, images(64, 1), allocation=allocation,
+                                                               calibration_images=32, compensate=False, multiple=multiple)
+        assert budget - 0.01 <= uvc.macs(slimmed) / uvc.macs(model) <= budget
+    blocks = list(adapter_for(model).blocks(model))
+    for name, plan in plans.items():
+        for layer, block in zip(plan, blocks):
+            widths = [(len(d), block.attn.head_dim) for d in layer.dims] + [(len(layer.neurons), block.mlp.fc1.out_features)]
+            assert all(kept % multiple == 0 or kept == whole for kept, whole in widths), (name, widths)
+
+
 def test_t2t_vit_is_compensated_through_its_adapter():
     torch.manual_seed(0)
     dense = uvc.load_model("t2t_vit_7", img_size=32, num_classes=10)

@@ -1,6 +1,7 @@
 """The UVC search end to end on a tiny ViT and real Fashion-MNIST images: budgets, stability, resume, errors."""
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,9 +11,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import uvc
-from uvc.compress import CompressConfig, Run, compress
+from uvc.compress import CompressConfig, Run, _warn_if_random, compress
 from uvc.data import DataConfig
-from uvc.engine import Schedule, make_optimizer
+from uvc.engine import LR_BATCH, Schedule, make_optimizer
 from uvc.compensate import compensate
 from uvc.gates import gated_blocks, set_plan
 from uvc.search import SearchConfig
@@ -35,9 +36,9 @@ def tiny_vit(seed=0):
 
 def tiny_config(out, budget=0.5, **search):
     return CompressConfig(
-        out=str(out), budget=budget, device="cpu", log_every=1, throughput_batch=16, throughput_rounds=1, post=Schedule(1, 3e-4),
+        out=str(out), budget=budget, device="cpu", log_every=1, throughput_batch=16, throughput_rounds=1, post=Schedule(1, 6e-4),
         data=DataConfig(train_limit=512, val_limit=256, test_limit=256, batch_size=64),
-        search=SearchConfig(**{"schedule": Schedule(3, 3e-4, warmup_epochs=0.05), "warmup_epochs": 0.5, **search}),
+        search=SearchConfig(**{"schedule": Schedule(3, 6e-4, warmup_epochs=0.05), "warmup_epochs": 0.5, **search}),
     )
 
 
@@ -164,12 +165,29 @@ def test_one_shot_compression_meets_the_budget_without_training(tmp_path):
     model_dir = tmp_path / "tiny"
     uvc.save(tiny_vit(), model_dir)
     result = run_cli("compress", "--model", str(model_dir), "--one-shot", "--calibration-images", "128",
-                     "--out", str(tmp_path / "out"), *CLI_TINY[:8])
+                     "--width-multiple", "8", "--out", str(tmp_path / "out"), *CLI_TINY[:8])
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert 0.49 <= report["ratio"] <= 0.5 and uvc.macs(uvc.load(tmp_path / "out")) == report["macs"]
     assert report["history"] == [] and report["config"]["one_shot"] and report["config"]["post"]["epochs"] == 0
     assert report["top1_val"] == report["top1_val_after_search"]  # nothing trained after slimming
+    assert all(layer["head_dim"] % 8 == 0 and layer["hidden"] % 8 == 0 for layer in report["layers"])
+
+
+def test_a_timm_name_without_weights_gets_a_warning_that_says_how_to_pass_them(caplog):
+    with caplog.at_level(logging.WARNING, logger="uvc"):
+        for quiet in ({"model": None}, {"model": "deit_tiny_patch16_224", "pretrained": True},
+                      {"model": "deit_tiny_patch16_224", "checkpoint": "deit.pth"}):
+            _warn_if_random(CompressConfig(**quiet))
+        assert not caplog.text
+        _warn_if_random(CompressConfig(model="deit_tiny_patch16_224"))
+    assert "deit_tiny_patch16_224 has random weights" in caplog.text and "--checkpoint PATH" in caplog.text
+
+
+def test_the_api_one_shot_post_trains_as_the_command_line_does():
+    assert CompressConfig(one_shot=True).post_training().epochs == 0
+    assert CompressConfig().post_training().epochs > 0
+    assert CompressConfig(one_shot=True, post=Schedule(1, 1e-5)).post_training().epochs == 1
 
 
 class Unreadable:
@@ -185,13 +203,13 @@ def test_a_run_with_test_at_end_off_never_reads_the_test_split(tmp_path, monkeyp
     module = sys.modules["uvc.compress"]  # the package's `uvc.compress` is the function of that name
     real_build = module.build_data
     monkeypatch.setattr(module, "build_data", lambda *a, **k: dataclasses.replace(real_build(*a, **k), test=Unreadable()))
-    cfg = tiny_config(tmp_path, 0.5, schedule=Schedule(0.5, 3e-4))
-    cfg.post, cfg.test_at_end = Schedule(0.5, 3e-4), False
+    cfg = tiny_config(tmp_path, 0.5, schedule=Schedule(0.5, 6e-4))
+    cfg.post, cfg.test_at_end = Schedule(0.5, 6e-4), False
     report = compress(cfg, model=tiny_vit())
     assert report["top1"] is None and report["top1_teacher"] is None
     assert 0 <= report["top1_val"] <= 100 and 0.49 <= report["ratio"] <= 0.5
     assert (tmp_path / "report.png").stat().st_size > 10_000
-    cfg = tiny_config(tmp_path / "b", 0.5, schedule=Schedule(0.5, 3e-4))
+    cfg = tiny_config(tmp_path / "b", 0.5, schedule=Schedule(0.5, 6e-4))
     with pytest.raises(AssertionError, match="the test split was read"):
         compress(cfg, model=tiny_vit())  # the default reads it (the check above can fail)
 
@@ -269,15 +287,12 @@ def test_post_training_reads_the_data_epochs_that_follow_the_search(tmp_path):
     assert read == [0]
 
 
-def test_the_learning_rate_scales_linearly_with_the_global_batch():
+def test_the_learning_rate_is_stated_per_128_images_and_scales_linearly_with_the_global_batch():
     model = tiny_vit()
-    stated = Schedule(1, 3e-4, lr_batch=128)
     for batch, expected in ((128, 3e-4), (512, 1.2e-3), (32, 7.5e-5)):
-        optimizer, _ = make_optimizer(model, stated, steps_per_epoch=10, batch_size=batch)
+        optimizer, _ = make_optimizer(model, Schedule(1, 3e-4), steps_per_epoch=10, batch_size=batch)
         assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(expected)
-    optimizer, _ = make_optimizer(model, Schedule(1, 3e-4), steps_per_epoch=10, batch_size=512)  # no lr_batch: as given
-    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(3e-4)
-    assert CompressConfig().search.schedule.lr_batch == CompressConfig().post.lr_batch == DataConfig().batch_size
+    assert LR_BATCH == DataConfig().batch_size  # at the default batch the stated rate is the rate used
 
 
 @pytest.mark.parametrize("frozen", [False, True])

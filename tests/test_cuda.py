@@ -31,8 +31,8 @@ CLI_CUDA = ["--device", "cuda", "--deterministic", "--train-limit", "512", "--va
 
 def test_compress_on_cuda_delivers_the_budget(tmp_path):
     cfg = CompressConfig(out=str(tmp_path), budget=0.5, device="cuda", throughput_batch=16, throughput_rounds=2,
-                         post=Schedule(1, 3e-4), data=DataConfig(train_limit=512, val_limit=256, test_limit=256, batch_size=64),
-                         search=SearchConfig(schedule=Schedule(3, 3e-4), warmup_epochs=0.5))
+                         post=Schedule(1, 6e-4), data=DataConfig(train_limit=512, val_limit=256, test_limit=256, batch_size=64),
+                         search=SearchConfig(schedule=Schedule(3, 6e-4), warmup_epochs=0.5))
     report = compress(cfg, model=tiny_vit())
     assert 0.49 <= report["ratio"] <= 0.5 and report["device"].startswith("cuda")
     assert uvc.macs(uvc.load(tmp_path)) == report["macs"]

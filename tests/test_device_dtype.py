@@ -102,9 +102,9 @@ def test_slim_keeps_the_device_of_the_model():
 
 def float64_config(out, **kwargs):
     return CompressConfig(out=str(out), budget=0.5, device="cpu", log_every=1, throughput_batch=8, throughput_rounds=1,
-                          checkpoint_every=3, post=Schedule(1, 3e-4), data=DataConfig(train_limit=256, val_limit=128,
+                          checkpoint_every=3, post=Schedule(1, 6e-4), data=DataConfig(train_limit=256, val_limit=128,
                                                                                       test_limit=128, batch_size=64),
-                          search=SearchConfig(schedule=Schedule(2, 3e-4), warmup_epochs=0.5), **kwargs)
+                          search=SearchConfig(schedule=Schedule(2, 6e-4), warmup_epochs=0.5), **kwargs)
 
 
 class Killed(Exception):

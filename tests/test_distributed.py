@@ -195,9 +195,9 @@ def test_image_folder_run_killed_mid_epoch_resumes_to_the_same_model(tmp_path, m
 
     def config(out, resume=False):
         return CompressConfig(out=str(out), budget=0.5, device="cpu", resume=resume, checkpoint_every=3,
-                              throughput_batch=4, throughput_rounds=1, post=Schedule(1, 3e-4),
+                              throughput_batch=4, throughput_rounds=1, post=Schedule(1, 9.6e-3),
                               data=DataConfig(data=str(tmp_path / "images"), batch_size=4, workers=0),
-                              search=SearchConfig(schedule=Schedule(2, 3e-4), warmup_epochs=0.5))
+                              search=SearchConfig(schedule=Schedule(2, 9.6e-3), warmup_epochs=0.5))
 
     compress(config(tmp_path / "straight"), model=model)
     original, count = Run.checkpoint, {"n": 0}

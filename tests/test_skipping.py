@@ -23,7 +23,7 @@ def searched_plan(model: torch.nn.Module, budget: float, tmp_path) -> list[uvc.L
     """Run STEPS search steps of `uvc.compress` (the teacher distils into `model`) and return the fitted plan."""
     cfg = CompressConfig(budget=budget, out=str(tmp_path), device="cpu",
                          data=DataConfig(train_limit=64 * STEPS, val_limit=64, test_limit=64, batch_size=64),
-                         search=SearchConfig(schedule=Schedule(epochs=1.0, lr=3e-4, weight_decay=0.05, warmup_epochs=0.05),
+                         search=SearchConfig(schedule=Schedule(epochs=1.0, lr=6e-4, weight_decay=0.05, warmup_epochs=0.05),
                                              warmup_epochs=0.1, fade_epochs=0.25, skip="both"))
     run = Run(cfg, model=model, teacher=uvc.load_model(None), teacher_scores={"test": 0.0, "val": 0.0})
     for step, (x, y) in enumerate(islice(run.data.train, STEPS)):

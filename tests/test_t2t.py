@@ -201,9 +201,9 @@ def test_compressing_a_small_t2t_vit_reaches_its_budget(tmp_path, fmnist_availab
         pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
     torch.manual_seed(0)
     model = timm.create_model("t2t_vit_7", img_size=28, in_chans=1, num_classes=10)
-    cfg = CompressConfig(out=str(tmp_path), budget=0.6, device="cpu", post=Schedule(0.5, 3e-4), throughput_batch=8,
+    cfg = CompressConfig(out=str(tmp_path), budget=0.6, device="cpu", post=Schedule(0.5, 1.2e-3), throughput_batch=8,
                          throughput_rounds=1, log_every=1, data=DataConfig(train_limit=256, test_limit=128, batch_size=32),
-                         search=SearchConfig(schedule=Schedule(1, 3e-4), warmup_epochs=0.25))
+                         search=SearchConfig(schedule=Schedule(1, 1.2e-3), warmup_epochs=0.25))
     report = compress(cfg, model=model)
     assert 0.59 <= report["ratio"] <= 0.6
     loaded = uvc.load(tmp_path)

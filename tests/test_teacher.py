@@ -14,7 +14,7 @@ from uvc.models import default_teacher_dir
 
 from conftest import random_plan
 
-ONE_EPOCH = Schedule(1, 1e-3)
+ONE_EPOCH = Schedule(1, 2e-3)
 
 
 def test_bundled_teacher_reaches_the_stated_accuracy(fmnist_available):
@@ -56,7 +56,7 @@ def test_train_teacher_writes_a_loadable_teacher_and_continues_from_init(tmp_pat
     from uvc.teacher import TeacherConfig, train_teacher
 
     data = DataConfig(train_limit=256, test_limit=256, batch_size=64)
-    first = train_teacher(TeacherConfig(out=str(tmp_path / "a"), schedule=Schedule(1, 1e-3, warmup_epochs=0.5), data=data))
+    first = train_teacher(TeacherConfig(out=str(tmp_path / "a"), schedule=Schedule(1, 2e-3, warmup_epochs=0.5), data=data))
     assert first["continues"] is None and len(first["history"]) == 1
     assert not (tmp_path / "a" / "teacher_checkpoint.safetensors").exists()
     assert first["top1"] == pytest.approx(evaluate(uvc.load(tmp_path / "a"), build_data(data).test, torch.device("cpu")), abs=1e-6)
@@ -81,8 +81,8 @@ def test_train_teacher_with_a_convnet_tutor_records_it_and_resumes_past_it(tmp_p
     from uvc.teacher import ConvTutor, TeacherConfig, train_teacher
 
     data = DataConfig(train_limit=256, test_limit=256, batch_size=64)
-    cfg = TeacherConfig(out=str(tmp_path / "t"), schedule=Schedule(1, 1e-3, warmup_epochs=0.5),
-                        tutor=Schedule(2, 2e-3, warmup_epochs=0.5), data=data)
+    cfg = TeacherConfig(out=str(tmp_path / "t"), schedule=Schedule(1, 2e-3, warmup_epochs=0.5),
+                        tutor=Schedule(2, 4e-3, warmup_epochs=0.5), data=data)
     result = train_teacher(cfg)
     record = result["tutor"]
     assert record["epochs"] == 2 and [h["epoch"] for h in record["history"]] == [1, 2]
@@ -98,7 +98,7 @@ def test_train_teacher_with_a_convnet_tutor_records_it_and_resumes_past_it(tmp_p
     with pytest.raises(UVCError, match="holds no tutor.safetensors"):
         train_teacher(TeacherConfig(out=str(tmp_path / "v"), schedule=ONE_EPOCH, tutor_from=str(tmp_path / "s"), data=data))
     with pytest.raises(UVCError, match="pass only one"):
-        train_teacher(TeacherConfig(out=str(tmp_path / "v"), tutor=Schedule(1, 2e-3), tutor_from=str(tmp_path / "t"),
+        train_teacher(TeacherConfig(out=str(tmp_path / "v"), tutor=Schedule(1, 4e-3), tutor_from=str(tmp_path / "t"),
                                     data=data))
 
     # A run killed in its first teacher epoch, after its tutor phase: the tutor checkpoint is complete,
@@ -114,7 +114,7 @@ def test_train_teacher_with_a_convnet_tutor_records_it_and_resumes_past_it(tmp_p
 
     monkeypatch.setattr(uvc.teacher, "train_epoch", counted_epoch)
     out, interrupt_at = tmp_path / "r", 3  # two tutor epochs, then the teacher's first
-    killed = TeacherConfig(out=str(out), schedule=ONE_EPOCH, tutor=Schedule(2, 2e-3), data=data)
+    killed = TeacherConfig(out=str(out), schedule=ONE_EPOCH, tutor=Schedule(2, 4e-3), data=data)
     with pytest.raises(KeyboardInterrupt):
         train_teacher(killed)
     assert (out / "tutor_checkpoint.safetensors").is_file() and not (out / "teacher_checkpoint.safetensors").exists()
@@ -122,8 +122,8 @@ def test_train_teacher_with_a_convnet_tutor_records_it_and_resumes_past_it(tmp_p
     interrupt_at = None
     with pytest.raises(UVCError, match="unfinished run"):
         train_teacher(killed)
-    with pytest.raises(UVCError, match=r"other settings \(tutor.lr: 0.002 -> 0.001\)"):
-        train_teacher(replace(killed, tutor=Schedule(2, 1e-3), resume=True))
+    with pytest.raises(UVCError, match=r"other settings \(tutor.lr: 0.004 -> 0.002\)"):
+        train_teacher(replace(killed, tutor=Schedule(2, 2e-3), resume=True))
     resumed = train_teacher(replace(killed, resume=True))
     assert len(calls) == 1 and [h["epoch"] for h in resumed["tutor"]["history"]] == [1, 2]
     assert not (out / "tutor_checkpoint.safetensors").exists()

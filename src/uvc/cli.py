@@ -1,5 +1,8 @@
 """The `uvc` command: a thin argparse layer over the Python API; every default comes from the config dataclasses.
 
+Each option of `compress` and `train-teacher` is one field of CompressConfig / TeacherConfig: its default is
+read from the dataclass and its value copied back, nothing else. torch and timm load only for the command that
+runs or whose options are listed, so `uvc --help` and `uvc --version` answer at once.
 `torchrun --nproc_per_node=N -m uvc compress ...` runs the compression data-parallel on N processes.
 """
 from __future__ import annotations
@@ -12,74 +15,194 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import distributed, export
-from .adapters import adapter_for
-from .compress import CompressConfig, compress
-from .data import DataConfig
-from .distill import KDConfig
-from .engine import Schedule
+from . import __version__
 from .errors import UVCError
-from .flops import macs
-from .info import describe
-from .models import default_teacher_dir, load_model, param_count
-from .search import ENDS, SKIP_MODES, STARTS, SearchConfig
-from .teacher import TeacherConfig, train_teacher
 
-log = logging.getLogger("uvc")
-
-RECIPE_ARGS = ("mixup", "cutmix", "smoothing", "aa", "reprob")
+FIELD = "field:"  # the dest prefix of an option that is a config field, followed by the field's dotted path
 
 
-def _add_data_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
+def _field(p: argparse.ArgumentParser, defaults, path: str, *flags: str, **kwargs) -> None:
+    """An option whose default is the field at dotted `path` of `defaults` and whose value `_config` copies there."""
+    value = defaults
+    for name in path.split("."):
+        value = getattr(value, name)
+    if "action" not in kwargs and "choices" not in kwargs:
+        kwargs["metavar"] = flags[-1].removeprefix("--").upper().replace("-", "_")
+    p.add_argument(*flags, dest=FIELD + path, **{"default": value, **kwargs})
+
+
+def _config(cfg, args: argparse.Namespace):
+    """`cfg` (a config with its defaults) with every field option's value copied into its field."""
+    for key, value in vars(args).items():
+        if key.startswith(FIELD):
+            *owners, name = key.removeprefix(FIELD).split(".")
+            owner = cfg
+            for o in owners:
+                owner = getattr(owner, o)
+            setattr(owner, name, value)
+    return cfg
+
+
+def _data_options(p: argparse.ArgumentParser, cfg, recipe: bool = False) -> None:
     """Where the data comes from; with `recipe`, also the training-recipe overrides (compress only)."""
-    d = DataConfig()
-    p.add_argument("--data", default=d.data, help="'fashion-mnist' or a folder with train/ and val/ class folders")
-    p.add_argument("--data-root", default=d.root, help="folder with the Fashion-MNIST idx .gz files (default: Debian's)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split over torchrun's processes")
-    p.add_argument("--train-limit", type=int, default=d.train_limit, help="use only the first N training images")
-    p.add_argument("--val-limit", type=int, default=d.val_limit, help="use only the first N validation images")
-    p.add_argument("--test-limit", type=int, default=d.test_limit, help="use only the first N test images")
-    p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--input-size", type=int, default=d.input_size, help="crop size for ImageFolder data (default: the model's)")
+    _field(p, cfg, "data.data", "--data", help="'fashion-mnist' or a folder with train/ and val/ class folders")
+    _field(p, cfg, "data.root", "--data-root", help="folder with the Fashion-MNIST idx .gz files (None: Debian's)")
+    _field(p, cfg, "data.batch_size", "--batch-size", type=int, help="global batch, split over torchrun's processes")
+    _field(p, cfg, "data.train_limit", "--train-limit", type=int, help="use only the first N training images")
+    _field(p, cfg, "data.val_limit", "--val-limit", type=int, help="use only the first N validation images")
+    _field(p, cfg, "data.test_limit", "--test-limit", type=int, help="use only the first N test images")
+    _field(p, cfg, "data.workers", "--workers", type=int, help="data-loading processes")
+    _field(p, cfg, "data.input_size", "--input-size", type=int, help="crop size for ImageFolder data (None: the model's)")
     if not recipe:
         return
-    default = "default: DeiT's %s for ImageFolder data, %s for Fashion-MNIST"
-    p.add_argument("--mixup", type=float, default=d.mixup, help="mixup alpha, 0 for off; " + default % (0.8, 0))
-    p.add_argument("--cutmix", type=float, default=d.cutmix, help="cutmix alpha, 0 for off; " + default % (1.0, 0))
-    p.add_argument("--smoothing", type=float, default=d.smoothing, help="label smoothing; " + default % (0.1, 0))
-    p.add_argument("--aa", default=d.aa, help="ImageFolder only: timm auto-augment policy or 'none' (default rand-m9-mstd0.5-inc1-mmax9)")
-    p.add_argument("--reprob", type=float, default=d.reprob, help="ImageFolder only: random-erasing probability (default 0.25)")
+    data = "None: DeiT's %s for ImageFolder data, %s for Fashion-MNIST"
+    _field(p, cfg, "data.mixup", "--mixup", type=float, help="mixup alpha, 0 for off; " + data % (0.8, 0))
+    _field(p, cfg, "data.cutmix", "--cutmix", type=float, help="cutmix alpha, 0 for off; " + data % (1.0, 0))
+    _field(p, cfg, "data.smoothing", "--smoothing", type=float, help="label smoothing; " + data % (0.1, 0))
+    _field(p, cfg, "data.aa", "--aa",
+           help="ImageFolder only: timm auto-augment policy or 'none' (None: rand-m9-mstd0.5-inc1-mmax9)")
+    _field(p, cfg, "data.reprob", "--reprob", type=float, help="ImageFolder only: random-erasing probability (None: 0.25)")
 
 
-def _data_config(a):
-    return DataConfig(data=a.data, root=a.data_root, batch_size=a.batch_size, train_limit=a.train_limit,
-                      val_limit=a.val_limit, test_limit=a.test_limit, workers=a.workers, input_size=a.input_size,
-                      **{k: getattr(a, k) for k in RECIPE_ARGS if hasattr(a, k)})
+def _teacher_options(p: argparse.ArgumentParser) -> None:
+    from .engine import LR_BATCH
+    from .teacher import TeacherConfig
+
+    t = TeacherConfig()
+    _data_options(p, t)
+    _field(p, t, "out", "--out", help="folder for the teacher's weights")
+    _field(p, t, "schedule.epochs", "--epochs", type=int, help="ViT training epochs")
+    _field(p, t, "schedule.lr", "--lr", type=float, help=f"ViT learning rate per {LR_BATCH} images, scaled with --batch-size")
+    _field(p, t, "schedule.warmup_epochs", "--warmup-epochs", type=float, help="linear warm-up before the cosine decay")
+    _field(p, t, "drop_path", "--drop-path", type=float, help="stochastic depth rate")
+    _field(p, t, "init", "--init", help="continue from a teacher folder saved by an earlier run")
+    _field(p, t, "tutor.epochs", "--tutor-epochs", type=int,
+           help="train a small convnet first for this many epochs and distil its labels into the ViT (DeiT)")
+    _field(p, t, "tutor_alpha", "--tutor-alpha", type=float, help="weight of the tutor's labels")
+    _field(p, t, "tutor.lr", "--tutor-lr", type=float, help=f"the tutor's learning rate per {LR_BATCH} images")
+    _field(p, t, "tutor_from", "--tutor-from", help="reuse the tutor kept in the folder of an earlier run")
+    _field(p, t, "seed", "--seed", type=int, help="random seed")
+    _field(p, t, "device", "--device", help="cpu, cuda, cuda:N or auto")
+    _field(p, t, "resume", "--resume", action="store_true", help="continue the unfinished run in --out")
+    _field(p, t, "overwrite", "--overwrite", action="store_true", help="replace the teacher or checkpoints already in --out")
+
+
+def _compress_options(p: argparse.ArgumentParser) -> None:
+    from .compress import CompressConfig
+    from .engine import LR_BATCH
+    from .search import ENDS, SKIP_MODES, STARTS
+
+    c = CompressConfig()
+    _field(p, c, "model", "--model",
+           help="timm name, a folder saved by uvc or by transformers' save_pretrained (None: the bundled teacher)")
+    _field(p, c, "checkpoint", "--checkpoint", help="local weights (.safetensors/.pth) for a timm --model")
+    _field(p, c, "pretrained", "--pretrained", action="store_true", help="timm's released weights (needs network)")
+    _field(p, c, "img_size", "--img-size", type=int,
+           help="build the timm --model at this image size; checkpoint position embeddings are resampled")
+    _field(p, c, "teacher", "--teacher", help="distillation teacher (None: the input model)")
+    _field(p, c, "num_classes", "--num-classes", type=int,
+           help="the data's class count, for a model trained for other classes (or a backbone): a new head is "
+                "fitted on its frozen features first, and that model is the teacher (transfer, then compress)")
+    _field(p, c, "budget", "--budget", type=float, help="fraction of the dense model's MACs to keep, in (0, 1]")
+    _field(p, c, "out", "--out", help="folder for the model, report.json, report.png and the checkpoint")
+    _data_options(p, c, recipe=True)
+    _field(p, c, "search.schedule.epochs", "--search-epochs", type=float, help="epochs of the UVC search")
+    _field(p, c, "search.warmup_epochs", "--warmup-epochs", type=float, help="search epochs before the counts and duals move")
+    after_search, after_one_shot = (CompressConfig(one_shot=o).post_training().epochs for o in (False, True))
+    _field(p, c, "post.epochs", "--post-epochs", type=float,
+           help=f"KD post-training of the slimmed model (None: {after_search:g} after a search, {after_one_shot:g} with --one-shot)")
+    _field(p, c, "search.schedule.lr", "--lr", type=float,
+           help=f"weight learning rate during the search, per {LR_BATCH} images: it scales linearly with "
+                "--batch-size (for an ImageNet-pretrained ViT see docs/imagenet.md)")
+    _field(p, c, "post.lr", "--post-lr", type=float, help=f"the same for post-training, per {LR_BATCH} images")
+    _field(p, c, "kd.kind", "--kd", choices=("soft", "hard", "none"), help="distillation from the teacher")
+    _field(p, c, "kd.alpha", "--kd-alpha", type=float, help="weight of the distillation term")
+    _field(p, c, "kd.temperature", "--kd-temperature", type=float, help="softmax temperature of soft distillation")
+    _field(p, c, "search.skip", "--skip", choices=SKIP_MODES,
+           help="which skip gates to learn (none: on the bundled teacher skipping cost accuracy, see BENCHMARKS.md)")
+    _field(p, c, "search.width_multiple", "--width-multiple", type=int,
+           help="keep head and MLP widths at multiples of this, in every plan, --one-shot's too (8 suits GPU kernels)")
+    _field(p, c, "one_shot", "--one-shot", action="store_true",
+           help="no search and no training: rank groups on calibration images, fit the budget, compensate "
+                "the layers that read removed groups by least squares, slim (add --post-epochs N for KD)")
+    _field(p, c, "search.start", "--start", choices=STARTS,
+           help="how the search leaves the dense model: fade (the start plan's groups fade out) or compensate "
+                "(cut at once, what reads them refitted by least squares on --calibration-images)")
+    _field(p, c, "search.end", "--end", choices=ENDS,
+           help="what post-training starts from: rewind (the input weights slimmed at the searched plan, "
+                "refitted by least squares on --calibration-images) or searched (the searched weights slimmed)")
+    _field(p, c, "calibration_images", "--calibration-images", type=int,
+           help="unlabeled training images for --one-shot, --start compensate and --end rewind")
+    _field(p, c, "search.prune", "--no-prune", action="store_false", default=argparse.SUPPRESS,
+           help="ablation: skipping only (with --skip both, block or halves); pruning is on without it")
+    _field(p, c, "kd.kind", "--no-kd", action="store_const", const="none", default=argparse.SUPPRESS,
+           help="ablation: labels only, the same as --kd none")
+    _field(p, c, "seed", "--seed", type=int, help="random seed")
+    _field(p, c, "device", "--device", help="cpu, cuda, cuda:N or auto (under torchrun: one GPU per process)")
+    _field(p, c, "resume", "--resume", action="store_true", help="continue the unfinished run in --out (its checkpoint)")
+    _field(p, c, "overwrite", "--overwrite", action="store_true",
+           help="replace the results or checkpoint of an earlier run in --out (never an input's folder)")
+    _field(p, c, "deterministic", "--deterministic", action="store_true",
+           help="deterministic GPU kernels: a resumed GPU run then ends bit-exactly where an unbroken one would")
+    _field(p, c, "checkpoint_every", "--checkpoint-every", type=int, help="also checkpoint every N steps (0: only at epoch ends)")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """The model to describe or count: macs and info."""
+    p.add_argument("model", nargs="?", default=None, help="timm name or a model folder (None: the bundled teacher)")
+    p.add_argument("--checkpoint", default=None, help="local weights (.safetensors/.pth) for a timm model")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="build the timm model at this image size and count at that resolution (None: its own)")
+
+
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a model folder (slimmed or not), a timm name, or a transformers folder")
+    p.add_argument("--onnx", required=True, help="the .onnx file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --onnx file")
+    p.add_argument("--dense", default=None,
+                   help="also time this dense model against MODEL in onnxruntime, alternating (e.g. the model you compressed)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per timed call")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds of >= 1 s each")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (None: one per core)")
 
 
 def cmd_train_teacher(a) -> int:
-    t = TeacherConfig()
-    cfg = TeacherConfig(out=a.out, seed=a.seed, device=a.device, resume=a.resume, overwrite=a.overwrite, drop_path=a.drop_path, init=a.init,
-                        schedule=Schedule(a.epochs, a.lr, t.schedule.weight_decay, a.warmup_epochs),
-                        tutor=Schedule(a.tutor_epochs, a.tutor_lr, t.tutor.weight_decay, t.tutor.warmup_epochs),
-                        tutor_alpha=a.tutor_alpha, tutor_from=a.tutor_from, data=_data_config(a))
+    from .teacher import TeacherConfig, train_teacher
+
+    cfg = _config(TeacherConfig(), a)
     result = train_teacher(cfg)
-    print(f"teacher test top-1: {result['top1']:.2f}% (validation {result['top1_val']:.2f}%)  (weights in {a.out})")
+    print(f"teacher test top-1: {result['top1']:.2f}% (validation {result['top1_val']:.2f}%)  (weights in {cfg.out})")
     return 0
 
 
+def _timm_kwargs(a) -> dict:
+    return {"img_size": a.img_size} if a.img_size else {}
+
+
 def cmd_macs(a) -> int:
-    model = load_model(a.model, checkpoint=a.checkpoint)
-    print(f"{a.model or 'default teacher'}: {macs(model) / 1e6:.2f} M MACs, {param_count(model) / 1e6:.2f} M parameters")
+    from .adapters import adapter_for
+    from .flops import macs
+    from .models import load_model, param_count
+
+    model = load_model(a.model, checkpoint=a.checkpoint, **_timm_kwargs(a))
+    size = "x".join(map(str, adapter_for(model).input_size(model)))
+    print(f"{a.model or 'default teacher'}: {macs(model) / 1e6:.2f} M MACs, {param_count(model) / 1e6:.2f} M parameters "
+          f"({size} input)")
     return 0
 
 
 def cmd_info(a) -> int:
-    print(describe(a.model, checkpoint=a.checkpoint))
+    from .info import describe
+
+    print(describe(a.model, checkpoint=a.checkpoint, **_timm_kwargs(a)))
     return 0
 
 
 def cmd_export(a) -> int:
+    from . import export
+    from .adapters import adapter_for
+    from .models import load_model
+
     model = load_model(a.model)
     result = export.export_onnx(model, a.onnx, overwrite=a.overwrite)
     print(f"{a.onnx}: batch axis dynamic, max |ONNX - PyTorch| = {result['max_abs_diff']:.1e} (checked in onnxruntime)")
@@ -99,139 +222,54 @@ def cmd_export(a) -> int:
 
 
 def cmd_compress(a) -> int:
-    c = CompressConfig()
-    search = SearchConfig(schedule=Schedule(a.search_epochs, a.lr, c.search.schedule.weight_decay,
-                                            c.search.schedule.warmup_epochs, c.search.schedule.lr_batch),
-                          warmup_epochs=a.warmup_epochs, prune=not a.no_prune,
-                          skip="both" if a.no_prune and a.skip == "none" else a.skip,
-                          width_multiple=a.width_multiple, start=a.start, end=a.end)
-    kd = KDConfig(kind="none" if a.no_kd else a.kd, alpha=a.kd_alpha, temperature=a.kd_temperature)
-    cfg = CompressConfig(model=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, img_size=a.img_size,
-                         teacher=a.teacher, num_classes=a.num_classes, budget=a.budget, out=a.out, data=_data_config(a), search=search, kd=kd,
-                         post=Schedule(a.post_epochs if a.post_epochs is not None else 0.0 if a.one_shot else c.post.epochs,
-                                       a.post_lr, c.post.weight_decay, c.post.warmup_epochs, c.post.lr_batch),
-                         one_shot=a.one_shot, calibration_images=a.calibration_images,
-                         seed=a.seed, device=a.device, resume=a.resume, overwrite=a.overwrite, checkpoint_every=a.checkpoint_every,
-                         deterministic=a.deterministic)
+    from . import distributed
+    from .compress import CompressConfig, compress
+
+    cfg = _config(CompressConfig(), a)
     try:
         report = compress(cfg)
         if not distributed.is_main():
             return 0
     except KeyboardInterrupt:
-        raise UVCError(f"interrupted; the same command with --resume goes on from the last checkpoint in {a.out}") from None
+        raise UVCError(f"interrupted; the same command with --resume goes on from the last checkpoint in {cfg.out}") from None
     finally:
         distributed.shutdown()
     print(f"R = {report['ratio']:.4f} of {report['macs_dense'] / 1e6:.2f} M MACs (budget {report['budget']}); "
           f"test top-1 {report['top1']:.2f}% vs teacher {report['top1_teacher']:.2f}% "
           f"(validation {report['top1_val']:.2f}%); {report['throughput_dense']:.0f} -> {report['throughput']:.0f} images/s")
-    print(f"model, report.json and report.png in {a.out}")
+    print(f"model, report.json and report.png in {cfg.out}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    C, T = CompressConfig(), TeacherConfig()  # the CLI's defaults are the API's
+# name: (one line of help, the options, the command)
+COMMANDS = {
+    "train-teacher": ("train the bundled Fashion-MNIST teacher (from scratch, or on from --init)", _teacher_options,
+                      cmd_train_teacher),
+    "compress": ("compress a ViT to a MACs budget (default: the bundled teacher to 0.5)", _compress_options, cmd_compress),
+    "macs": ("count a model's multiply-accumulates per image", _model_options, cmd_macs),
+    "info": ("per block: what is kept, MACs and parameters; reachable budgets of a dense model", _model_options, cmd_info),
+    "export": ("write a model to ONNX (dynamic batch), checked against PyTorch in onnxruntime", _export_options, cmd_export),
+}
 
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s options are added, so listing the commands loads no config (and no torch)."""
     parser = argparse.ArgumentParser(prog="uvc", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug-level log lines")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train-teacher", help="train the bundled Fashion-MNIST teacher (from scratch, or on from --init)")
-    _add_data_args(t)
-    t.add_argument("--out", default=str(default_teacher_dir()))
-    t.add_argument("--epochs", type=int, default=T.schedule.epochs)
-    t.add_argument("--lr", type=float, default=T.schedule.lr)
-    t.add_argument("--warmup-epochs", type=float, default=T.schedule.warmup_epochs)
-    t.add_argument("--drop-path", type=float, default=T.drop_path, help="stochastic depth rate")
-    t.add_argument("--init", default=T.init, help="continue from a teacher folder saved by an earlier run")
-    t.add_argument("--tutor-epochs", type=int, default=T.tutor.epochs,
-                   help="train a small convnet first for this many epochs and distil its labels into the ViT (DeiT)")
-    t.add_argument("--tutor-alpha", type=float, default=T.tutor_alpha, help="weight of the tutor's labels")
-    t.add_argument("--tutor-lr", type=float, default=T.tutor.lr)
-    t.add_argument("--tutor-from", default=T.tutor_from, help="reuse the tutor kept in the folder of an earlier run")
-    t.add_argument("--seed", type=int, default=T.seed)
-    t.add_argument("--device", default=T.device)
-    t.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
-    t.add_argument("--overwrite", action="store_true", help="replace the teacher or checkpoints already in --out")
-    t.set_defaults(func=cmd_train_teacher)
-
-    c = sub.add_parser("compress", help="compress a ViT to a MACs budget (default: the bundled teacher to 0.5)")
-    c.add_argument("--model", default=C.model,
-                   help="timm name, a folder saved by uvc or by transformers' save_pretrained, or omit for the bundled teacher")
-    c.add_argument("--checkpoint", default=C.checkpoint, help="local weights (.safetensors/.pth) for a timm --model")
-    c.add_argument("--pretrained", action="store_true", help="timm's released weights (needs network)")
-    c.add_argument("--img-size", type=int, default=C.img_size,
-                   help="build the timm --model at this image size; checkpoint position embeddings are resampled")
-    c.add_argument("--teacher", default=C.teacher, help="distillation teacher (default: the input model)")
-    c.add_argument("--num-classes", type=int, default=C.num_classes,
-                   help="the data's class count, for a model trained for other classes (or a backbone): a new head is "
-                        "fitted on its frozen features first, and that model is the teacher (transfer, then compress)")
-    c.add_argument("--budget", type=float, default=C.budget, help="fraction of the dense model's MACs to keep, in (0, 1]")
-    c.add_argument("--out", default=C.out)
-    _add_data_args(c, recipe=True)
-    c.add_argument("--search-epochs", type=float, default=C.search.schedule.epochs)
-    c.add_argument("--warmup-epochs", type=float, default=C.search.warmup_epochs,
-                   help="search epochs before the counts and duals move")
-    c.add_argument("--post-epochs", type=float, default=None,
-                   help=f"KD post-training of the slimmed model (default {C.post.epochs:g}; 0 with --one-shot)")
-    c.add_argument("--lr", type=float, default=C.search.schedule.lr,
-                   help=f"weight learning rate during the search, per {C.search.schedule.lr_batch} images: it scales "
-                        "linearly with --batch-size (for an ImageNet-pretrained ViT see docs/imagenet.md)")
-    c.add_argument("--post-lr", type=float, default=C.post.lr, help=f"the same for post-training (per {C.post.lr_batch} images)")
-    c.add_argument("--kd", choices=("soft", "hard"), default=C.kd.kind)
-    c.add_argument("--kd-alpha", type=float, default=C.kd.alpha)
-    c.add_argument("--kd-temperature", type=float, default=C.kd.temperature)
-    c.add_argument("--skip", choices=SKIP_MODES, default=C.search.skip,
-                   help="which skip gates to learn (default none: on the bundled teacher skipping cost accuracy, see BENCHMARKS.md)")
-    c.add_argument("--width-multiple", type=int, default=C.search.width_multiple,
-                   help="keep head and MLP widths at multiples of this (8 suits GPU kernels)")
-    c.add_argument("--one-shot", action="store_true",
-                   help="no search and no training: rank groups on calibration images, fit the budget, compensate "
-                        "the layers that read removed groups by least squares, slim (add --post-epochs N for KD)")
-    c.add_argument("--start", choices=STARTS, default=C.search.start,
-                   help="how the search leaves the dense model: fade (the start plan's groups fade out) or compensate "
-                        "(cut at once, what reads them refitted by least squares on --calibration-images)")
-    c.add_argument("--end", choices=ENDS, default=C.search.end,
-                   help="what post-training starts from: rewind (the input weights slimmed at the searched plan, "
-                        "refitted by least squares on --calibration-images) or searched (the searched weights slimmed)")
-    c.add_argument("--calibration-images", type=int, default=C.calibration_images,
-                   help="unlabeled training images for --one-shot, --start compensate and --end rewind")
-    c.add_argument("--no-prune", action="store_true", help="ablation: skipping only")
-    c.add_argument("--no-kd", action="store_true", help="ablation: labels only")
-    c.add_argument("--seed", type=int, default=C.seed)
-    c.add_argument("--device", default=C.device, help="cpu, cuda, cuda:N or auto (under torchrun: one GPU per process)")
-    c.add_argument("--resume", action="store_true", help="continue the unfinished run in --out (its checkpoint)")
-    c.add_argument("--overwrite", action="store_true",
-                   help="replace the results or checkpoint of an earlier run in --out (never an input's folder)")
-    c.add_argument("--deterministic", action="store_true",
-                   help="deterministic GPU kernels: a resumed GPU run then ends bit-exactly where an unbroken one would")
-    c.add_argument("--checkpoint-every", type=int, default=C.checkpoint_every, help="also checkpoint every N steps")
-    c.set_defaults(func=cmd_compress)
-
-    m = sub.add_parser("macs", help="count a model's multiply-accumulates per image")
-    m.add_argument("model", nargs="?", default=None, help="timm name or a folder saved by uvc (default: the bundled teacher)")
-    m.add_argument("--checkpoint", default=None)
-    m.set_defaults(func=cmd_macs)
-
-    i = sub.add_parser("info", help="per block: what is kept, MACs and parameters; reachable budgets of a dense model")
-    i.add_argument("model", nargs="?", default=None, help="timm name or a model folder (default: the bundled teacher)")
-    i.add_argument("--checkpoint", default=None)
-    i.set_defaults(func=cmd_info)
-
-    e = sub.add_parser("export", help="write a model to ONNX (dynamic batch), checked against PyTorch in onnxruntime")
-    e.add_argument("model", help="a model folder (slimmed or not), a timm name, or a transformers folder")
-    e.add_argument("--onnx", required=True, help="the .onnx file to write")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --onnx file")
-    e.add_argument("--dense", default=None,
-                   help="also time this dense model against MODEL in onnxruntime, alternating (e.g. the model you compressed)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--rounds", type=int, default=5, help="timed rounds of >= 1 s each")
-    e.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: one per core)")
-    e.set_defaults(func=cmd_export)
+    for name, (summary, add_options, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == command:
+            add_options(p)
+        p.set_defaults(func=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)  # uvc's own options take no value
+    args = build_parser(command).parse_args(argv)
     other_rank = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 reports progress
     logging.basicConfig(level=logging.WARNING if other_rank else logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

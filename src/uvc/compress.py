@@ -19,7 +19,8 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from .errors import UVCError, check_finite
 from .flops import macs, skeleton_of
 from .gates import make_compressible
 from .io import atomic_write_text, tensor_digest
-from .models import default_teacher_dir, load_model, save
+from .models import DEFAULT_TEACHER, default_teacher_dir, load_model, save
 from .oneshot import one_shot
 from .plan import LayerPlan
 from .report import percent, write_report
@@ -68,6 +69,8 @@ class CompressConfig:
     """Everything `uvc compress` takes. The defaults compress the bundled teacher to half its MACs.
 
     `data` may be given as a string (a data set name or an ImageFolder path): it becomes `DataConfig(data=...)`.
+    Learning rates (`search.schedule.lr`, `post.lr`) are per 128 images and scale linearly with the global batch
+    (`engine.LR_BATCH`), as `--lr` and `--post-lr` are: `uvc compress` only copies its options into these fields.
     """
 
     model: str | None = None  # timm name, folder saved by uvc.save or save_pretrained, or None for the bundled teacher
@@ -81,8 +84,8 @@ class CompressConfig:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    post: Schedule = field(default_factory=lambda: Schedule(epochs=2.0, lr=1e-4, weight_decay=0.05, warmup_epochs=0.1,
-                                                            lr_batch=128))
+    # KD post-training of the slimmed model; epochs None: 2 after a search, none after one-shot (`post_training`)
+    post: Schedule = field(default_factory=lambda: Schedule(epochs=None, lr=1e-4, weight_decay=0.05, warmup_epochs=0.1))
     one_shot: bool = False  # no search: rank groups, fit the plan, compensate by least squares, slim; then `post`
     calibration_images: int = 1000  # unlabeled training images for compensation (one-shot, the compensated start, the rewound end)
     seed: int = 0
@@ -101,6 +104,13 @@ class CompressConfig:
         if isinstance(self.data, str):
             self.data = DataConfig(data=self.data)
 
+    def post_training(self) -> Schedule:
+        """`post` with its epochs filled in. One-shot post-trains for none by default: at the default rate
+        post-training undoes part of what its least-squares refit keeps (README, Benchmarks)."""
+        if self.post.epochs is not None:
+            return self.post
+        return replace(self.post, epochs=0.0 if self.one_shot else 2.0)
+
     def validate(self) -> None:
         check_finite(self, FLAGS)
         if not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
@@ -108,7 +118,7 @@ class CompressConfig:
         self.data.validate()
         self.search.validate()
         self.kd.validate()
-        self.post.validate("post-training")
+        self.post_training().validate("post-training")
         if self.calibration_images < 1:
             raise UVCError(f"--calibration-images must be >= 1, got {self.calibration_images}")
         if self.img_size is not None and self.img_size < 1:
@@ -153,7 +163,7 @@ class Run:
     def __init__(self, cfg: CompressConfig, model: nn.Module | None = None, teacher: nn.Module | None = None,
                  teacher_scores: dict[str, float] | None = None):
         cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg = replace(cfg, post=cfg.post_training())  # the report and a resume see the epochs that ran
         self.out = check_output_dir(cfg.out, checkpoints=[CHECKPOINT], resume=cfg.resume, overwrite=cfg.overwrite,
                                     inputs=[None if isinstance(model, nn.Module) else cfg.model or default_teacher_dir(),
                                             cfg.checkpoint, cfg.teacher, cfg.data.data, cfg.data.root])
@@ -199,6 +209,8 @@ class Run:
         self.state = RunState(budget=cfg.budget, dense_macs=self.dense_macs)
         self.settings = {**flat_settings(asdict(cfg), RESULT_NEUTRAL), "weights of the model": tensor_digest(student.state_dict()),
                          "weights of the teacher": tensor_digest(self.teacher.state_dict())}
+        if model is None:
+            _warn_if_random(cfg)  # last: a run that an input error stops prints that error alone
 
     def _fit_head(self, student: nn.Module) -> dict | None:
         """Transfer: a head for `num_classes` fitted on the student's frozen features (see transfer.py), unless it
@@ -392,7 +404,8 @@ class Run:
     def _one_shot(self) -> None:
         """Importance from calibration images, the plan fitted to the budget, compensation, slimming: no gradient step."""
         slimmed, plan, stats = one_shot(self._input_copy(), self.cfg.budget, self._calibration(),
-                                        calibration_images=self.cfg.calibration_images, input_size=self.input_size)
+                                        calibration_images=self.cfg.calibration_images, input_size=self.input_size,
+                                        multiple=self.cfg.search.width_multiple)
         log.info("one-shot: %s importance, %s allocation, compensated on %d images", stats["importance"],
                  stats["allocation"], stats["images"])
         self.begin_post_training(slimmed, plan)
@@ -493,6 +506,15 @@ class Run:
                  report["ratio"], self.cfg.budget, percent(top1), percent(s.top1_teacher), top1_val,
                  report["throughput_dense"], report["throughput"])
         return report
+
+
+def _warn_if_random(cfg: CompressConfig) -> None:
+    """A timm name without released or local weights is built with random ones: compressing those is rarely meant."""
+    name = cfg.model
+    if name is None or name == DEFAULT_TEACHER or cfg.pretrained or cfg.checkpoint or Path(name).exists():
+        return
+    log.warning("%s has random weights (no --pretrained, no --checkpoint): pass --checkpoint PATH (a .safetensors/.pth "
+                "state dict; CompressConfig(checkpoint=...)) or --pretrained (timm's released weights, needs network)", name)
 
 
 def _jsonable(value):

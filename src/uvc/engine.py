@@ -161,32 +161,32 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
     return total / max(steps, 1)
 
 
+LR_BATCH = 128  # every learning rate in uvc is stated for a global batch of this many images
+
+
 @dataclass
 class Schedule:
-    """How long and how fast one phase trains: AdamW at `lr` with a linear warm-up over `warmup_epochs`,
-    then a cosine decay to lr / 100, stepped per update.
+    """How long and how fast one phase trains: AdamW with a linear warm-up over `warmup_epochs`, then a
+    cosine decay to a hundredth of the rate, stepped per update.
 
-    With `lr_batch` set, `lr` is the rate for a global batch of that size and scales linearly with the
-    batch actually used (DeiT's rule: 5e-4 per 512 images), so `--batch-size` can change without
-    retuning; without it, `lr` is used as given.
+    `lr` is the rate per LR_BATCH (128) images: it scales linearly with the global batch actually used
+    (DeiT's rule, 5e-4 per 512), so a batch size can change without retuning. The API and the command
+    line share this one meaning.
     """
 
-    epochs: float
-    lr: float
+    epochs: float | None  # None only where the owner fills it in (CompressConfig.post_training)
+    lr: float  # per 128 images (LR_BATCH)
     weight_decay: float = 0.05
     warmup_epochs: float = 0.0
-    lr_batch: int | None = None
 
     def lr_for(self, batch_size: int) -> float:
-        return self.lr * batch_size / self.lr_batch if self.lr_batch else self.lr
+        return self.lr * batch_size / LR_BATCH
 
     def validate(self, what: str, allow_zero: bool = True) -> None:
         if self.epochs < 0 or (self.epochs == 0 and not allow_zero):
             raise UVCError(f"{what} epochs must be {'>= 0' if allow_zero else '> 0'}, got {self.epochs}")
         if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise UVCError(f"{what}: the learning rate, weight decay and warm-up must be >= 0")
-        if self.lr_batch is not None and self.lr_batch < 1:
-            raise UVCError(f"{what}: lr_batch must be a batch size >= 1 (or None), got {self.lr_batch}")
 
     def steps(self, steps_per_epoch: int) -> int:
         return round(self.epochs * steps_per_epoch)
@@ -194,7 +194,7 @@ class Schedule:
 
 def make_optimizer(model: nn.Module, schedule: Schedule, steps_per_epoch: int, batch_size: int):
     """AdamW without decay on norms and biases, cosine schedule stepped per update (timm's factories);
-    `batch_size` is the global batch, which scales the rate when the schedule states one for `lr_batch`."""
+    `batch_size` is the global batch, which scales the schedule's rate (stated per LR_BATCH images)."""
     lr = schedule.lr_for(batch_size)
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=schedule.weight_decay)
     total = max(schedule.steps(steps_per_epoch), 1)

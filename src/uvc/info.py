@@ -11,9 +11,10 @@ from .resource import shape_macs
 from .slim import is_slim
 
 
-def describe(model: str | nn.Module | None = None, checkpoint: str | None = None) -> str:
-    """A table of the model's blocks (a slimmed model shows what each kept), with totals and reachable budgets."""
-    net = load_model(model, checkpoint=checkpoint)
+def describe(model: str | nn.Module | None = None, checkpoint: str | None = None, **timm_kwargs) -> str:
+    """A table of the model's blocks (a slimmed model shows what each kept), with totals and reachable budgets;
+    `timm_kwargs` (e.g. `img_size=112`) build a timm name at another resolution, whose token count the MACs follow."""
+    net = load_model(model, checkpoint=checkpoint, **timm_kwargs)
     adapter = adapter_for(net)
     input_size = adapter.input_size(net)
     tokens = adapter.tokens(net, input_size)

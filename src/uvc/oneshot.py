@@ -119,32 +119,35 @@ def _global_start(skel, costs, budget: float) -> torch.Tensor:
     return removed_at(thresholds[lo])
 
 
-def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "uniform", input_size=None) -> list[LayerPlan]:
-    """The plan for `budget` from per-group importance `scores` (see `group_importance`)."""
+def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "uniform", input_size=None,
+                  multiple: int = 1) -> list[LayerPlan]:
+    """The plan for `budget` from per-group importance `scores` (see `group_importance`), kept head and MLP
+    widths at multiples of `multiple` (or whole)."""
     if allocation not in ALLOCATIONS:
         raise UVCError(f"allocation {allocation!r} is not one of {ALLOCATIONS}")
     if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise UVCError(f"budget {budget} is outside (0, 1]; it is the fraction of the dense model's MACs to keep, e.g. 0.5")
     skel = skeleton_of(model, input_size)
     costs = removal_costs(scores)
-    start = uniform_removal(skel, budget) if allocation == "uniform" else _global_start(skel, costs, budget)
+    start = uniform_removal(skel, budget, multiple) if allocation == "uniform" else _global_start(skel, costs, budget)
     ones = torch.ones(skel.depth)
-    return plan_of_counts(scores, fit_to_budget(skel, start, ones, ones, costs, budget, TOLERANCE))
+    return plan_of_counts(scores, fit_to_budget(skel, start, ones, ones, costs, budget, TOLERANCE, multiple))
 
 
 @torch.no_grad()
 def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str = "activation",
              allocation: str = "global", compensate: bool = True, calibration_images: int = 1000,
-             ridge: float = DEFAULT_RIDGE, input_size=None) -> tuple[nn.Module, list[LayerPlan], dict]:
+             ridge: float = DEFAULT_RIDGE, input_size=None, multiple: int = 1) -> tuple[nn.Module, list[LayerPlan], dict]:
     """Compress `model` to `budget` (fraction of its MACs) without training: (slimmed, plan, stats).
 
     `batches` gives calibration images (labels, if any, are ignored); the first
-    `calibration_images` are used for activation importance and for compensation. The input
-    model is not changed. Raises UVCError if the slimmed model misses [budget - 0.01, budget].
+    `calibration_images` are used for activation importance and for compensation; kept head and MLP
+    widths are multiples of `multiple` (or whole). The input model is not changed. Raises UVCError if
+    the slimmed model misses [budget - 0.01, budget].
     """
     images = take_images(batches, calibration_images)
     scores = group_importance(model, importance, images)
-    plan = one_shot_plan(model, budget, scores, allocation, input_size)
+    plan = one_shot_plan(model, budget, scores, allocation, input_size, multiple)
     slimmed = slim(model, plan)
     ratio = macs(slimmed, input_size) / macs(model, input_size)
     if not budget - TOLERANCE <= ratio <= budget:

@@ -59,7 +59,7 @@ class SearchConfig:
     """Search hyper-parameters; the defaults are tuned for the bundled Fashion-MNIST demo (see docs/method.md)."""
 
     schedule: Schedule = field(default_factory=lambda: Schedule(epochs=1.0, lr=1e-4, weight_decay=0.05,
-                                                                warmup_epochs=0.05, lr_batch=128))
+                                                                warmup_epochs=0.05))
     warmup_epochs: float = 0.2  # the Taylor estimates settle before the counts, the gates and the duals move
     fade_epochs: float = 0.5  # marked groups and skipped halves fade from 1 to 0 over this many epochs (0: at once)
     start: str = "fade"  # "compensate": cut the start plan at once, its proj / fc2 refitted by least squares (no fade)
@@ -68,7 +68,7 @@ class SearchConfig:
     prune: bool = True
     skip: str = "none"  # which skip gates exist: block, halves (attention / MLP), both, or none (see docs/method.md)
     importance: str = "taylor"  # which groups are removed first: "taylor" (the loss's sensitivity) or "norm" (weights)
-    width_multiple: int = 1  # kept head and MLP widths at multiples of this (8 suits GPU kernels)
+    width_multiple: int = 1  # kept head and MLP widths at multiples of this (8 suits GPU kernels), one-shot's too
     frozen: bool = False  # the benchmark's control: train the masked start plan, but move no count, gate or dual
     importance_decay: float = 0.9  # moving average of the mask gradients' magnitudes
     ratio_lr: float = 0.02
@@ -136,7 +136,7 @@ class Search(nn.Module):
         like = torch.zeros((), device=weight.device, dtype=_state_dtype(weight))
         depth = skeleton.depth
         self.register_buffer("sizes", skeleton.sizes(like))
-        start = uniform_removal(skeleton, budget).to(like) if cfg.prune else torch.zeros_like(self.sizes)
+        start = uniform_removal(skeleton, budget, cfg.width_multiple).to(like) if cfg.prune else torch.zeros_like(self.sizes)
         self.ratios = nn.Parameter(start / self.sizes)
         self.register_buffer("gate_margin", torch.ones(depth, len(GATES), device=like.device, dtype=like.dtype))
         on = {"both": GATES, "block": ("block",), "halves": ("attn", "mlp"), "none": ()}[cfg.skip]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import LayerScale, Mlp, use_fused_attn
 from torch import nn
 
+from . import t2t  # noqa: F401  (registers the T2T-ViT adapter and timm names: saved T2T models rebuild by name)
 from .adapters import ACTIVATIONS, activation_name, adapter_for, adapter_named
 from .errors import UVCError
 from .gates import GatedBlock, get_plan
