@@ -41,6 +41,10 @@ def _add_data_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     p.add_argument("--test-limit", type=int, default=d.test_limit, help="use only the first N test images")
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--input-size", type=int, default=d.input_size, help="crop size for ImageFolder data (default: the model's)")
+    p.add_argument("--mean", type=float, nargs="+", default=d.mean, help="normalisation mean, one value or one per channel (default: the model's)")
+    p.add_argument("--std", type=float, nargs="+", default=d.std, help="normalisation std, one value or one per channel (default: the model's)")
+    p.add_argument("--interpolation", default=d.interpolation, help="resize: bilinear, bicubic or nearest (default: the model's)")
+    p.add_argument("--crop-pct", type=float, default=d.crop_pct, help="ImageFolder only: evaluation centre crop fraction (default: the model's)")
     if not recipe:
         return
     default = "default: DeiT's %s for ImageFolder data, %s for Fashion-MNIST"
@@ -54,6 +58,8 @@ def _add_data_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
 def _data_config(a):
     return DataConfig(data=a.data, root=a.data_root, batch_size=a.batch_size, train_limit=a.train_limit,
                       val_limit=a.val_limit, test_limit=a.test_limit, workers=a.workers, input_size=a.input_size,
+                      mean=a.mean and tuple(a.mean), std=a.std and tuple(a.std), interpolation=a.interpolation,
+                      crop_pct=a.crop_pct,
                       **{k: getattr(a, k) for k in RECIPE_ARGS if hasattr(a, k)})
 
 

@@ -58,7 +58,8 @@ RESULT_NEUTRAL = frozenset({"out", "resume", "overwrite", "checkpoint_every", "l
 FLAGS = {"budget": "--budget", "search.schedule.epochs": "--search-epochs", "search.schedule.lr": "--lr",
          "search.warmup_epochs": "--warmup-epochs", "post.epochs": "--post-epochs", "post.lr": "--post-lr",
          "kd.alpha": "--kd-alpha", "kd.temperature": "--kd-temperature", "data.mixup": "--mixup",
-         "data.cutmix": "--cutmix", "data.smoothing": "--smoothing", "data.reprob": "--reprob"}
+         "data.cutmix": "--cutmix", "data.smoothing": "--smoothing", "data.reprob": "--reprob",
+         "data.crop_pct": "--crop-pct"}
 
 
 @dataclass
@@ -167,7 +168,8 @@ class Run:
                 teacher = load_model(cfg.teacher) if cfg.teacher else copy.deepcopy(student)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         model_input = adapter_for(student).input_size(student)
-        self.data = build_data(cfg.data, seed=cfg.seed, input_size=model_input)
+        self.data = build_data(cfg.data, seed=cfg.seed, input_size=model_input,
+                               pretrained_cfg=getattr(student, "pretrained_cfg", None))
         self.input_size = self.data.input_size
         self._check_compatible(student, model_input)
         self.skel = skeleton_of(student, self.input_size)
@@ -202,8 +204,8 @@ class Run:
             name = self.cfg.model or type(student).__name__
             size = "x".join(map(str, model_input))
             raise UVCError(f"{name} takes {size} images but {self.data.name} provides {'x'.join(map(str, data_input))}: "
-                           f"pass --data DIR (an ImageFolder tree with train/ and val/, cropped to {size}) for this model, "
-                           "or a model built for this data (the bundled teacher for Fashion-MNIST)")
+                           f"leave --input-size out (the data then takes the model's size), or build the model at "
+                           f"--img-size {data_input[-1]}")
         x = torch.zeros(1, *self.input_size, dtype=model_dtype(student))
         with torch.no_grad():
             s_out = predict_logits(student.eval(), x)
@@ -439,6 +441,7 @@ class Run:
         slim_macs = macs(model, self.input_size)
         speed = compare_throughput({"dense": self.dense, "slimmed": model}, self.input_size, self.cfg.throughput_batch,
                                    self.device, rounds=self.cfg.throughput_rounds)
+        model.pretrained_cfg = dict(self.data.preprocessing)  # saved with it: how its images were prepared
         save(model.cpu(), self.out)
         plan = [LayerPlan.from_dict(p) for p in s.plan]
         report = {
