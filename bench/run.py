@@ -45,6 +45,7 @@ from uvc.oneshot import one_shot
 from uvc.search import SearchConfig
 
 from baselines import plan_of_slimmed, taylor_gradients, torch_pruning_to_budget
+from pretrained import teacher_dir
 from speed import deit_small_speed, speed_pair, steady_allocator, step_cost
 from summary import (ABLATIONS, BENCH_TEACHER, BUNDLED_TEACHER, LABELS, MAIN_METHODS, RESULTS_FORMAT, SEARCHED,
                      TEACHER_NOTES, write_summary)
@@ -144,13 +145,20 @@ def compress_config(s: Settings, budget: float, out: Path, method: str, seed: in
                           overwrite=True)  # the benchmark owns its run folders; its --resume reuses finished ones
 
 
+def teacher_data(cfg: CompressConfig, teacher):
+    """The benchmark's data as the teacher takes it, as `uvc.compress` builds it (Fashion-MNIST resized and
+    replicated for the pretrained teacher)."""
+    return build_data(cfg.data, seed=cfg.seed, input_size=adapter_for(teacher).input_size(teacher),
+                      pretrained_cfg=getattr(teacher, "pretrained_cfg", None))
+
+
 def prune_baseline(method: str, teacher, budget: float, cfg: CompressConfig, s: Settings):
     """(slimmed model, plan) of a baseline, pruned from the teacher without training; the teacher is not changed."""
     if method == "uniform":
         plan = uniform_plan(teacher, budget)
         return uvc.slim(teacher, plan), plan
     if method in ("compensated", "oneshot"):
-        batches = build_data(cfg.data, seed=cfg.seed).calibration  # unaugmented, fixed order, as `--one-shot` uses
+        batches = teacher_data(cfg, teacher).calibration  # unaugmented, fixed order, as `--one-shot` uses
         choice = dict(importance=COMPENSATED_IMPORTANCE, allocation="uniform") if method == "compensated" else {}
         slimmed, plan, _ = one_shot(model=teacher, budget=budget, batches=batches, compensate=True,
                                     calibration_images=s.calibration_images, **choice)  # "oneshot": `--one-shot`'s defaults
@@ -158,7 +166,7 @@ def prune_baseline(method: str, teacher, budget: float, cfg: CompressConfig, s: 
     criterion = method.removeprefix("tp_")
     source = teacher
     if criterion == "taylor":
-        source = taylor_gradients(teacher, build_data(cfg.data, seed=cfg.seed).train, s.taylor_batches)
+        source = taylor_gradients(teacher, teacher_data(cfg, teacher).train, s.taylor_batches)
     slimmed = torch_pruning_to_budget(source, budget, criterion)
     return slimmed, plan_of_slimmed(slimmed)
 
@@ -203,8 +211,9 @@ def machine(threads: int) -> dict:
 
 def add_teacher_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=BENCH_TEACHER,
-                   help=f"a model folder saved by uvc.save (relative to the repository or absolute), or 'bundled' for the "
-                        f"teacher `uvc compress` uses by default (default: {BENCH_TEACHER}, {TEACHER_NOTES[BENCH_TEACHER]})")
+                   help=f"a model folder saved by uvc.save (relative to the repository or absolute), 'bundled' for the "
+                        f"teacher `uvc compress` uses by default, or 'pretrained' for bench/pretrained.py's DINOv2-S/14 "
+                        f"classifier (default: {BENCH_TEACHER}, {TEACHER_NOTES[BENCH_TEACHER]})")
 
 
 def teacher_label(name: str) -> str:
@@ -213,11 +222,13 @@ def teacher_label(name: str) -> str:
 
 
 def load_teacher(name: str):
+    folder = {"bundled": None, "pretrained": teacher_dir()}.get(name, ROOT / name)
     try:
-        return uvc.load_model(None if name == "bundled" else str(ROOT / name))
+        return uvc.load_model(None if folder is None else str(folder))
     except UVCError as e:
-        sys.exit(f"bench: cannot load the teacher {name!r}: {e}\n"
-                 "Pass --teacher DIR (a model folder written by uvc.save) or --teacher bundled.")
+        advice = " Build it with python bench/pretrained.py." if name == "pretrained" else ""
+        sys.exit(f"bench: cannot load the teacher {name!r}: {e}.{advice}\n"
+                 "Pass --teacher DIR (a model folder written by uvc.save), --teacher bundled or --teacher pretrained.")
 
 
 def places(quick: bool) -> tuple[Path, Path]:

@@ -529,3 +529,30 @@ def test_data_efficiency_sections_come_from_their_result_files(tmp_path):
             "B = 0.5, ridge 0.001: 90.48.") in text
     assert ("| 3000 | one-shot uniform plan + LS compensation + KD | 2 | 0.5000 | 90.90 ± 0.14 | 91.10 ± 0.14 | "
             "89.80 ± 0.14 | -0.41 | 65 |") in text  # the seeds' mean ± std, one row per (images, method)
+
+
+def test_pretrained_teacher_mapping_reproduces_transformers_dinov2():
+    """bench/pretrained.py's names and position-embedding resampling give a transformers DINOv2-S/14 (random
+    weights) at 112 px; the wheel's ONNX file itself is checked by the script against onnxruntime."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'uvc[hf]')")
+    import pretrained
+
+    torch.manual_seed(0)
+    hf = transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                                            image_size=518, patch_size=14, layerscale_value=0.5)).eval()
+    # transformers 5 renamed the attention projections; the wheel's ONNX file has the earlier names.
+    earlier = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
+               "attention.v_proj": "attention.attention.value", "attention.o_proj": "attention.output.dense"}
+    named = {}
+    for k, v in hf.state_dict().items():
+        for new, old in earlier.items():
+            k = k.replace(new, old)
+        named["backbone." + k] = v.numpy()
+    pos = named.pop("backbone.embeddings.position_embeddings")
+    named["pos_cls"], named["pos_patches"] = pos[:, :1], pos[:, 1:]
+    model = pretrained.build(pretrained.timm_state_dict(named), 112, num_classes=0)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        ours, theirs = model.forward_features(x), hf(pixel_values=x).last_hidden_state
+    assert ours.shape == theirs.shape == (2, 65, 384)
+    assert torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).min() > 0.999

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -114,17 +115,24 @@ CLI_TINY = ["--device", "cpu", "--train-limit", "512", "--val-limit", "256", "--
     (["--model", "deit_tiny_patch16_224", "--data-root", "/nonexistent"], "apt-get install -y dataset-fashion-mnist"),
     (["--model", "deit_tiny_patch16_224", "--data", "/nonexistent/imagenet"], "neither 'fashion-mnist' nor an existing"),
     (["--budget", "2"], "outside (0, 1]"),
-    (["--model", "deit_tiny_patch16_224"], "takes 3x224x224 images but fashion-mnist provides 1x28x28: pass --data DIR"),
+    (["--model", "deit_tiny_patch16_224"], "the data has 10 classes but the model predicts 1000"),
+    (["--model", "deit_tiny_patch16_224", "--data", "{image_folder}", "--input-size", "32"],
+     "takes 3x224x224 images but {image_folder} provides 3x32x32: leave --input-size out"),
     (["--model", "deit_tiny_patch16_224", "--data", "{empty_folder}"], "holds no images in class sub-folders"),
     (["--model", "deit_tiny_patch16_224", "--checkpoint", "{not_a_checkpoint}"], "is not a readable PyTorch checkpoint"),
     (["--search-epochs", "0"], "search epochs must be > 0"),
     (["--width-multiple", "0"], "width multiple must be >= 1"),
 ])
 def test_cli_bad_input_names_the_fix_and_writes_nothing(tmp_path, args, message):
+    from PIL import Image
+
     for split in ("train", "val"):
         (tmp_path / "empty" / split / "some_class").mkdir(parents=True)
+        (tmp_path / "images" / split / "some_class").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / split / "some_class" / "0.png")
     (tmp_path / "notes.pth").write_text("these are not weights")
-    args = [a.format(empty_folder=tmp_path / "empty", not_a_checkpoint=tmp_path / "notes.pth") for a in args]
+    paths = dict(empty_folder=tmp_path / "empty", not_a_checkpoint=tmp_path / "notes.pth", image_folder=tmp_path / "images")
+    args, message = [a.format(**paths) for a in args], message.format(**paths)
     out = tmp_path / "out"
     result = run_cli("compress", "--out", str(out), *args)
     assert result.returncode == 2
@@ -171,6 +179,8 @@ def test_one_shot_compression_meets_the_budget_without_training(tmp_path):
     assert 0.49 <= report["ratio"] <= 0.5 and uvc.macs(uvc.load(tmp_path / "out")) == report["macs"]
     assert report["history"] == [] and report["config"]["one_shot"] and report["config"]["post"]["epochs"] == 0
     assert report["top1_val"] == report["top1_val_after_search"]  # nothing trained after slimming
+    prepared = timm.data.resolve_data_config(model=uvc.load(tmp_path / "out"))  # how its images were prepared
+    assert prepared["input_size"] == (1, 28, 28) and prepared["mean"] == (0.286,) and prepared["std"] == (0.353,)
     assert all(layer["head_dim"] % 8 == 0 and layer["hidden"] % 8 == 0 for layer in report["layers"])
 
 

@@ -95,3 +95,87 @@ def test_image_folder_through_timm(tmp_path):
     with pytest.raises(uvc.UVCError, match="no val/ folder"):
         (tmp_path / "val").rename(tmp_path / "validation")
         build_data(DataConfig(data=str(tmp_path)))
+
+
+def image_folder(root, colour=(200, 100, 50), size=40):
+    """train/ and val/ with two classes of two plain-coloured images each."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (size, size), colour).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def eval_transform(data):
+    return {type(t).__name__: t for t in data.test.dataset.dataset.transform.transforms}
+
+
+def test_image_folder_is_prepared_as_the_model_was_trained(tmp_path):
+    """mean, std, interpolation and crop come from the model's pretrained_cfg; DataConfig's fields override them."""
+    model_cfg = {"mean": (0.1, 0.2, 0.3), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "crop_pct": 0.5,
+                 "input_size": (3, 518, 518)}  # a released size: the model's own (32) wins
+    root = image_folder(tmp_path / "images")
+    small = dict(data=str(root), batch_size=4, eval_batch_size=4, workers=0)
+    data = build_data(DataConfig(**small), input_size=(3, 32, 32), pretrained_cfg=model_cfg)
+    assert data.preprocessing == {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.1, 0.2, 0.3),
+                                  "std": (0.5, 0.5, 0.5), "crop_pct": 0.5, "crop_mode": "center"}
+    steps = eval_transform(data)
+    assert steps["Resize"].size == 64 and steps["Resize"].interpolation.value == "bilinear"  # 32 / crop_pct
+    assert steps["Normalize"].mean.tolist() == pytest.approx([0.1, 0.2, 0.3])
+    x, _ = next(iter(data.test))
+    expected = (torch.tensor([200, 100, 50]) / 255 - torch.tensor([0.1, 0.2, 0.3])) / 0.5
+    assert torch.allclose(x[0, :, 16, 16], expected, atol=1e-5)
+    data = build_data(DataConfig(**small, mean=(0.5,), std=(0.25, 0.5, 1.0), interpolation="nearest", crop_pct=1.0),
+                      input_size=(3, 32, 32), pretrained_cfg=model_cfg)
+    steps = eval_transform(data)
+    assert steps["Resize"].size == 32 and steps["Resize"].interpolation.value == "nearest"
+    assert data.preprocessing["mean"] == (0.5, 0.5, 0.5) and data.preprocessing["std"] == (0.25, 0.5, 1.0)
+    assert build_data(DataConfig(**small), input_size=(3, 32, 32)).preprocessing["mean"] == (0.485, 0.456, 0.406)
+    for bad, message in ((dict(std=(0.0,)), "--std takes"), (dict(interpolation="lanczos"), "--interpolation"),
+                         (dict(crop_pct=1.5), "--crop-pct"), (dict(mean=(0.1, 0.2)), "--mean has 2 values")):
+        with pytest.raises(uvc.UVCError, match=message):
+            cfg = DataConfig(**small, **bad)
+            cfg.validate()
+            build_data(cfg, input_size=(3, 32, 32))
+
+
+def test_a_greyscale_model_gets_greyscale_images(tmp_path):
+    """A 1-channel model reads an RGB ImageFolder in greyscale (PIL's L), with an RGB mean averaged to one value."""
+    root = image_folder(tmp_path / "images")
+    data = build_data(DataConfig(data=str(root), batch_size=4, eval_batch_size=4, workers=0), input_size=(1, 24, 24),
+                      pretrained_cfg={"mean": (0.3, 0.4, 0.5), "std": (0.2, 0.2, 0.2)})
+    assert data.input_size == (1, 24, 24) and data.preprocessing["mean"] == pytest.approx((0.4,))
+    grey = (200 * 299 + 100 * 587 + 50 * 114 + 500) // 1000  # PIL's L conversion, rounded
+    x, _ = next(iter(data.test))
+    assert x.shape == (4, 1, 24, 24) and x[0, 0, 12, 12].item() == pytest.approx((grey / 255 - 0.4) / 0.2, abs=1e-5)
+    x, _ = next(iter(data.train))  # DeiT's recipe (RandAugment, random erasing) on greyscale images
+    assert x.shape == (4, 1, 24, 24)
+
+
+def test_fashion_mnist_fits_a_model_made_for_other_images(tmp_path):
+    """Grey replicated to 3 channels, resized to the model's size, normalised with its mean and std; a 1x28x28
+    model keeps Fashion-MNIST's own batches."""
+    images = np.zeros((80, 28, 28))
+    images[:, 7:21, 7:21] = 255
+    for prefix, n in (("train", 80), ("t10k", 16)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images[:n])
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    model_cfg = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.5), "interpolation": "bilinear"}
+    data = build_data(DataConfig(root=str(tmp_path), batch_size=8, eval_batch_size=8), input_size=(3, 56, 56),
+                      pretrained_cfg=model_cfg)
+    assert data.input_size == (3, 56, 56) and data.preprocessing["mean"] == (0.5, 0.4, 0.3)
+    assert data.preprocessing["crop_pct"] == 1.0  # resized whole
+    for split in (data.train, data.val, data.test, data.calibration):
+        x, _ = next(iter(split))
+        assert x.shape == (8, 3, 56, 56)
+    x, _ = next(iter(data.test))
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.5])
+    assert torch.allclose(x[0, :, 28, 28], (1 - mean) / std, atol=1e-5)  # the white square, twice the size
+    assert torch.allclose(x[0, :, 2, 2], -mean / std, atol=1e-5)  # the black border
+    native = build_data(DataConfig(root=str(tmp_path), batch_size=8), input_size=(1, 28, 28), pretrained_cfg=model_cfg)
+    assert native.train.view is None and native.preprocessing["mean"] == (uvc.data.FASHION_MNIST_MEAN,)
+    with pytest.raises(uvc.UVCError, match="--crop-pct applies to ImageFolder"):
+        build_data(DataConfig(root=str(tmp_path), crop_pct=0.9))

@@ -50,3 +50,37 @@ def test_build_options_for_a_model_that_is_already_built_are_refused_not_ignored
     with pytest.raises(UVCError, match="checkpoint, pretrained only apply"):
         load_model(net, checkpoint="w.pth", pretrained=True)
     assert load_model(net) is net
+
+
+def test_saved_model_carries_its_preprocessing(tmp_path):
+    """arch.json keeps the preprocessing part of pretrained_cfg at the model's own size, and timm reads it back."""
+    import json
+
+    import uvc
+
+    model = timm.create_model("vit_small_patch14_dinov2", img_size=28, depth=1, num_classes=3)
+    assert model.pretrained_cfg["input_size"] == (3, 518, 518)  # timm keeps the released size
+    save(model, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "arch.json").read_text())["pretrained_cfg"]
+    assert set(saved) <= {"input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode"}
+    expected = timm.data.resolve_data_config({"input_size": (3, 28, 28)}, model=model)
+    assert timm.data.resolve_data_config(model=uvc.load(tmp_path / "m")) == expected
+    bare = timm.models.vision_transformer.VisionTransformer(img_size=28, patch_size=7, depth=1, embed_dim=32, num_heads=2)
+    save(bare, tmp_path / "bare")  # a model without a pretrained_cfg saves none
+    assert "pretrained_cfg" not in json.loads((tmp_path / "bare" / "arch.json").read_text())
+
+
+def test_hugging_face_folder_brings_its_preprocessor_config(tmp_path):
+    import json
+
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'uvc[hf]')")
+    config = transformers.DeiTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     image_size=32, patch_size=8, num_labels=3)
+    transformers.DeiTForImageClassification(config).save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "do_resize": True, "size": {"height": 40, "width": 40}, "resample": 2, "do_center_crop": True,
+        "crop_size": {"height": 32, "width": 32}, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.25, 0.25, 0.25]}))
+    cfg = timm.data.resolve_data_config(model=load_model(str(tmp_path)))
+    assert cfg["mean"] == (0.5, 0.5, 0.5) and cfg["std"] == (0.25, 0.25, 0.25) and cfg["interpolation"] == "bilinear"
+    assert cfg["input_size"] == (3, 32, 32) and cfg["crop_pct"] == 0.8

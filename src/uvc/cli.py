@@ -53,6 +53,13 @@ def _data_options(p: argparse.ArgumentParser, cfg, recipe: bool = False) -> None
     _field(p, cfg, "data.test_limit", "--test-limit", type=int, help="use only the first N test images")
     _field(p, cfg, "data.workers", "--workers", type=int, help="data-loading processes")
     _field(p, cfg, "data.input_size", "--input-size", type=int, help="crop size for ImageFolder data (None: the model's)")
+    _field(p, cfg, "data.mean", "--mean", type=float, nargs="+",
+           help="normalisation mean, one value or one per channel (None: the model's)")
+    _field(p, cfg, "data.std", "--std", type=float, nargs="+",
+           help="normalisation std, one value or one per channel (None: the model's)")
+    _field(p, cfg, "data.interpolation", "--interpolation", help="resize: bilinear, bicubic or nearest (None: the model's)")
+    _field(p, cfg, "data.crop_pct", "--crop-pct", type=float,
+           help="ImageFolder only: evaluation centre-crop fraction (None: the model's)")
     if not recipe:
         return
     data = "None: DeiT's %s for ImageFolder data, %s for Fashion-MNIST"

@@ -61,7 +61,8 @@ RESULT_NEUTRAL = frozenset({"out", "resume", "overwrite", "checkpoint_every", "l
 FLAGS = {"budget": "--budget", "search.schedule.epochs": "--search-epochs", "search.schedule.lr": "--lr",
          "search.warmup_epochs": "--warmup-epochs", "post.epochs": "--post-epochs", "post.lr": "--post-lr",
          "kd.alpha": "--kd-alpha", "kd.temperature": "--kd-temperature", "data.mixup": "--mixup",
-         "data.cutmix": "--cutmix", "data.smoothing": "--smoothing", "data.reprob": "--reprob"}
+         "data.cutmix": "--cutmix", "data.smoothing": "--smoothing", "data.reprob": "--reprob",
+         "data.crop_pct": "--crop-pct"}
 
 
 @dataclass
@@ -181,7 +182,8 @@ class Run:
             if teacher is None and cfg.teacher:
                 teacher = load_model(cfg.teacher)
         model_input = adapter_for(student).input_size(student)
-        self.data = build_data(cfg.data, seed=cfg.seed, input_size=model_input)
+        self.data = build_data(cfg.data, seed=cfg.seed, input_size=model_input,
+                               pretrained_cfg=getattr(student, "pretrained_cfg", None))
         self.transfer = self._fit_head(student) if cfg.num_classes is not None else None
         self.teacher = (teacher if teacher is not None else copy.deepcopy(student)).to(self.device).eval().requires_grad_(False)
         self.input_size = self.data.input_size
@@ -233,8 +235,8 @@ class Run:
             name = self.cfg.model or type(student).__name__
             size = "x".join(map(str, model_input))
             raise UVCError(f"{name} takes {size} images but {self.data.name} provides {'x'.join(map(str, data_input))}: "
-                           f"pass --data DIR (an ImageFolder tree with train/ and val/, cropped to {size}) for this model, "
-                           "or a model built for this data (the bundled teacher for Fashion-MNIST)")
+                           f"leave --input-size out (the data then takes the model's size), or build the model at "
+                           f"--img-size {data_input[-1]}")
         x = torch.zeros(1, *self.input_size, dtype=model_dtype(student))
         with torch.no_grad():
             s_out = predict_logits(student.eval(), x)
@@ -481,9 +483,10 @@ class Run:
         """Rank 0's part of the end: throughput, the saved model, report.json and report.png."""
         s = self.state
         slim_macs = macs(model, self.input_size)
+        model.pretrained_cfg = dict(self.data.preprocessing)  # saved with it: how its images were prepared
         save(model, self.out)  # before the speed timing, so an interruption there keeps the model
-        log.info("saved the slimmed model in %s; timing it against the dense model (%d alternating rounds)",
-                 self.out, self.cfg.throughput_rounds)
+        log.info("saved the slimmed model; timing it against the dense model (%d alternating rounds)",
+                 self.cfg.throughput_rounds)
         speed = compare_throughput({"dense": self.dense, "slimmed": model}, self.input_size, self.cfg.throughput_batch,
                                    self.device, rounds=self.cfg.throughput_rounds)
         plan = [LayerPlan.from_dict(p) for p in s.plan]

@@ -3,25 +3,28 @@
 Fashion-MNIST is small enough to live in memory as one uint8 tensor, so batches are cut from it
 directly: no worker processes, deterministic order from a seed, and cheap augmentation on whole
 batches. ImageFolder trees go through timm's dataset and transform factories, with DeiT's training
-recipe by default. Under torchrun every rank reads a disjoint shard of each batch and of the test
+recipe by default, and are prepared as the model wants them (`preprocess`: its mean, std,
+interpolation, crop and channels). Fashion-MNIST meets a model made for other images halfway: grey
+replicated to its channels, resized to its input size, normalised with its statistics. Under torchrun every rank reads a disjoint shard of each batch and of the test
 split, so evaluation counts every test image exactly once.
 """
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from timm.data import Mixup, create_dataset, create_transform, resolve_data_config
+from timm.data import Mixup, create_dataset, create_transform
 
-from . import distributed
+from . import distributed, preprocess
 from .errors import UVCError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -30,6 +33,7 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+FASHION_MNIST_INPUT = (1, 28, 28)
 # The validation split: a fixed, seeded draw of training images held out from training, so that
 # monitoring and tuning never read the test split (which is evaluated once, at the end of a run).
 VAL_SIZE, VAL_SEED = 5000, 20261125
@@ -69,6 +73,14 @@ class DataConfig:
     smoothing: float | None = None  # label smoothing
     aa: str | None = None  # ImageFolder only: timm auto-augment policy, "none" for none
     reprob: float | None = None  # ImageFolder only: random-erasing probability
+    # Preprocessing, by timm's option names; None takes the model's (its pretrained_cfg), see `preprocess`.
+    mean: tuple[float, ...] | None = None  # normalisation, one value or one per channel
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None  # resizing: bilinear, bicubic or nearest
+    crop_pct: float | None = None  # ImageFolder only: evaluation centre crop as a fraction of the resized image
+
+    def __post_init__(self):
+        self.mean, self.std = (tuple(v) if isinstance(v, list) else v for v in (self.mean, self.std))  # `--mean 0.5 0.5 0.5`
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.workers < 0:
@@ -81,6 +93,15 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UVCError(f"{name.replace('_', ' ')} must be a positive number, got {value}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if values is not None and (not values or not all(math.isfinite(v) for v in values)
+                                       or (name == "std" and min(values) <= 0)):
+                raise UVCError(f"--{name} takes finite numbers{' > 0' if name == 'std' else ''}, one or one per "
+                               f"channel, got {values}")
+        if self.interpolation is not None and self.interpolation not in preprocess.INTERPOLATIONS:
+            raise UVCError(f"--interpolation must be one of {', '.join(preprocess.INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise UVCError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
 
     def recipe(self, image_folder: bool) -> dict:
         """The recipe fields with the data's defaults filled in."""
@@ -89,6 +110,8 @@ class DataConfig:
         recipe["aa"] = None if recipe["aa"] in ("none", "") else recipe["aa"]
         if not image_folder and (recipe["aa"] or recipe["reprob"]):
             raise UVCError("--aa and --reprob apply to ImageFolder data; Fashion-MNIST batches have their own augmentation")
+        if not image_folder and self.crop_pct is not None:
+            raise UVCError("--crop-pct applies to ImageFolder data; Fashion-MNIST images are resized whole")
         return recipe
 
 
@@ -174,18 +197,44 @@ def load_fashion_mnist(split: str, root: str | None = None, limit: int | None = 
     return images, labels
 
 
+class ModelView:
+    """Normalised Fashion-MNIST batches as a model made for other images takes them: resized to its input
+    size, grey replicated to its channels, normalised with its mean and std.
+
+    It acts on the batches after their augmentation, so shifts and flips stay those of the 28x28 recipe
+    (and draw the same random numbers) whatever the model's size.
+    """
+
+    def __init__(self, preprocessing: dict):
+        channels, h, w = preprocessing["input_size"]
+        self.size, self.channels, self.mode = (h, w), channels, preprocessing["interpolation"]
+        self.mean = torch.tensor(preprocessing["mean"]).view(1, -1, 1, 1)
+        self.std = torch.tensor(preprocessing["std"]).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * FASHION_MNIST_STD + FASHION_MNIST_MEAN  # back to pixels in [0, 1]
+        if tuple(x.shape[-2:]) != self.size:
+            smooth = self.mode != "nearest"
+            x = torch.nn.functional.interpolate(x, size=self.size, mode=self.mode, antialias=smooth,
+                                                **({"align_corners": False} if smooth else {}))
+            x = x.clamp(0, 1)  # bicubic overshoots; PIL's 8-bit resize clips the same way
+        return (x.expand(-1, self.channels, -1, -1) - self.mean) / self.std
+
+
 class TensorBatches:
     """Seeded, resumable batches over in-memory uint8 images, normalised on the fly.
 
     Augmentation (train only): random shifts of up to 2 pixels (pad-and-crop) and horizontal flips,
     applied to the whole batch at once, which is what makes CPU training on 28x28 images cheap.
-    `shard=(rank, world)` yields rank's slice of every batch; the random draws are those of the
-    whole batch, so the shards of all ranks together are exactly the unsharded batches.
+    `view` (a `ModelView`) then fits each batch to the model. `shard=(rank, world)` yields rank's
+    slice of every batch; the random draws are those of the whole batch, so the shards of all ranks
+    together are exactly the unsharded batches.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
-                 train: bool, augment: bool = True, seed: int = 0, shard: tuple[int, int] = (0, 1)):
-        self.images, self.labels = images, labels
+                 train: bool, augment: bool = True, seed: int = 0, shard: tuple[int, int] = (0, 1),
+                 view: ModelView | None = None):
+        self.images, self.labels, self.view = images, labels, view
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
         rank, world = shard
         local = per_process_batch(batch_size, world)
@@ -226,7 +275,7 @@ class TensorBatches:
             x = self._normalise(self.images[idx])
             if self.train and self.augment:
                 x = self._augment(x, gen, len(batch))
-            yield x, self.labels[idx]
+            yield (self.view(x) if self.view else x), self.labels[idx]
 
 
 @dataclass
@@ -242,6 +291,7 @@ class Dataset:
     name: str
     mixup: Callable | None = None  # (images, labels) -> (mixed images, soft targets), on training batches
     label_smoothing: float = 0.0  # for hard labels; with mixup the smoothing is already in its targets
+    preprocessing: dict = field(default_factory=dict)  # timm's data config the images went through (`preprocess.KEYS`)
 
 
 def _mixup(recipe: dict, num_classes: int, batch_size: int):
@@ -256,26 +306,42 @@ def _mixup(recipe: dict, num_classes: int, batch_size: int):
                  num_classes=num_classes)
 
 
-def build_data(cfg: DataConfig, seed: int = 0, input_size: tuple[int, int, int] | None = None) -> Dataset:
+def build_data(cfg: DataConfig, seed: int = 0, input_size: tuple[int, int, int] | None = None,
+               pretrained_cfg: dict | None = None) -> Dataset:
     """Fashion-MNIST by name, else an ImageFolder tree with train/ and val/; sharded under torchrun.
 
-    `input_size` is the model's (C, H, W): ImageFolder images are cropped to its size unless
-    `cfg.input_size` says otherwise.
+    `input_size` is the model's (C, H, W) and `pretrained_cfg` its timm pretrained_cfg: ImageFolder
+    images are cropped to its size (unless `cfg.input_size` says otherwise) with its mean, std,
+    interpolation and crop, and read in greyscale for a 1-channel model. Fashion-MNIST is resized,
+    replicated and normalised for a model whose input is not its own 1x28x28; a 1x28x28 model is taken
+    to be made for it and keeps its statistics. `cfg`'s mean, std, interpolation and crop_pct override
+    the model's.
     """
+    overrides = dict(mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
     if cfg.data in ("fashion-mnist", "fashion_mnist", "fmnist"):
         recipe = cfg.recipe(image_folder=False)
+        size = tuple(input_size or FASHION_MNIST_INPUT)
+        native = size == FASHION_MNIST_INPUT
+        model_cfg = {"mean": (FASHION_MNIST_MEAN,), "std": (FASHION_MNIST_STD,)} if native else pretrained_cfg
+        preprocessing = {**preprocess.resolve(size, model_cfg, **overrides), "crop_pct": 1.0}
+        view = None if native and cfg.mean is None and cfg.std is None else ModelView(preprocessing)
         rank, world = distributed.rank(), distributed.world_size()
         tx, ty = load_fashion_mnist("train", cfg.root, cfg.train_limit)
-        train = TensorBatches(tx, ty, cfg.batch_size, train=True, augment=cfg.augment, seed=seed, shard=(rank, world))
+        train = TensorBatches(tx, ty, cfg.batch_size, train=True, augment=cfg.augment, seed=seed, shard=(rank, world),
+                              view=view)
         evals = {}
         for split, limit in (("val", cfg.val_limit), ("test", cfg.test_limit)):
             x, y = load_fashion_mnist(split, cfg.root, limit)
-            evals[split] = TensorBatches(x[rank::world], y[rank::world], cfg.eval_batch_size, train=False)
-        calibration = TensorBatches(tx, ty, cfg.eval_batch_size, train=False)
-        data = Dataset(train, evals["val"], evals["test"], calibration, 10, (1, 28, 28), "fashion-mnist")
+            evals[split] = TensorBatches(x[rank::world], y[rank::world], cfg.eval_batch_size, train=False, view=view)
+        calibration = TensorBatches(tx, ty, cfg.eval_batch_size, train=False, view=view)
+        data = Dataset(train, evals["val"], evals["test"], calibration, 10, size, "fashion-mnist",
+                       preprocessing=preprocessing)
     else:
         recipe = cfg.recipe(image_folder=True)
-        data = build_image_folder(cfg, recipe, seed, cfg.input_size or (input_size[-1] if input_size else 224))
+        channels = input_size[0] if input_size else 3
+        size = cfg.input_size or (input_size[-1] if input_size else 224)
+        preprocessing = preprocess.resolve((channels, size, size), pretrained_cfg, **overrides)
+        data = build_image_folder(cfg, recipe, seed, preprocessing)
     data.mixup = _mixup(recipe, data.num_classes, cfg.batch_size)
     data.label_smoothing = 0.0 if data.mixup else recipe["smoothing"]
     return data
@@ -351,12 +417,14 @@ class EpochLoader:
         return iter(self.loader)
 
 
-def _image_folder(root: Path, split: str, class_to_idx: dict[str, int] | None = None, training: bool | None = None):
-    """timm's dataset over `root/split`, labelled by `class_to_idx` (default: its own sorted class folders)."""
+def _image_folder(root: Path, split: str, class_to_idx: dict[str, int] | None = None, training: bool | None = None,
+                  mode: str = "RGB"):
+    """timm's dataset over `root/split`, labelled by `class_to_idx` (default: its own sorted class folders),
+    images read in PIL `mode` ("L" for a greyscale model)."""
     if not (root / split).is_dir():
         raise UVCError(f"{root} has no {split}/ folder: an ImageFolder dataset needs train/ and val/ class sub-folders")
     try:
-        dataset = create_dataset("", root=str(root), split=split, class_map=class_to_idx,
+        dataset = create_dataset("", root=str(root), split=split, class_map=class_to_idx, input_img_mode=mode,
                                  is_training=split == "train" if training is None else training)
     except RuntimeError as e:  # timm's reader finds no image files
         raise UVCError(f"{root / split} holds no images in class sub-folders ({e}); put images "
@@ -377,8 +445,9 @@ def _class_mismatch(root: Path, train: set[str], val: set[str]) -> str:
             "labels would not match: give both splits the same class sub-folders")
 
 
-def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, size: int) -> Dataset:
-    """An ImageNet-style folder through timm's dataset and transform factories, with DeiT's recipe.
+def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, preprocessing: dict) -> Dataset:
+    """An ImageNet-style folder through timm's dataset and transform factories, with DeiT's recipe and
+    `preprocessing` (timm's data config: size, channels, mean, std, interpolation, crop).
 
     Training batches come from an `EpochLoader`. The validation folder is cut into strided shards
     without padding (timm's distributed eval sampler repeats images to even out the ranks, which
@@ -390,24 +459,25 @@ def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, size: int) -> D
             f"--data {cfg.data!r} is neither 'fashion-mnist' nor an existing folder. Pass a folder "
             "with train/ and val/ class sub-folders (ImageNet layout)."
         )
-    splits = {split: _image_folder(root, split) for split in ("train", "val")}
+    mode = "L" if preprocessing["input_size"][0] == 1 else "RGB"
+    splits = {split: _image_folder(root, split, mode=mode) for split in ("train", "val")}
     class_to_idx = splits["train"].reader.class_to_idx
     if set(splits["val"].reader.class_to_idx) != set(class_to_idx):
         raise UVCError(_class_mismatch(root, set(class_to_idx), set(splits["val"].reader.class_to_idx)))
     # val/ labelled by train/'s numbering, whatever order its own folders sort in.
-    splits["val"] = _image_folder(root, "val", class_to_idx)
+    splits["val"] = _image_folder(root, "val", class_to_idx, mode=mode)
     classes = len(class_to_idx)
-    data_cfg = resolve_data_config({"input_size": (3, size, size)})
     rank, world = distributed.rank(), distributed.world_size()
-    transform = dict(mean=data_cfg["mean"], std=data_cfg["std"], interpolation="bicubic", crop_pct=data_cfg["crop_pct"])
+    input_size = preprocessing["input_size"]
+    transform = {k: preprocessing[k] for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}
     train_set = splits["train"]
-    train_set.transform = create_transform(data_cfg["input_size"], is_training=True, no_aug=not cfg.augment,
+    train_set.transform = create_transform(input_size, is_training=True, no_aug=not cfg.augment,
                                            auto_augment=recipe["aa"],
                                            re_prob=recipe["reprob"], re_mode="pixel", **transform)
     train = EpochLoader(train_set, per_process_batch(cfg.batch_size, world), cfg.workers, seed, rank, world)
     val = splits["val"]
-    val.transform = create_transform(data_cfg["input_size"], is_training=False, **transform)
-    plain_train = _image_folder(root, "train", class_to_idx, training=False)
+    val.transform = create_transform(input_size, is_training=False, **transform)
+    plain_train = _image_folder(root, "train", class_to_idx, training=False, mode=mode)
     plain_train.transform = val.transform
     # A fixed shuffle: the folder lists images class by class, and calibration takes the first ones.
     calibration = torch.utils.data.DataLoader(plain_train, batch_size=cfg.eval_batch_size, shuffle=True,
@@ -415,4 +485,4 @@ def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, size: int) -> D
     test = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(rank, len(val), world)),
                                        batch_size=-(-cfg.eval_batch_size // world), num_workers=cfg.workers,
                                        generator=torch.Generator())  # evaluating leaves the global RNG alone
-    return Dataset(train, test, test, calibration, classes, tuple(data_cfg["input_size"]), str(root))
+    return Dataset(train, test, test, calibration, classes, tuple(input_size), str(root), preprocessing=preprocessing)

@@ -18,8 +18,8 @@ from timm.models import is_model, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from . import hf
-from .adapters import check_supported
+from . import hf, preprocess
+from .adapters import adapter_for, check_supported
 from .errors import UVCError
 from .io import (DIGEST_KEY, atomic_write_text, ensure_writable_dir, read_state_dict, read_header, read_tensors,
                  write_weights)
@@ -31,6 +31,7 @@ DEFAULT_TEACHER = "vit_tiny_patch7_fmnist"
 TEACHER_ARGS = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=192, depth=12, num_heads=3)
 WEIGHTS = "model.safetensors"
 WEIGHTS_DIGEST = "weights_sha256"  # arch.json's record of the weights file it was saved with
+PREPROCESSING = "pretrained_cfg"  # arch.json's optional record of the model's preprocessing (`preprocess.KEYS`)
 
 
 # ---- uvc's saved folders -----------------------------------------------------------------------
@@ -40,9 +41,12 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype | N
     `dtype` (e.g. torch.float16) shrinks the weights file; `load` returns float32 either way.
     arch.json records the weights' digest, so a folder whose two files come from different saves
     (a kill between the two writes) is refused by `load` instead of loading mismatched weights.
+    The preprocessing part of `model.pretrained_cfg`, when it has one, goes into arch.json too.
     """
     out = ensure_writable_dir(out_dir)
     arch = arch_of(model)
+    if (preprocessing := preprocess.of_model(model, adapter_for(model).input_size(model))) is not None:
+        arch[PREPROCESSING] = preprocessing
     digest = write_weights(out / WEIGHTS, model, dtype=dtype, metadata={"format": ARCH_FORMAT})
     atomic_write_text(out / "arch.json", json.dumps({**arch, WEIGHTS_DIGEST: digest}, indent=1))
     return out
@@ -74,6 +78,8 @@ def load(folder: str | os.PathLike) -> nn.Module:
     tensors = read_tensors(path)[0]
     model = build_from_arch(arch)
     load_state_dict_checked(model, tensors, str(path))
+    if isinstance(arch.get(PREPROCESSING), dict):
+        model.pretrained_cfg = preprocess.from_json(arch[PREPROCESSING])
     return model.float().eval()
 
 
@@ -208,8 +214,12 @@ def load_model(model: str | nn.Module | None = None, checkpoint: str | None = No
         net = hf.to_timm(model) if type(model).__module__.startswith("transformers.") else model
     elif model is None or (model == DEFAULT_TEACHER and not checkpoint and not timm_kwargs):
         net = load_default_teacher()
+    elif Path(model).is_dir() and hf.is_hf_folder(model):
+        net = hf.load_hf_folder(model)
+        if (hf_cfg := preprocess.from_hf_folder(model, adapter_for(net).input_size(net)[0])) is not None:
+            net.pretrained_cfg = hf_cfg
     elif Path(model).is_dir():
-        net = hf.load_hf_folder(model) if hf.is_hf_folder(model) else load(model)
+        net = load(model)
     elif Path(model).suffix in (".safetensors", ".pth", ".pt", ".tar"):
         raise UVCError(f"{model} is a weights file; pass the architecture as --model NAME and the file as --checkpoint {model}")
     else:

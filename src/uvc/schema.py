@@ -39,7 +39,8 @@ ARCH_FIX = "arch.json is written by uvc.save: restore the one saved with these w
 HF_FIX = ("config.json is written by transformers' save_pretrained: restore the one saved with these weights, "
           "or save the model again")
 
-ARCH = {"format": (ARCH_FORMAT,), "model": OBJECT, "layers": OBJECTS, "weights_sha256": TEXT}
+ARCH = {"format": (ARCH_FORMAT,), "model": OBJECT, "layers": OBJECTS, "weights_sha256": TEXT,
+        "pretrained_cfg": OBJECT}  # the last: how the model's images are prepared (preprocess.py checks it)
 VIT_SPEC = {"adapter": TEXT, "class": VIT_CLASSES, "kwargs": OBJECT, "norm_eps": REAL, "embed_norm_eps": REAL,
             "act": ACTIVATIONS}
 VIT_KWARGS = {
