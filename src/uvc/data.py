@@ -79,10 +79,8 @@ class DataConfig:
     interpolation: str | None = None  # resizing: bilinear, bicubic or nearest
     crop_pct: float | None = None  # ImageFolder only: evaluation centre crop as a fraction of the resized image
 
-    def __post_init__(self):
-        self.mean, self.std = (tuple(v) if isinstance(v, list) else v for v in (self.mean, self.std))  # `--mean 0.5 0.5 0.5`
-
     def validate(self) -> None:
+        self.mean, self.std = (tuple(v) if isinstance(v, list) else v for v in (self.mean, self.std))  # `--mean 0.5 0.5 0.5`
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.workers < 0:
             raise UVCError("batch sizes must be >= 1 and workers >= 0")
         for name, value, upper in (("mixup", self.mixup, None), ("cutmix", self.cutmix, None),
