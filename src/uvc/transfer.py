@@ -12,6 +12,7 @@ calibrated one instead of a near-uniform one.
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -94,18 +95,12 @@ def fit_head(model: nn.Module, train_batches, val_batches, num_classes: int, dev
         new_head.weight.copy_(weight[:, :-1])
         new_head.bias.copy_(weight[:, -1])
     for name in classifier_heads(model):
-        setattr(model, name, new_head if name == "head" else _copy_of(new_head))
+        setattr(model, name, new_head if name == "head" else copy.deepcopy(new_head))
     model.num_classes = num_classes
     top1_val = 100.0 * correct / max(total, 1)
     log.info("fitted a %d-class head on the frozen features of %d training images: validation top-1 %.2f%% "
              "(ridge %.0e, logit scale %.3g)", num_classes, len(y), top1_val, ridge, scale)
     return {"num_classes": num_classes, "images": len(y), "ridge": ridge, "logit_scale": scale, "top1_val": top1_val}
-
-
-def _copy_of(layer: nn.Linear) -> nn.Linear:
-    copy = nn.Linear(layer.in_features, layer.out_features).to(layer.weight)
-    copy.load_state_dict(layer.state_dict())
-    return copy
 
 
 def predicts(model: nn.Module) -> int:
