@@ -22,6 +22,7 @@ from .errors import UVCError
 from .flops import macs
 from .info import describe
 from .models import default_teacher_dir, load_model, param_count
+from .resource import RESOURCES
 from .search import ENDS, SKIP_MODES, STARTS, SearchConfig
 from .teacher import TeacherConfig, train_teacher
 
@@ -107,7 +108,7 @@ def cmd_compress(a) -> int:
                           width_multiple=a.width_multiple, start=a.start, end=a.end)
     kd = KDConfig(kind="none" if a.no_kd else a.kd, alpha=a.kd_alpha, temperature=a.kd_temperature)
     cfg = CompressConfig(model=a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, img_size=a.img_size,
-                         teacher=a.teacher, num_classes=a.num_classes, budget=a.budget, out=a.out, data=_data_config(a), search=search, kd=kd,
+                         teacher=a.teacher, num_classes=a.num_classes, budget=a.budget, resource=a.resource, out=a.out, data=_data_config(a), search=search, kd=kd,
                          post=Schedule(a.post_epochs if a.post_epochs is not None else 0.0 if a.one_shot else c.post.epochs,
                                        a.post_lr, c.post.weight_decay, c.post.warmup_epochs, c.post.lr_batch),
                          one_shot=a.one_shot, calibration_images=a.calibration_images,
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the data's class count, for a model trained for other classes (or a backbone): a new head is "
                         "fitted on its frozen features first, and that model is the teacher (transfer, then compress)")
     c.add_argument("--budget", type=float, default=C.budget, help="fraction of the dense model's MACs to keep, in (0, 1]")
+    c.add_argument("--resource", choices=RESOURCES, default=C.resource,
+                   help="what --budget is a fraction of: macs (compute per image) or params (model size)")
     c.add_argument("--out", default=C.out)
     _add_data_args(c, recipe=True)
     c.add_argument("--search-epochs", type=float, default=C.search.schedule.epochs)
