@@ -2,7 +2,8 @@
 
 Every method ends near its budget; `fit_to_budget` makes it exact: it removes the groups that cost
 the least importance per MAC saved until R <= B, then gives back the most important groups that
-still fit, so the delivered model lands in [B - tolerance, B] as `uvc.macs` measures it. With
+still fit, so the delivered model lands in [B - tolerance, B] as `uvc.macs` (or, for a budget in
+parameters, the parameter count) measures it. With
 `multiple` > 1 the kept head widths and MLP widths move in steps of that many (widths that are
 multiples of 8 run on faster GPU kernels).
 """
@@ -18,13 +19,13 @@ from .errors import UVCError
 from .flops import skeleton_of
 from .importance import GroupNorms, group_norms, keep_masks
 from .plan import LayerPlan
-from .resource import Skeleton
+from .resource import RESOURCES, Skeleton
 
 
 def smallest_ratio(skel: Skeleton, prune: bool, skip: bool) -> float:
     """The lowest R reachable: everything skipped, or one head of width one and one neuron per block."""
     if skip:
-        return skel.fixed / skel.dense_macs
+        return skel.fixed_cost / skel.dense_cost
     if not prune:
         return 1.0
     ones = torch.ones(skel.depth)
@@ -33,7 +34,8 @@ def smallest_ratio(skel: Skeleton, prune: bool, skip: bool) -> float:
 
 def check_budget(budget: float, skel: Skeleton, prune: bool, skip: bool) -> None:
     if not isinstance(budget, (int, float)) or math.isnan(budget) or not 0 < budget <= 1:
-        raise UVCError(f"budget {budget} is outside (0, 1]; it is the fraction of the dense model's MACs to keep, e.g. 0.5")
+        raise UVCError(f"budget {budget} is outside (0, 1]; it is the fraction of the dense model's {RESOURCES[skel.resource]} "
+                       "to keep, e.g. 0.5")
     low = smallest_ratio(skel, prune, skip)
     if budget < low:
         what = "pruning and skipping" if prune and skip else "pruning alone" if prune else "skipping alone" if skip else "nothing (pruning and skipping both off)"
@@ -79,10 +81,12 @@ def plan_of_counts(norms: list[GroupNorms], removed: torch.Tensor, attn: torch.T
     return plan
 
 
-def uniform_plan(model: nn.Module, budget: float, input_size=None, multiple: int = 1) -> list[LayerPlan]:
-    """One keep ratio for every block, R <= budget; within a block the most important groups stay."""
+def uniform_plan(model: nn.Module, budget: float, input_size=None, multiple: int = 1,
+                 resource: str = "macs") -> list[LayerPlan]:
+    """One keep ratio for every block, R <= budget (a fraction of `resource`); within a block the most
+    important groups stay."""
     norms = [group_norms(b) for b in adapter_for(model).blocks(model)]
-    return plan_of_counts(norms, uniform_removal(skeleton_of(model, input_size), budget, multiple))
+    return plan_of_counts(norms, uniform_removal(skeleton_of(model, input_size, resource), budget, multiple))
 
 
 def removal_costs(norms: list[GroupNorms], relative: bool = True) -> list[list[torch.Tensor]]:

@@ -97,6 +97,7 @@ def _teacher_options(p: argparse.ArgumentParser) -> None:
 def _compress_options(p: argparse.ArgumentParser) -> None:
     from .compress import CompressConfig
     from .engine import LR_BATCH
+    from .resource import RESOURCES
     from .search import ENDS, SKIP_MODES, STARTS
 
     c = CompressConfig()
@@ -110,7 +111,9 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _field(p, c, "num_classes", "--num-classes", type=int,
            help="the data's class count, for a model trained for other classes (or a backbone): a new head is "
                 "fitted on its frozen features first, and that model is the teacher (transfer, then compress)")
-    _field(p, c, "budget", "--budget", type=float, help="fraction of the dense model's MACs to keep, in (0, 1]")
+    _field(p, c, "budget", "--budget", type=float, help="fraction of the dense model's --resource to keep, in (0, 1]")
+    _field(p, c, "resource", "--resource", choices=tuple(RESOURCES),
+           help="what --budget is a fraction of: macs (compute per image) or params (model size)")
     _field(p, c, "out", "--out", help="folder for the model, report.json, report.png and the checkpoint")
     _data_options(p, c, recipe=True)
     _field(p, c, "search.schedule.epochs", "--search-epochs", type=float, help="epochs of the UVC search")

@@ -37,12 +37,13 @@ from .distill import KDConfig, distillation_loss
 from .engine import (Schedule, autocast, compare_throughput, evaluate, make_optimizer, model_dtype, optimizer_step,
                      predict_logits, progress, resolve_device, seed_everything)
 from .errors import UVCError, check_finite
-from .flops import macs, skeleton_of
+from .flops import check_resource, count, macs, skeleton_of
 from .gates import make_compressible
 from .io import atomic_write_text, tensor_digest
-from .models import DEFAULT_TEACHER, default_teacher_dir, load_model, save
+from .models import DEFAULT_TEACHER, default_teacher_dir, load_model, param_count, save
 from .oneshot import one_shot
 from .plan import LayerPlan
+from .resource import RESOURCES
 from .report import percent, write_report
 from .rundir import check_output_dir, claimed
 from .schema import check_arch
@@ -69,6 +70,8 @@ FLAGS = {"budget": "--budget", "search.schedule.epochs": "--search-epochs", "sea
 class CompressConfig:
     """Everything `uvc compress` takes. The defaults compress the bundled teacher to half its MACs.
 
+    `budget` is a fraction of the dense model's `resource`: "macs" (compute) or "params" (size).
+
     `data` may be given as a string (a data set name or an ImageFolder path): it becomes `DataConfig(data=...)`.
     Learning rates (`search.schedule.lr`, `post.lr`) are per 128 images and scale linearly with the global batch
     (`engine.LR_BATCH`), as `--lr` and `--post-lr` are: `uvc compress` only copies its options into these fields.
@@ -81,6 +84,7 @@ class CompressConfig:
     teacher: str | None = None  # default: the input model itself
     num_classes: int | None = None  # a model trained for other classes first gets a head for these (transfer, then compress)
     budget: float = 0.5
+    resource: str = "macs"  # what the budget is a fraction of: "macs" or "params"
     out: str = "runs/compress"
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -114,8 +118,10 @@ class CompressConfig:
 
     def validate(self) -> None:
         check_finite(self, FLAGS)
+        check_resource(self.resource)
         if not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
-            raise UVCError(f"budget {self.budget} is outside (0, 1]; it is the fraction of MACs to keep, e.g. 0.5")
+            raise UVCError(f"budget {self.budget} is outside (0, 1]; it is the fraction of {RESOURCES[self.resource]} to keep, "
+                           "e.g. 0.5")
         self.data.validate()
         self.search.validate()
         self.kd.validate()
@@ -188,9 +194,10 @@ class Run:
         self.teacher = (teacher if teacher is not None else copy.deepcopy(student)).to(self.device).eval().requires_grad_(False)
         self.input_size = self.data.input_size
         self._check_compatible(student, model_input)
-        self.skel = skeleton_of(student, self.input_size)
+        self.skel = skeleton_of(student, self.input_size, cfg.resource)
         check_budget(cfg.budget, self.skel, cfg.search.prune, cfg.search.skip != "none")
         self.dense_macs = macs(student, self.input_size)
+        self.dense_cost = count(student, cfg.resource, self.input_size)
         # The copy trains even when `model` is frozen (e.g. the very object passed as the teacher).
         self.student = make_compressible(copy.deepcopy(student)).requires_grad_(True).to(self.device)
         self.dtype = model_dtype(self.student)
@@ -321,7 +328,7 @@ class Run:
             self.search.set_gates()
             model, ratio = self.student, float(self.search.resource().detach())
         else:
-            model, ratio = self.slimmed, macs(self.slimmed, self.input_size) / self.dense_macs
+            model, ratio = self.slimmed, self._ratio(self.slimmed)
         top1 = evaluate(model, self.data.val, self.device, desc=f"val {phase}")
         self.state.evals.append({"phase": phase, "epoch": epoch, "top1_val": top1, "R": ratio})
         log.info("%s epoch %.2f: validation top-1 %.2f%% at R = %.3f", phase, epoch, top1, ratio)
@@ -407,10 +414,14 @@ class Run:
         """Importance from calibration images, the plan fitted to the budget, compensation, slimming: no gradient step."""
         slimmed, plan, stats = one_shot(self._input_copy(), self.cfg.budget, self._calibration(),
                                         calibration_images=self.cfg.calibration_images, input_size=self.input_size,
-                                        multiple=self.cfg.search.width_multiple)
+                                        multiple=self.cfg.search.width_multiple, resource=self.cfg.resource)
         log.info("one-shot: %s importance, %s allocation, compensated on %d images", stats["importance"],
                  stats["allocation"], stats["images"])
         self.begin_post_training(slimmed, plan)
+
+    def _ratio(self, model: nn.Module) -> float:
+        """R of a slimmed model: its share of the dense model's budgeted resource."""
+        return count(model, self.cfg.resource, self.input_size) / self.dense_cost
 
     def begin_post_training(self, slimmed: nn.Module, plan: list[LayerPlan]) -> None:
         """Switch to post-training `slimmed`: the search's result, or a model another method pruned (baselines)."""
@@ -418,7 +429,7 @@ class Run:
         self.state.plan = [p.to_dict() for p in plan]
         self.state.top1_val_after_search = evaluate(slimmed, self.data.val, self.device, desc="val slimmed")
         log.info("slimmed to R = %.4f, validation top-1 before post-training %.2f%%",
-                 macs(slimmed, self.input_size) / self.dense_macs, self.state.top1_val_after_search)
+                 self._ratio(slimmed), self.state.top1_val_after_search)
         # After a search, post-training reads the epochs that follow it, as a baseline that post-trains
         # for the search's epochs too would; a model pruned without training starts at epoch 0.
         self.state.first_epoch = -(-self.state.step // self.steps_per_epoch)
@@ -482,7 +493,7 @@ class Run:
     def _write_outputs(self, model: nn.Module, top1: float | None, top1_val: float, seconds: float) -> dict:
         """Rank 0's part of the end: throughput, the saved model, report.json and report.png."""
         s = self.state
-        slim_macs = macs(model, self.input_size)
+        slim_macs, params_dense, params = macs(model, self.input_size), param_count(self.dense), param_count(model)
         model.pretrained_cfg = dict(self.data.preprocessing)  # saved with it: how its images were prepared
         save(model, self.out)  # before the speed timing, so an interruption there keeps the model
         log.info("saved the slimmed model; timing it against the dense model (%d alternating rounds)",
@@ -491,22 +502,23 @@ class Run:
                                    self.device, rounds=self.cfg.throughput_rounds)
         plan = [LayerPlan.from_dict(p) for p in s.plan]
         report = {
-            "budget": self.cfg.budget, "macs_dense": self.dense_macs, "macs": slim_macs,
-            "ratio": slim_macs / self.dense_macs, "top1_teacher": s.top1_teacher, "top1_val_teacher": s.top1_val_teacher,
+            "budget": self.cfg.budget, "resource": self.cfg.resource, "ratio": self._ratio(model),
+            "macs_dense": self.dense_macs, "macs": slim_macs, "macs_ratio": slim_macs / self.dense_macs,
+            "params_dense": params_dense, "params": params, "params_ratio": params / params_dense,
+            "top1_teacher": s.top1_teacher, "top1_val_teacher": s.top1_val_teacher,
             "top1": top1, "top1_val": top1_val, "top1_val_after_search": s.top1_val_after_search,
             "throughput_dense": speed["dense"]["median"], "throughput": speed["slimmed"]["median"],
             "throughput_detail": speed, "throughput_batch": self.cfg.throughput_batch, "device": str(self.device),
             "processes": distributed.world_size(), "train_seconds_this_session": seconds,
-            "params_dense": sum(p.numel() for p in self.dense.parameters()),
-            "params": sum(p.numel() for p in model.parameters()),
             "layers": [p.shape(d).to_dict() for p, d in zip(plan, self.skel.dim)],
             "plan": s.plan, "transfer": self.transfer, "history": s.history, "evals": s.evals, "config": _jsonable(asdict(self.cfg)),
         }
         atomic_write_text(self.out / "report.json", json.dumps(report, indent=1))
         write_report(report, self.out / "report.png")
         remove_checkpoint(self.out / CHECKPOINT)
-        log.info("compressed to R = %.4f (budget %.2f): test top-1 %s (teacher %s), validation %.2f%%, %.0f -> %.0f images/s",
-                 report["ratio"], self.cfg.budget, percent(top1), percent(s.top1_teacher), top1_val,
+        log.info("compressed to R = %.4f of the %s (budget %.2f): test top-1 %s (teacher %s), validation %.2f%%, "
+                 "%.0f -> %.0f images/s", report["ratio"], RESOURCES[self.cfg.resource], self.cfg.budget, percent(top1),
+                 percent(s.top1_teacher), top1_val,
                  report["throughput_dense"], report["throughput"])
         return report
 
@@ -530,7 +542,8 @@ def _jsonable(value):
 
 def compress(cfg: CompressConfig | None = None, model: nn.Module | None = None, teacher: nn.Module | None = None,
              teacher_scores: dict[str, float] | None = None, **overrides) -> dict:
-    """Compress a ViT to `cfg.budget` of its MACs; returns the report (also written to `cfg.out`).
+    """Compress a ViT to `cfg.budget` of its MACs (or parameters: `cfg.resource`); returns the report (also
+    written to `cfg.out`).
 
     `overrides` set fields of `cfg` by name, e.g. `compress(budget=0.3, data="/data/imagenet")`.
     `teacher_scores` ({"test": top-1, "val": top-1}) skips evaluating the teacher when it is known.

@@ -1,13 +1,16 @@
 """`uvc.macs(model)`: the resource model applied to a dense, masked or slimmed network.
 
 The formulas live in `resource.py`; this module reads the shapes off a model through its adapter.
+`count` measures a built model in any of the resources a budget can name.
 """
 from __future__ import annotations
 
 from torch import nn
 
 from .adapters import adapter_for
-from .resource import BlockShape, Skeleton, shape_macs
+from .errors import UVCError
+from .models import param_count
+from .resource import RESOURCES, BlockParams, BlockShape, Skeleton, shape_macs
 
 
 def block_shape(block: nn.Module) -> BlockShape:
@@ -33,11 +36,35 @@ def macs(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> in
     return int(round(total))
 
 
-def skeleton_of(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> Skeleton:
-    """The Skeleton of a dense or gated model (its blocks' full widths)."""
+def count(model: nn.Module, resource: str = "macs", input_size: tuple[int, int, int] | None = None) -> int:
+    """The model's total in `resource` (one of RESOURCES): what a budget in it is checked against."""
+    check_resource(resource)
+    return macs(model, input_size) if resource == "macs" else param_count(model)
+
+
+def check_resource(resource: str) -> None:
+    """A misspelt resource is one line naming the choices, before any model is measured."""
+    if resource not in RESOURCES:
+        raise UVCError(f"resource {resource!r} is not one of {', '.join(RESOURCES)} (what the budget is a fraction of)")
+
+
+def block_params_layout(block: nn.Module) -> BlockParams:
+    """A timm Block's or GatedBlock's biases and the parameters of each half that do not shrink."""
+    attn, mlp = block.attn, block.mlp
+    return BlockParams(qkv_bias=int(attn.qkv.bias is not None), proj_bias=int(attn.proj.bias is not None),
+                       fc1_bias=int(mlp.fc1.bias is not None), fc2_bias=int(mlp.fc2.bias is not None),
+                       attn_fixed=param_count(block.norm1) + param_count(block.ls1),
+                       mlp_fixed=param_count(block.norm2) + param_count(block.ls2))
+
+
+def skeleton_of(model: nn.Module, input_size: tuple[int, int, int] | None = None, resource: str = "macs") -> Skeleton:
+    """The Skeleton of a dense or gated model (its blocks' full widths), its ratio measured in `resource`."""
+    check_resource(resource)
     adapter = adapter_for(model)
     input_size = _input_size(model, input_size)
     blocks = list(adapter.blocks(model))
     return Skeleton(tokens=adapter.tokens(model, input_size), dim=[b.attn.qkv.in_features for b in blocks],
                     heads=[b.attn.num_heads for b in blocks], head_dim=[b.attn.head_dim for b in blocks],
-                    hidden=[b.mlp.fc1.out_features for b in blocks], fixed=adapter.fixed_macs(model, input_size))
+                    hidden=[b.mlp.fc1.out_features for b in blocks], fixed=adapter.fixed_macs(model, input_size),
+                    layout=[block_params_layout(b) for b in blocks],
+                    fixed_params=param_count(model) - sum(param_count(b) for b in blocks), resource=resource)

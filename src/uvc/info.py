@@ -1,13 +1,16 @@
 """`uvc info`: what a model keeps per block, its MACs and parameters, and the budgets a dense model can reach."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from torch import nn
 
 from .adapters import adapter_for
 from .budget import smallest_ratio
 from .flops import block_shape, macs, skeleton_of
 from .models import load_model, param_count
-from .resource import shape_macs
+from .resource import RESOURCES, shape_macs
 from .slim import is_slim
 
 
@@ -31,9 +34,25 @@ def describe(model: str | nn.Module | None = None, checkpoint: str | None = None
     lines.append(f"total: {total / 1e6:.2f} M MACs per image ({adapter.fixed_macs(net, input_size) / 1e6:.2f} M outside "
                  f"the blocks), {param_count(net) / 1e6:.2f} M parameters")
     if not is_slim(net):
-        skel = skeleton_of(net, input_size)
-        lines.append("reachable budgets (fraction of these MACs): up to 1.0; at least "
-                     f"{smallest_ratio(skel, prune=True, skip=True):.4f} with pruning and skipping, "
-                     f"{smallest_ratio(skel, prune=True, skip=False):.4f} with pruning alone, "
-                     f"{smallest_ratio(skel, prune=False, skip=True):.4f} with skipping alone")
+        for resource in RESOURCES:
+            skel = skeleton_of(net, input_size, resource)
+            lines.append(f"reachable budgets (fraction of these {RESOURCES[resource]}, --resource {resource}): up to 1.0; at least "
+                         f"{smallest_ratio(skel, prune=True, skip=True):.4f} with pruning and skipping, "
+                         f"{smallest_ratio(skel, prune=True, skip=False):.4f} with pruning alone, "
+                         f"{smallest_ratio(skel, prune=False, skip=True):.4f} with skipping alone")
+    elif ratios := _dense_ratios(model):
+        lines.append(ratios)
     return "\n".join(lines)
+
+
+def _dense_ratios(model) -> str | None:
+    """A run folder's model against the dense model it came from, read off the report.json beside it
+    (a slimmed model alone does not say what it was cut from)."""
+    path = Path(model) / "report.json" if isinstance(model, (str, Path)) else None
+    try:
+        report = json.loads(path.read_text()) if path is not None and path.is_file() else None
+        return None if report is None else (
+            f"of the dense model (report.json): {report['macs'] / report['macs_dense']:.4f} of its MACs, "
+            f"{report['params'] / report['params_dense']:.4f} of its parameters")
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None

@@ -23,7 +23,7 @@ from torch import nn
 
 
 from .budget import fit_to_budget, plan_of_counts, removal_costs, uniform_removal
-from .flops import macs, skeleton_of
+from .flops import count, skeleton_of
 from .compensate import DEFAULT_RIDGE, _images, compensate as _compensate
 from .errors import UVCError
 from .importance import GroupNorms, group_norms
@@ -96,9 +96,7 @@ def _global_start(skel, costs, budget: float) -> torch.Tensor:
     threshold goes, the threshold bisected to the budget. `fit_to_budget` from all-kept would find
     the same order one group at a time, which takes minutes on 12 blocks; from here it takes steps."""
     sizes, ones = skel.sizes(), torch.ones(skel.depth)
-    per_width = [4 * skel.tokens * d + 2 * skel.tokens ** 2 for d in skel.dim]  # qkv + proj + scores + A v
-    per_group = torch.tensor([[skel.head_dim[l] * per_width[l], skel.heads[l] * per_width[l], 2 * skel.tokens * skel.dim[l]]
-                              for l in range(skel.depth)], dtype=torch.float64)
+    per_group = skel.group_costs()  # what one head, dimension slot or neuron costs in the budget's resource
 
     def removed_at(t: float) -> torch.Tensor:
         r = torch.zeros_like(sizes)
@@ -120,14 +118,14 @@ def _global_start(skel, costs, budget: float) -> torch.Tensor:
 
 
 def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "uniform", input_size=None,
-                  multiple: int = 1) -> list[LayerPlan]:
-    """The plan for `budget` from per-group importance `scores` (see `group_importance`), kept head and MLP
-    widths at multiples of `multiple` (or whole)."""
+                  multiple: int = 1, resource: str = "macs") -> list[LayerPlan]:
+    """The plan for `budget` (a fraction of `resource`) from per-group importance `scores` (see `group_importance`),
+    kept head and MLP widths at multiples of `multiple` (or whole)."""
     if allocation not in ALLOCATIONS:
         raise UVCError(f"allocation {allocation!r} is not one of {ALLOCATIONS}")
     if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise UVCError(f"budget {budget} is outside (0, 1]; it is the fraction of the dense model's MACs to keep, e.g. 0.5")
-    skel = skeleton_of(model, input_size)
+    skel = skeleton_of(model, input_size, resource)
     costs = removal_costs(scores)
     start = uniform_removal(skel, budget, multiple) if allocation == "uniform" else _global_start(skel, costs, budget)
     ones = torch.ones(skel.depth)
@@ -137,8 +135,9 @@ def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "un
 @torch.no_grad()
 def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str = "activation",
              allocation: str = "global", compensate: bool = True, calibration_images: int = 1000,
-             ridge: float = DEFAULT_RIDGE, input_size=None, multiple: int = 1) -> tuple[nn.Module, list[LayerPlan], dict]:
-    """Compress `model` to `budget` (fraction of its MACs) without training: (slimmed, plan, stats).
+             ridge: float = DEFAULT_RIDGE, input_size=None, multiple: int = 1,
+             resource: str = "macs") -> tuple[nn.Module, list[LayerPlan], dict]:
+    """Compress `model` to `budget` (a fraction of its `resource`, MACs by default) without training: (slimmed, plan, stats).
 
     `batches` gives calibration images (labels, if any, are ignored); the first
     `calibration_images` are used for activation importance and for compensation; kept head and MLP
@@ -147,9 +146,9 @@ def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str
     """
     images = take_images(batches, calibration_images)
     scores = group_importance(model, importance, images)
-    plan = one_shot_plan(model, budget, scores, allocation, input_size, multiple)
+    plan = one_shot_plan(model, budget, scores, allocation, input_size, multiple, resource)
     slimmed = slim(model, plan)
-    ratio = macs(slimmed, input_size) / macs(model, input_size)
+    ratio = count(slimmed, resource, input_size) / count(model, resource, input_size)
     if not budget - TOLERANCE <= ratio <= budget:
         raise UVCError(f"one-shot plan reached R = {ratio:.4f}, outside [{budget - TOLERANCE:.3f}, {budget}]")
     stats = {"importance": importance, "allocation": allocation, "ratio": ratio, "images": sum(len(x) for x in images)}

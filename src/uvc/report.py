@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .io import atomic_write
+from .resource import RESOURCES
 
 
 def percent(top1: float | None) -> str:
@@ -50,8 +51,9 @@ def write_report(report: dict, path: str | Path) -> None:
         ax2.plot([steps[i] for i in search], [history[i]["z"] for i in search], color="tab:red", alpha=0.6, label="z / price")
         ax2.set_ylabel("dual z (in units of its starting price)", color="tab:red")
         ax.legend(loc="upper right", fontsize=8)
-    ax.set(title="search: resource ratio and budget dual" if search else "no search (one-shot)", xlabel="logged step",
-           ylabel="R")
+    resource = RESOURCES[report.get("resource", "macs")]
+    ax.set(title=f"search: ratio of {resource} and budget dual" if search else "no search (one-shot)", xlabel="logged step",
+           ylabel=f"R ({resource})")
 
     ax = axes[1, 1]
     evals = report.get("evals", [])
@@ -66,7 +68,9 @@ def write_report(report: dict, path: str | Path) -> None:
            xlabel="epoch of phase", ylabel="top-1 %")
     ax.legend(fontsize=8)
 
-    fig.suptitle(f"uvc: {report['macs_dense'] / 1e6:.1f} M -> {report['macs'] / 1e6:.1f} M MACs, "
+    fig.suptitle(f"uvc: {report['macs_dense'] / 1e6:.1f} M -> {report['macs'] / 1e6:.1f} M MACs "
+                 f"({report['macs'] / report['macs_dense']:.3f}), {report['params_dense'] / 1e6:.2f} M -> "
+                 f"{report['params'] / 1e6:.2f} M parameters ({report['params'] / report['params_dense']:.3f}), "
                  f"{report['throughput_dense']:.0f} -> {report['throughput']:.0f} images/s (batch {report['throughput_batch']})")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))

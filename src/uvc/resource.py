@@ -1,4 +1,4 @@
-"""The resource model: multiply-accumulates of a ViT as a function of what is kept, in one place.
+"""The resource model: multiply-accumulates and parameters of a ViT as functions of what is kept, in one place.
 
 Conventions follow fvcore and the ViT papers (DeiT-Tiny at 224 px: ~1.26 G MACs): linear layers,
 the patch-embedding conv and the two attention matmuls count; norms, softmax and activations do
@@ -12,13 +12,25 @@ Per block, with H' kept heads of width d', M' kept neurons, N tokens, embedding 
     mlp       = 2*N*D*M'
     block     = keep_attn * attention + keep_mlp * mlp        (keep: 1 - skip probability)
     total     = fixed (patch embedding + classifier heads + a family's stem) + sum of blocks
+
+Parameters, with the same keep values (a skipped half takes its LayerNorm and layer scale along):
+
+    attention = 3*H'd'*(D + qkv_bias) + H'd'*D + D*proj_bias + norm1 + ls1
+    mlp       = M'*(D + fc1_bias) + M'*D + D*fc2_bias + norm2 + ls2
+    total     = fixed (embeddings, tokens, final norm, heads, a family's stem) + sum of blocks
+
+A budget is a fraction of one of RESOURCES; `Skeleton.resource` says which one R measures. Another
+resource plugs in as a name in RESOURCES, a method of Skeleton giving its differentiable total, and
+a measure of a built model in `flops.count`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass, field
 from functools import cached_property
 
 import torch
+
+RESOURCES = {"macs": "MACs", "params": "parameters"}  # what a budget can be a fraction of, in words
 
 
 @dataclass(frozen=True)
@@ -83,12 +95,41 @@ def linear_macs(in_features: int, out_features: int, tokens: int = 1) -> int:
     return tokens * in_features * out_features
 
 
+@dataclass(frozen=True)
+class BlockParams:
+    """What a block's parameter count needs beyond its shape: which layers carry a bias, and what each half
+    holds that does not shrink (its LayerNorm and layer scale). Fields may be [L] tensors, one entry a block."""
+
+    qkv_bias: int
+    proj_bias: int
+    fc1_bias: int
+    fc2_bias: int
+    attn_fixed: int
+    mlp_fixed: int
+
+
+def attention_params(dim, width, p: BlockParams):
+    """qkv (3W x D weights, 3W biases) + proj (D x W weights, D biases) + the half's norm and layer scale."""
+    return 3 * width * (dim + p.qkv_bias) + width * dim + dim * p.proj_bias + p.attn_fixed
+
+
+def mlp_params(dim, hidden, p: BlockParams):
+    """fc1 (M x D weights, M biases) + fc2 (D x M weights, D biases) + the half's norm and layer scale."""
+    return hidden * (dim + p.fc1_bias) + hidden * dim + dim * p.fc2_bias + p.mlp_fixed
+
+
+def block_params(dim, width, hidden, p: BlockParams, attn_keep=1.0, mlp_keep=1.0):
+    """One block's parameters; `*_keep` as in `block_macs`: a skipped half holds none."""
+    return attn_keep * attention_params(dim, width, p) + mlp_keep * mlp_params(dim, hidden, p)
+
+
 @dataclass
 class Skeleton:
-    """The sizes that fix a ViT's MACs: token count, group counts per block, and the MACs outside the blocks.
+    """The sizes that fix a ViT's MACs and parameters: token count, group counts per block, and what lies
+    outside the blocks.
 
-    Groups per block: H heads, d dimensions per head, M neurons. `macs(removed, ...)` is the
-    differentiable whole-model sum the search optimises.
+    Groups per block: H heads, d dimensions per head, M neurons. `cost(removed, ...)` is the
+    differentiable whole-model total of `resource` that the search optimises and the fit lands.
     """
 
     tokens: int
@@ -96,7 +137,10 @@ class Skeleton:
     heads: list[int]
     head_dim: list[int]
     hidden: list[int]
-    fixed: int
+    fixed: int  # MACs outside the blocks
+    layout: list[BlockParams] = field(default_factory=list)  # per block, for `params`
+    fixed_params: int = 0  # parameters outside the blocks
+    resource: str = "macs"  # what `cost` and `ratio` measure: one of RESOURCES
 
     @property
     def depth(self) -> int:
@@ -117,11 +161,35 @@ class Skeleton:
         blocks = block_macs(self.tokens, removed.new_tensor(self.dim), width, kept[:, 2], attn_keep, mlp_keep)
         return self.fixed + blocks.sum()
 
+    def params(self, removed: torch.Tensor, attn_keep: torch.Tensor, mlp_keep: torch.Tensor) -> torch.Tensor:
+        """Parameters with `removed` gone, as `macs` (the layout's columns become [L] tensors)."""
+        kept = self.sizes(removed) - removed
+        layout = BlockParams(*removed.new_tensor([astuple(p) for p in self.layout]).reshape(-1, 6).unbind(1))
+        blocks = block_params(removed.new_tensor(self.dim), kept[:, 0] * kept[:, 1], kept[:, 2], layout, attn_keep, mlp_keep)
+        return self.fixed_params + blocks.sum()
+
+    def cost(self, removed: torch.Tensor, attn_keep: torch.Tensor, mlp_keep: torch.Tensor) -> torch.Tensor:
+        """The total of `resource` with `removed` gone."""
+        return {"macs": self.macs, "params": self.params}[self.resource](removed, attn_keep, mlp_keep)
+
+    @property
+    def fixed_cost(self) -> int:
+        """What no removal or skip touches, in `resource`."""
+        return {"macs": self.fixed, "params": self.fixed_params}[self.resource]
+
     @cached_property
-    def dense_macs(self) -> float:
+    def dense_cost(self) -> float:
         zeros, ones = torch.zeros(self.depth, 3, dtype=torch.float64), torch.ones(self.depth, dtype=torch.float64)
-        return float(self.macs(zeros, ones, ones))
+        return float(self.cost(zeros, ones, ones))
 
     def ratio(self, removed: torch.Tensor, attn_keep: torch.Tensor, mlp_keep: torch.Tensor) -> torch.Tensor:
-        """R = MACs / dense MACs."""
-        return self.macs(removed, attn_keep, mlp_keep) / self.dense_macs
+        """R = cost / dense cost, in `resource`."""
+        return self.cost(removed, attn_keep, mlp_keep) / self.dense_cost
+
+    def group_costs(self) -> torch.Tensor:
+        """[L, 3] float64: what removing the first head, dimension slot and neuron of each block saves in `resource`."""
+        removed = torch.zeros(self.depth, 3, dtype=torch.float64, requires_grad=True)
+        ones = torch.ones(self.depth, dtype=torch.float64)
+        with torch.enable_grad():  # callers may run under no_grad (one-shot does)
+            (grad,) = torch.autograd.grad(self.cost(removed, ones, ones), [removed])
+        return -grad
