@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from run import FULL, ROOT, add_teacher_arg, at_post_lr, compress_config, load_teacher, machine, run_method, save, teacher_label
+from run import ROOT, settings_for, add_teacher_arg, at_post_lr, compress_config, load_teacher, machine, run_method, save, teacher_label
 from uvc.compress import Run
 
 METHODS = ("uvc", "uniform", "compensated")
@@ -38,23 +38,26 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--post-lr", type=float, default=None, help="one post-training rate per 128 images for every method "
                                                                 "(default: each method's in the benchmark)")
-    p.add_argument("--name", default="few_images", help="results file bench/results/NAME.json (BENCHMARKS.md reads few_images)")
+    p.add_argument("--name", default=None, help="results file bench/results/NAME.json (None: few_images, or "
+                   "few_images_pretrained with --teacher pretrained; BENCHMARKS.md reads few_images)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     teacher = load_teacher(args.teacher)
+    base = settings_for(args.teacher)
+    args.name = args.name or ("few_images_pretrained" if args.teacher == "pretrained" else "few_images")
     started = time.perf_counter()
     results = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "budget": args.budget,
                "teacher": teacher_label(args.teacher),
-               "post_lrs": {m: (args.post_lr or FULL.post_lrs[m]) for m in METHODS},
+               "post_lrs": {m: (args.post_lr or base.post_lrs[m]) for m in METHODS},
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(args.threads), "load_average_start": os.getloadavg(), "runs": []}
     scores = None
     for seed in range(args.seeds):
         for images in args.images:
             # Batches of 64 so that a thousand images still give 15 steps an epoch.
-            s = dataclasses.replace(FULL, budgets=(args.budget,), seeds=args.seeds, train_limit=images, batch_size=64,
-                                    calibration_images=min(images, FULL.calibration_images))
+            s = dataclasses.replace(base, budgets=(args.budget,), seeds=args.seeds, train_limit=images, batch_size=64,
+                                    calibration_images=min(images, base.calibration_images))
             s = at_post_lr(s, args.post_lr) if args.post_lr else s
             for method in METHODS:
                 out = ROOT / "runs" / "bench" / args.name / f"{method}-n{images}-s{seed}"

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from run import (FULL, ROOT, Settings, add_teacher_arg, at_post_lr, compress_config, load_teacher, machine, run_method, save,
+from run import (FULL, ROOT, Settings, settings_for, add_teacher_arg, at_post_lr, compress_config, load_teacher, machine, run_method, save,
                  teacher_label, training_epochs)
 from summary import LABELS, search_set_items, tuning_table
 from uvc.compress import CompressConfig, Run, compress
@@ -125,11 +125,15 @@ def main() -> int:
                    help="SearchConfig changes for UVC's runs, e.g. y_init=0 y_lr=0 (no proximal shrink) or fade_epochs=0")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--name", default="tune", help="results file bench/results/NAME.json; run folders runs/bench/NAME/")
+    p.add_argument("--name", default=None,
+                   help="results file bench/results/NAME.json; run folders runs/bench/NAME/ (None: tune, or "
+                        "tune_pretrained with --teacher pretrained)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    settings = settings_for(args.teacher)
+    args.name = args.name or ("tune_pretrained" if args.teacher == "pretrained" else "tune")
     for search in args.search_epochs:
-        split_settings(FULL, search)  # refuse a bad length before any work
+        split_settings(settings, search)  # refuse a bad length before any work
     search_set = parse_search_set(args.search_set)
     set_key = tuple(sorted(search_set.items()))
     set_name = "".join(f"-{k}{v}" for k, v in search_set_items(search_set))  # a folder name
@@ -141,20 +145,23 @@ def main() -> int:
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(args.threads), "runs": []}
     earlier = json.loads(path.read_text()) if path.is_file() else {}
-    if earlier.get("teacher") == results["teacher"]:
+    if earlier and earlier.get("teacher") != results["teacher"]:
+        sys.exit(f"tune: {os.path.relpath(path, ROOT)} holds a sweep of the teacher {earlier.get('teacher')!r}; "
+                 "pass another --name to keep it")
+    if earlier:
         results["runs"] = earlier["runs"]
         results["commands"] = [c for c in earlier["commands"] if c not in results["commands"]] + results["commands"]
         log.info("%d runs of an earlier sweep with this teacher kept (%s)", len(results["runs"]), path)
     done = {(r["method"], r["budget"], r["seed"], r["search_epochs"], r["post_lr"],
              tuple(sorted(r.get("search_set", {}).items()))) for r in results["runs"]}
-    cfg = compress_config(FULL, args.budgets[0], ROOT / "runs" / "bench" / args.name / "teacher", "uvc", read_test=False)
+    cfg = compress_config(settings, args.budgets[0], ROOT / "runs" / "bench" / args.name / "teacher", "uvc", read_test=False)
     teacher_val = results["teacher_val"] = Run(cfg, model=teacher, teacher=teacher).score_teacher()["val"]
     for seed in range(args.seeds):
         for budget in args.budgets:
             for lr in args.post_lrs:
-                base = at_post_lr(FULL, lr)
+                base = at_post_lr(settings, lr)
                 for method in args.methods:
-                    for search in args.search_epochs if method == "uvc" else [training_epochs(FULL, method)[0]]:
+                    for search in args.search_epochs if method == "uvc" else [training_epochs(settings, method)[0]]:
                         changes = set_key if method == "uvc" else ()
                         if (method, budget, seed, search, lr, changes) in done:
                             continue
@@ -166,7 +173,7 @@ def main() -> int:
                         results["runs"].append(tuning_run(teacher, base, method, budget, seed, search, teacher_val, out,
                                                           dict(changes)))
                         save(results, path)
-    print(tuning_table(results, FULL.search_epochs, FULL.post_lrs))
+    print(tuning_table(results, settings.search_epochs, settings.post_lrs))
     return 0
 
 

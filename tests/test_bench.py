@@ -82,6 +82,16 @@ def test_quick_settings_are_small():
     assert md != bench.ROOT / "BENCHMARKS.md" and "runs" in folder.parts  # a pipeline check keeps the full tables
 
 
+def test_pretrained_teacher_gets_its_own_settings_and_files():
+    s = bench.settings_for("pretrained")
+    assert s is bench.PRETRAINED and bench.settings_for("bundled") is bench.FULL
+    assert bench.settings_for("pretrained", quick=True) is bench.QUICK
+    assert s.budgets == (0.3, 0.5) and s.seeds >= 3 and s.train_limit <= 3000  # the few-images case
+    assert s.search_epochs + s.post_epochs == bench.FULL.search_epochs + bench.FULL.post_epochs
+    folder, md = bench.places(quick=False, teacher="pretrained")
+    assert (folder, md) != bench.places(quick=False) and md.name != "BENCHMARKS.md"  # never over the bundled tables
+
+
 @pytest.mark.parametrize("budget", [0.3, 0.5])
 def test_every_method_trains_equally_long_with_the_same_data_optimizer_and_kd(tmp_path, budget):
     s = bench.FULL
