@@ -207,3 +207,18 @@ def test_similar_names_come_from_the_family_typed():
         uvc.load_model("deit_tiny_patch16_225")
     names = one_line(error).split("Similar names: ")[1].split(", ")
     assert all(name.startswith("deit") for name in names)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"mean": [0.5], "std": [0.0]}, r"the model's std \[0\.0\] is not usable"),
+    ({"mean": [float("nan")], "std": [0.5]}, r"the model's mean \[nan\] is not usable"),
+    ({"interpolation": "lanczos9"}, r"interpolation 'lanczos9' is not one of"),
+    ({"crop_pct": 7}, r"crop_pct 7 is outside \(0, 1\]"),
+])
+def test_hostile_preprocessing_in_a_saved_model_is_one_line_naming_the_override(saved, cfg, message):
+    edit_arch(saved, lambda arch: arch.update(pretrained_cfg={"input_size": [1, 28, 28], **cfg}))
+    model = uvc.load_model(str(saved))  # the weights are fine; the preprocessing is refused where it is used
+    with pytest.raises(uvc.UVCError, match=message) as error:
+        build_data(DataConfig(batch_size=8, train_limit=16, val_limit=16, test_limit=16),
+                   input_size=(1, 32, 32), pretrained_cfg=model.pretrained_cfg)  # not 28x28: Fashion-MNIST is resized
+    assert "--mean, --std, --interpolation or --crop-pct" in one_line(error)

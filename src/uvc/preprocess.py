@@ -9,6 +9,7 @@ carries the config its data went through (arch.json's `pretrained_cfg`), so
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -55,7 +56,24 @@ def resolve(input_size: tuple[int, int, int], pretrained_cfg: dict | None = None
     config = resolve_data_config({**args, "input_size": tuple(input_size)}, pretrained_cfg=base or None)
     config = {k: config[k] for k in KEYS}
     config["mean"], config["std"] = tuple(map(float, config["mean"])), tuple(map(float, config["std"]))
+    _check(config)
     return config
+
+
+def _check(config: dict) -> None:
+    """Refuse preprocessing that cannot be right, wherever it came from (a model's arch.json or
+    preprocessor_config.json is as untrusted as the weights beside it): a zero std would divide by zero."""
+    fix = "pass --mean, --std, --interpolation or --crop-pct to override the model's"
+    for key in ("mean", "std"):
+        values = config[key]
+        if not all(math.isfinite(v) for v in values) or (key == "std" and min(values) <= 0):
+            raise UVCError(f"the model's {key} {list(values)} is not usable ({'finite and > 0' if key == 'std' else 'finite'} "
+                           f"numbers are); {fix}")
+    if config["interpolation"] not in INTERPOLATIONS:
+        raise UVCError(f"the model's interpolation {config['interpolation']!r} is not one of {', '.join(INTERPOLATIONS)}; {fix}")
+    crop = config["crop_pct"]
+    if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
+        raise UVCError(f"the model's crop_pct {crop!r} is outside (0, 1]; {fix}")
 
 
 def of_model(model, input_size: tuple[int, int, int]) -> dict | None:
