@@ -111,16 +111,10 @@ class CompressConfig:
             self.data = DataConfig(data=self.data)
 
     @classmethod
-    def from_preset(cls, name: str, **fields) -> "CompressConfig":
-        """A config holding preset `name`'s values (presets.py; "paper": UVC as published); fields set here
-        or afterwards override them, e.g. `CompressConfig.from_preset("paper", budget=0.3)`."""
-        cfg = apply_preset(cls(), name)
-        for key, value in fields.items():
-            if not hasattr(cfg, key):
-                raise TypeError(f"unknown compress option {key!r}")
-            setattr(cfg, key, value)
-        cfg.__post_init__()
-        return cfg
+    def from_preset(cls, name: str) -> "CompressConfig":
+        """A config holding preset `name`'s values (presets.py; "paper": UVC as published). Fields set afterwards
+        override them: `cfg.budget = 0.3`, or `compress(CompressConfig.from_preset("paper"), budget=0.3)`."""
+        return apply_preset(cls(), name)
 
     def post_training(self) -> Schedule:
         """`post` with its epochs filled in. One-shot post-trains for none by default: at the default rate
