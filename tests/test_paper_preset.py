@@ -1,6 +1,7 @@
 """`--preset paper`: UVC as published, each of its parts a switch of its own (issue 31)."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from uvc.engine import Schedule, make_optimizer, optimizer_step
 from uvc.flops import skeleton_of
 from uvc.presets import PRESETS
 from uvc.search import Search, SearchConfig
+
+from conftest import straight_killed_resumed
 
 
 def tiny_gated(depth=4):
@@ -192,3 +195,16 @@ def test_a_paper_preset_run_lands_in_the_window_and_reports_where_the_search_end
     config = report["config"]
     assert (config["search"]["dual"], config["search"]["gates"], config["search"]["end"]) == ("ascent", "gumbel", "searched")
     assert config["kd"]["alpha"] == 0.2 and config["kd"]["reduction"] == "element"  # the explicit option won
+
+
+def test_a_killed_paper_preset_run_resumes_to_the_same_model(tmp_path, fmnist_available):
+    """The Gumbel draws depend on the seed and the step alone, and the gates' momentum is checkpointed."""
+    if not fmnist_available:
+        pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist (.ci/run does this)")
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=2)
+    args = ["--preset", "paper", "--device", "cpu", "--train-limit", "512", "--val-limit", "128", "--test-limit", "128",
+            "--batch-size", "64", "--search-epochs", "3", "--warmup-epochs", "0.25", "--post-epochs", "1"]
+    straight, killed, _ = straight_killed_resumed(model, tmp_path, args, dict(os.environ, UVC_PROGRESS="0", OMP_NUM_THREADS="1"))
+    ra, rb = (json.loads((p / "report.json").read_text()) for p in (straight, killed))
+    assert ra["layers"] == rb["layers"] and ra["search_ratio"] == rb["search_ratio"]
