@@ -20,26 +20,26 @@ REFERENCE_LR = 1e-4 * 128 / 512
 
 PRESETS: dict[str, dict[str, object]] = {
     "paper": {
-        # Paper Sec. 3.3, Alg. 1: primal gradient steps of the Lagrangian on the ratios, gradient ascent on z
-        # (uvc_optimizer.py: s/r by SGD lr 0.02 with the gradient's inf-norm clipped at 1, z by SGD on -L).
+        # Paper Sec. 3 (the primal-dual algorithm): primal gradient steps of the Lagrangian on the ratios, gradient
+        # ascent on z (uvc_optimizer.py: s/r by SGD lr 0.02 with the gradient's inf-norm clipped at 1, z by SGD on -L).
         "search.dual": "ascent",
         "search.ratio_lr": 0.02,  # joint_train.py --slr / --rlr 0.02
         "search.z_init": 1e-3,  # the reference's starting z
         "search.z_lr": 1.0,  # run_uvc_train.sh --zlr_schedule_list "1,5,..." : its first stage's rate
         "search.z_step_clip": 0.5,  # run_uvc_train.sh --z_grad_clip 0.5
-        # Paper Sec. 3.3: y by dual ascent on Phi, with the proximal step on the marked groups
+        # Paper Sec. 3: y by dual ascent on Phi, with the proximal step on the marked groups
         # (uvc_optimizer.py prox_w; joint_train.py --ylr 1e-4), y starting at 1e-3 as the reference's does.
         "search.y_lr": 1e-4,
         "search.y_init": 1e-3,
         "search.importance": "norm",  # the reference ranks groups by their weights' norms (uvc_utils.py)
-        # Paper Sec. 3.2: Gumbel-sigmoid skip gates at block and half (attention / MLP) level.
+        # Paper Sec. 3: Gumbel-sigmoid skip gates at block and half (attention / MLP) level.
         "search.skip": "both",
         "search.gates": "gumbel",
         "search.gate_lr": 0.1,  # run_uvc_train.sh --glr 0.1 (SGD, momentum 0.9: uvc_optimizer.py)
         "search.gate_momentum": 0.9,
         "search.gate_weight": 5e-4,  # run_uvc_train.sh --gating_weight 5e-4 (w_g)
-        "search.gate_temperature": 0.5,  # the Gumbel-sigmoid temperature tau of the paper's Sec. 3.2
-        # Paper Sec. 3.4 / post_train.py: the searched weights are slimmed and post-trained.
+        "search.gate_temperature": 0.5,  # the Gumbel-sigmoid temperature tau (0.5 in the reference)
+        # Paper Sec. 3 / post_train.py: the searched weights are slimmed and post-trained.
         "search.end": "searched",
         # run_uvc_train.sh / run_post_train.sh: soft KD, --distillation-alpha 0.1, tau 1, and DeiT's loss
         # (utils/losses.py), whose KL is divided by batch x classes.
