@@ -94,13 +94,19 @@ def _teacher_options(p: argparse.ArgumentParser) -> None:
     _field(p, t, "overwrite", "--overwrite", action="store_true", help="replace the teacher or checkpoints already in --out")
 
 
-def _compress_options(p: argparse.ArgumentParser) -> None:
+def _compress_options(p: argparse.ArgumentParser, preset: str | None = None) -> None:
+    """With a `preset`, every option's default is the preset's value, so only options given explicitly override it."""
     from .compress import CompressConfig
+    from .distill import KD_REDUCTIONS
     from .engine import LR_BATCH
+    from .presets import PRESETS
     from .resource import RESOURCES
-    from .search import ENDS, SKIP_MODES, STARTS
+    from .search import DUALS, ENDS, GATE_KINDS, SKIP_MODES, STARTS
 
-    c = CompressConfig()
+    c = CompressConfig.from_preset(preset) if preset else CompressConfig()
+    p.add_argument("--preset", choices=tuple(PRESETS), default=preset,
+                   help="start from a preset's values (paper: UVC as published; docs/method.md, Presets); every option "
+                        "given explicitly overrides them, and `--preset paper --help` shows the preset's values as defaults")
     _field(p, c, "model", "--model",
            help="timm name, a folder saved by uvc or by transformers' save_pretrained (None: the bundled teacher)")
     _field(p, c, "checkpoint", "--checkpoint", help="local weights (.safetensors/.pth) for a timm --model")
@@ -141,6 +147,16 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _field(p, c, "search.end", "--end", choices=ENDS,
            help="what post-training starts from: rewind (the input weights slimmed at the searched plan, "
                 "refitted by least squares on --calibration-images) or searched (the searched weights slimmed)")
+    _field(p, c, "search.dual", "--dual", choices=DUALS,
+           help="price: z is the price the counts imply, counts kept on the budget; ascent: the paper's Lagrangian "
+                "gradient steps on the ratios and gradient ascent on z")
+    _field(p, c, "search.gates", "--gates", choices=GATE_KINDS,
+           help="skip gates in training: hard decisions, or the paper's Gumbel-sigmoid samples (with --skip)")
+    _field(p, c, "kd.reduction", "--kd-reduction", choices=KD_REDUCTIONS,
+           help="soft KD's KL per sample, or per sample and class (element: DeiT's and the paper's code's)")
+    _field(p, c, "search.schedule.clip_grad", "--clip-grad", type=float,
+           help="clip the weights' gradient norm to this during the search (0: off)")
+    _field(p, c, "post.clip_grad", "--post-clip-grad", type=float, help="the same for post-training")
     _field(p, c, "calibration_images", "--calibration-images", type=int,
            help="unlabeled training images for --one-shot, --start compensate and --end rewind")
     _field(p, c, "search.prune", "--no-prune", action="store_false", default=argparse.SUPPRESS,
@@ -235,7 +251,7 @@ def cmd_compress(a) -> int:
     from . import distributed
     from .compress import CompressConfig, compress
 
-    cfg = _config(CompressConfig(), a)
+    cfg = _config(CompressConfig.from_preset(a.preset) if a.preset else CompressConfig(), a)
     try:
         report = compress(cfg)
         if not distributed.is_main():
@@ -262,8 +278,9 @@ COMMANDS = {
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only `command`'s options are added, so listing the commands loads no config (and no torch)."""
+def build_parser(command: str | None = None, preset: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s options are added, so listing the commands loads no config (and no torch).
+    `preset` (compress only) makes a preset's values the options' defaults."""
     parser = argparse.ArgumentParser(prog="uvc", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug-level log lines")
@@ -271,7 +288,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (summary, add_options, run) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name == command:
-            add_options(p)
+            add_options(p, preset) if preset else add_options(p)
         p.set_defaults(func=run)
     return parser
 
@@ -279,7 +296,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)  # uvc's own options take no value
-    args = build_parser(command).parse_args(argv)
+    args = build_parser(command, _preset_in(argv) if command == "compress" else None).parse_args(argv)
     other_rank = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 reports progress
     logging.basicConfig(level=logging.WARNING if other_rank else logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -290,6 +307,17 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"uvc: error: {os_error_line(e)}", file=sys.stderr)
     return 2
+
+
+def _preset_in(argv: list[str]) -> str | None:
+    """The known preset named by `--preset NAME` or `--preset=NAME` (an unknown one is left to argparse to refuse)."""
+    from .presets import PRESETS
+
+    for i, arg in enumerate(argv):
+        name = argv[i + 1] if arg == "--preset" and i + 1 < len(argv) else arg.removeprefix("--preset=")
+        if arg.startswith("--preset") and name in PRESETS:
+            return name
+    return None
 
 
 def os_error_line(e: OSError) -> str:

@@ -43,6 +43,7 @@ from .io import atomic_write_text, tensor_digest
 from .models import DEFAULT_TEACHER, default_teacher_dir, load_model, param_count, save
 from .oneshot import one_shot
 from .plan import LayerPlan
+from .presets import apply_preset
 from .resource import RESOURCES
 from .report import percent, write_report
 from .rundir import check_output_dir, claimed
@@ -63,7 +64,7 @@ FLAGS = {"budget": "--budget", "search.schedule.epochs": "--search-epochs", "sea
          "search.warmup_epochs": "--warmup-epochs", "post.epochs": "--post-epochs", "post.lr": "--post-lr",
          "kd.alpha": "--kd-alpha", "kd.temperature": "--kd-temperature", "data.mixup": "--mixup",
          "data.cutmix": "--cutmix", "data.smoothing": "--smoothing", "data.reprob": "--reprob",
-         "data.crop_pct": "--crop-pct"}
+         "data.crop_pct": "--crop-pct", "search.schedule.clip_grad": "--clip-grad", "post.clip_grad": "--post-clip-grad"}
 
 
 @dataclass
@@ -109,6 +110,12 @@ class CompressConfig:
         if isinstance(self.data, str):
             self.data = DataConfig(data=self.data)
 
+    @classmethod
+    def from_preset(cls, name: str) -> "CompressConfig":
+        """A config holding preset `name`'s values (presets.py; "paper": UVC as published). Fields set afterwards
+        override them: `cfg.budget = 0.3`, or `compress(CompressConfig.from_preset("paper"), budget=0.3)`."""
+        return apply_preset(cls(), name)
+
     def post_training(self) -> Schedule:
         """`post` with its epochs filled in. One-shot post-trains for none by default: at the default rate
         post-training undoes part of what its least-squares refit keeps (README, Benchmarks)."""
@@ -148,6 +155,7 @@ class RunState:
     top1_teacher: float | None = None  # test
     top1_val_teacher: float | None = None
     top1_val_after_search: float | None = None  # right after slimming
+    search_ratio: float | None = None  # R where the search itself ended, before the exact fit
     plan: list[dict] | None = None
 
 
@@ -350,8 +358,9 @@ class Run:
         self.student.train()
         fade = fade_at(step, self.fade_steps)  # the control fades its start plan in the same way
         search.mark_groups(fade, probe=not frozen)
-        search.set_gates(fade, probe=not frozen)
-        loss = optimizer_step(self._loss(self.train_student, x, y), self.optimizer, self.scheduler, step, "search")
+        search.set_gates(fade, probe=not frozen, sample=not frozen)
+        loss = optimizer_step(self._loss(self.train_student, x, y), self.optimizer, self.scheduler, step, "search",
+                              clip_grad=self.cfg.search.schedule.clip_grad)
         if frozen:
             return {"loss": distributed.mean_over_ranks(loss), **search.figures()}
         for grad in search.probe_gradients():
@@ -365,7 +374,8 @@ class Run:
 
     def post_step(self, x, y, step: int) -> dict:
         self.slimmed.train()
-        loss = optimizer_step(self._loss(self.train_slimmed, x, y), self.optimizer, self.scheduler, step, "post-training")
+        loss = optimizer_step(self._loss(self.train_slimmed, x, y), self.optimizer, self.scheduler, step, "post-training",
+                              clip_grad=self.cfg.post.clip_grad)
         return {"loss": distributed.mean_over_ranks(loss)}
 
     def _start_post_training(self, slimmed: nn.Module) -> None:
@@ -376,6 +386,8 @@ class Run:
                                                         self.cfg.data.batch_size)
 
     def _finish_search(self) -> None:
+        self.state.search_ratio = float(self.search.resource().detach())
+        log.info("the search ended at R = %.4f (budget %.2f); fitting it exactly", self.state.search_ratio, self.cfg.budget)
         plan = self.search.final_plan()
         self._check_ranks_agree()
         if distributed.world_size() > 1:
@@ -507,6 +519,8 @@ class Run:
             "params_dense": params_dense, "params": params, "params_ratio": params / params_dense,
             "top1_teacher": s.top1_teacher, "top1_val_teacher": s.top1_val_teacher,
             "top1": top1, "top1_val": top1_val, "top1_val_after_search": s.top1_val_after_search,
+            "search_ratio": s.search_ratio,
+            "search_gap": None if s.search_ratio is None else s.search_ratio - self.cfg.budget,
             "throughput_dense": speed["dense"]["median"], "throughput": speed["slimmed"]["median"],
             "throughput_detail": speed, "throughput_batch": self.cfg.throughput_batch, "device": str(self.device),
             "processes": distributed.world_size(), "train_seconds_this_session": seconds,

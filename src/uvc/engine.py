@@ -135,12 +135,18 @@ def compare_throughput(models: dict[str, nn.Module], input_size: tuple[int, int,
             for name, r in rates.items()}
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, step: int, where: str) -> float:
-    """Backward and update, refusing a non-finite loss with advice instead of training on NaN."""
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, step: int, where: str,
+                   clip_grad: float = 0.0) -> float:
+    """Backward and update, refusing a non-finite loss with advice instead of training on NaN.
+
+    `clip_grad` > 0 scales the gradients so that their joint L2 norm is at most that (the paper's
+    reference code clips at 1.0 in the search and in post-training); 0 leaves them as they are."""
     if not torch.isfinite(loss):
         raise UVCError(f"the loss became {loss.item()} at {where} step {step}; lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
     optimizer.step()
     if scheduler is not None:
         scheduler.step_update(step + 1)
@@ -178,6 +184,7 @@ class Schedule:
     lr: float  # per 128 images (LR_BATCH)
     weight_decay: float = 0.05
     warmup_epochs: float = 0.0
+    clip_grad: float = 0.0  # > 0: the weights' gradient norm is clipped to this before each step (0: off)
 
     def lr_for(self, batch_size: int) -> float:
         return self.lr * batch_size / LR_BATCH
@@ -185,8 +192,8 @@ class Schedule:
     def validate(self, what: str, allow_zero: bool = True) -> None:
         if self.epochs < 0 or (self.epochs == 0 and not allow_zero):
             raise UVCError(f"{what} epochs must be {'>= 0' if allow_zero else '> 0'}, got {self.epochs}")
-        if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise UVCError(f"{what}: the learning rate, weight decay and warm-up must be >= 0")
+        if self.lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.clip_grad < 0:
+            raise UVCError(f"{what}: the learning rate, weight decay, warm-up and gradient clipping must be >= 0")
 
     def steps(self, steps_per_epoch: int) -> int:
         return round(self.epochs * steps_per_epoch)

@@ -30,6 +30,12 @@ One iteration, in the order `compress` calls the methods:
 Steps 5 and 6 wait for the warm-up to end. `final_plan` fits the counts exactly to the budget. With
 `end="rewind"` (the default) what post-training starts from is the *input* model slimmed at that plan,
 its proj / fc2 refitted by least squares: the search's weight steps serve to find the plan.
+
+The paper's own optimisation is one switch away for each part (`--preset paper` sets them all, presets.py):
+`dual="ascent"`: ratios step along the Lagrangian's gradient (y * dPhi + z * dR, clipped, no projection
+onto the budget) and z rises and falls by projected gradient ascent on R - B; `gates="gumbel"`: the
+margins are logits, training sees Gumbel-sigmoid samples of the gates, and the logits take momentum-SGD
+steps on the Lagrangian's gradient (task gradient through the samples + w_g * z * dR/dlogit).
 """
 from __future__ import annotations
 
@@ -51,6 +57,8 @@ SKIP_MODES = ("both", "block", "halves", "none")
 IMPORTANCE = ("taylor", "norm")
 STARTS = ("fade", "compensate")
 ENDS = ("searched", "rewind")
+DUALS = ("price", "ascent")
+GATE_KINDS = ("hard", "gumbel")
 GATES = ("block", "attn", "mlp")
 
 
@@ -73,10 +81,18 @@ class SearchConfig:
     importance_decay: float = 0.9  # moving average of the mask gradients' magnitudes
     ratio_lr: float = 0.02
     gate_lr: float = 0.1  # a margin starts at 1: ten steps under the strongest pressure skip a half
-    z_lr: float = 1.0  # skipping alone: z *= exp(z_lr * (R - B)) per step
+    z_lr: float = 1.0  # skipping alone: z *= exp(z_lr * (R - B)) per step; dual="ascent": z += z_lr * (R - B)
     z_step_clip: float = 0.5
     y_init: float = 1e-3
     y_lr: float = 20.0
+    # The paper's optimisation, one switch each (uvc's defaults first; docs/method.md, "Presets"):
+    dual: str = "price"  # "price": z is the price the counts imply, counts projected onto R = B every step;
+    # "ascent": ratios take the Lagrangian's gradient steps and z takes gradient ascent steps (the paper's)
+    gates: str = "hard"  # "hard": training sees the hard decisions; "gumbel": Gumbel-sigmoid samples (the paper's)
+    gate_temperature: float = 0.5  # gates="gumbel": the samples' temperature
+    gate_weight: float = 5e-4  # gates="gumbel": w_g, the weight of the budget's pull on the gate logits
+    gate_momentum: float = 0.9  # gates="gumbel": momentum of the logits' SGD steps (lr `gate_lr`)
+    z_init: float = 1e-3  # dual="ascent": z's starting value
 
     def fade_steps(self, steps_per_epoch: int) -> int:
         """Steps over which marked groups fade out: none with a compensated start, which cuts them at once."""
@@ -98,6 +114,13 @@ class SearchConfig:
             raise UVCError(f"width multiple must be >= 1, got {self.width_multiple}")
         if not 0 <= self.importance_decay < 1:
             raise UVCError(f"importance decay must be in [0, 1), got {self.importance_decay}")
+        if self.dual not in DUALS:
+            raise UVCError(f"search dual {self.dual!r} is not one of {', '.join(DUALS)}")
+        if self.gates not in GATE_KINDS:
+            raise UVCError(f"search gates {self.gates!r} is not one of {', '.join(GATE_KINDS)}")
+        if self.gate_temperature <= 0 or not 0 <= self.gate_momentum < 1 or self.gate_weight < 0 or self.z_init < 0:
+            raise UVCError("the gate temperature must be > 0, the gate momentum in [0, 1), the gate weight and "
+                           f"z_init >= 0 (got {self.gate_temperature}, {self.gate_momentum}, {self.gate_weight}, {self.z_init})")
 
 
 def fade_at(step: int, fade_steps: int) -> float:
@@ -142,7 +165,9 @@ class Search(nn.Module):
         on = {"both": GATES, "block": ("block",), "halves": ("attn", "mlp"), "none": ()}[cfg.skip]
         self.register_buffer("gate_enabled", torch.tensor([g in on for g in GATES], device=like.device))
         self.register_buffer("y", torch.full((depth, 3), cfg.y_init, device=like.device, dtype=like.dtype))
-        self.register_buffer("z", torch.zeros((), device=like.device, dtype=like.dtype))
+        z = cfg.z_init if cfg.dual == "ascent" else 0.0
+        self.register_buffer("z", torch.full((), z, device=like.device, dtype=like.dtype))
+        self.register_buffer("gate_velocity", torch.zeros_like(self.gate_margin))  # gates="gumbel": SGD momentum
         self.register_buffer("price", torch.zeros((), device=like.device, dtype=like.dtype))  # set at the warm-up's end
         self.register_buffer("shrink", torch.ones((depth, 3), device=like.device, dtype=like.dtype))  # cumulative
         self.register_buffer("step_count", torch.tensor(0, device=like.device))
@@ -156,6 +181,7 @@ class Search(nn.Module):
         self.register_buffer("next_norm", torch.zeros_like(self.y), persistent=False)
         self.register_buffer("next_cost", torch.zeros_like(self.y), persistent=False)
         self._keep_probe: torch.Tensor | None = None
+        self._gate_logits: torch.Tensor | None = None  # gates="gumbel": the leaf the sampled gates were drawn from
 
     # ---- decisions -------------------------------------------------------------------------
     def removed(self) -> torch.Tensor:
@@ -209,13 +235,18 @@ class Search(nn.Module):
             costs = _in_removal_order(rank, self._taylor(l))
             self.next_cost[l] = torch.stack([F.pad(o, (0, 1))[n] for o, n in zip(costs, (nh, nd, nm))])
 
-    def set_gates(self, fade: float = 0.0, probe: bool = False) -> None:
-        """The hard keep decisions, skipped parts at `fade`.
+    def set_gates(self, fade: float = 0.0, probe: bool = False, sample: bool = False) -> None:
+        """The hard keep decisions, skipped parts at `fade`; with gates="gumbel" and `sample` (training),
+        Gumbel-sigmoid samples of the gates instead.
 
         `probe`: the halves' effective keep values [L, 2] become a leaf whose gradient `record_importance`
         reads. Taken on the effective values (block x half), not on the gates, the gradient stays
         informative when the block gate is off: it is what restoring each half would gain.
         """
+        self._gate_logits = None
+        if sample and self.cfg.gates == "gumbel" and bool(self.gate_enabled.any()):
+            self._set_sampled_gates()
+            return
         keep = torch.where(self.hard_keep() > 0, 1.0, fade).to(self.gate_margin)
         halves = torch.stack(self._halves(keep), dim=1)
         probe = probe and bool(self.gate_enabled.any())  # the estimates only serve gates that exist
@@ -223,11 +254,27 @@ class Search(nn.Module):
         for l, block in enumerate(self._blocks):
             block.attn_keep, block.mlp_keep = (halves[l, 0], halves[l, 1]) if probe else (float(halves[l, 0]), float(halves[l, 1]))
 
+    def _set_sampled_gates(self) -> None:
+        """keep = sigmoid((logit + logistic noise) / temperature) per enabled gate, 1 elsewhere (the paper's
+        Gumbel-sigmoid). The noise comes from a generator seeded by the run's seed and the step, so every
+        DDP rank draws the same gates and a resumed run draws what an unbroken one would."""
+        seed = hash((torch.initial_seed(), int(self.step_count))) % 2 ** 63
+        uniform = torch.rand(self.gate_margin.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        noise = (uniform.log() - (-uniform).log1p()).to(self.gate_margin)
+        self._gate_logits = self.gate_margin.detach().clone().requires_grad_(True)
+        soft = torch.sigmoid((self._gate_logits + noise) / self.cfg.gate_temperature)
+        keep = torch.where(self.gate_enabled, soft, torch.ones_like(soft))
+        halves = torch.stack(self._halves(keep), dim=1)
+        for l, block in enumerate(self._blocks):
+            block.attn_keep, block.mlp_keep = halves[l, 0], halves[l, 1]
+
     def probe_gradients(self) -> list[torch.Tensor]:
-        """The gradients `record_importance` reads (under DDP, all-reduced first: they are rank-dependent)."""
+        """The gradients `record_importance` and the gate steps read (under DDP, all-reduced first: they are
+        rank-dependent)."""
         grads = [p.grad for b in self._blocks for p in (b.probes or ()) if p.grad is not None]
-        if self._keep_probe is not None and self._keep_probe.grad is not None:
-            grads.append(self._keep_probe.grad)
+        for leaf in (self._keep_probe, self._gate_logits):
+            if leaf is not None and leaf.grad is not None:
+                grads.append(leaf.grad)
         return grads
 
     # ---- 3. importance ---------------------------------------------------------------------
@@ -299,14 +346,46 @@ class Search(nn.Module):
         imbalance (cost - saving) / (cost + saving), in [-1, 1]: one rule for gates and widths, whatever
         the spread of the Taylor costs over layers (orders of magnitude). The ratios are then shifted
         together until R = B at the current gates, so a skipped half hands its MACs back to width at once.
+
+        With dual="ascent" the ratios take the paper's step instead (`_lagrangian_ratio_step`), and with
+        gates="gumbel" the gate logits do (`_lagrangian_gate_step`).
         """
         d_ratio, d_keep = self._budget_gradients()
         with torch.no_grad():
-            g_keep = torch.where(self.gate_enabled, _imbalance(self.z * d_keep, self.taylor_keep), torch.zeros_like(d_keep))
-            self.gate_margin.sub_(self.cfg.gate_lr * g_keep)
-            if self.cfg.prune:
+            if self.cfg.gates == "gumbel":
+                self._lagrangian_gate_step(d_keep)
+            else:
+                g_keep = torch.where(self.gate_enabled, _imbalance(self.z * d_keep, self.taylor_keep), torch.zeros_like(d_keep))
+                self.gate_margin.sub_(self.cfg.gate_lr * g_keep)
+            if self.cfg.prune and self.cfg.dual == "ascent":
+                self._lagrangian_ratio_step(d_ratio)
+            elif self.cfg.prune:
                 g_ratio = _imbalance(self.sizes * self.next_cost, -self.z * d_ratio)
                 self.ratios.copy_(self._onto_budget(self.ratios - self.cfg.ratio_lr * g_ratio))
+
+    def _lagrangian_ratio_step(self, d_ratio: torch.Tensor) -> None:
+        """ratio -= ratio_lr * dL/dratio, kept in [0, (size - 1) / size]: no projection onto the budget.
+
+        dL/dratio = y * dPhi/dratio + z * dR/dratio, where dPhi/dratio is the relative norm of the next group
+        in line times the groups a unit of ratio holds. The gradient is scaled to a largest entry of at most 1,
+        as the reference clips the counts' gradient (its infinity norm, at 1.0)."""
+        grad = self.y * self.sizes * self.next_norm + self.z * d_ratio
+        grad = grad / grad.abs().max().clamp(min=1.0)
+        upper = (self.sizes - 1) / self.sizes
+        self.ratios.copy_(torch.minimum(torch.clamp(self.ratios - self.cfg.ratio_lr * grad, min=0.0), upper))
+
+    def _lagrangian_gate_step(self, d_keep: torch.Tensor) -> None:
+        """Momentum SGD on the gate logits: the task gradient through the last Gumbel samples plus
+        w_g * z * dR/dlogit, with dR/dlogit the MACs each gate saves on its own times the slope of the
+        noise-free sigmoid(logit / temperature)."""
+        t = self.cfg.gate_temperature
+        keep = torch.sigmoid(self.gate_margin / t)
+        grad = self.cfg.gate_weight * self.z * d_keep * keep * (1 - keep) / t
+        if self._gate_logits is not None and self._gate_logits.grad is not None:
+            grad = grad + self._gate_logits.grad.to(grad)
+        grad = torch.where(self.gate_enabled, grad, torch.zeros_like(grad))
+        self.gate_velocity.mul_(self.cfg.gate_momentum).add_(grad)
+        self.gate_margin.sub_(self.cfg.gate_lr * self.gate_velocity)
 
     def _onto_budget(self, ratios: torch.Tensor) -> torch.Tensor:
         """`ratios + t`, clipped to their range, with the smallest shift t that brings R to <= B."""
@@ -334,11 +413,16 @@ class Search(nn.Module):
         balance implies (the Lagrange multiplier of R <= B): the Taylor cost per MAC of the next group,
         the median over the (block, kind) pairs still being traded, smoothed like the Taylor estimates.
         With skipping alone, z rises and falls by exponentiated gradient ascent, z *= e^{lr_z (R - B)},
-        from the gates' median price.
+        from the gates' median price. With dual="ascent" (the paper's), z += lr_z (R - B), projected on >= 0.
         """
         cfg, first = self.cfg, float(self.price) == 0.0  # `price` is set by the first dual step
         if cfg.prune:
             self.y.add_(cfg.y_lr * self.phi).clamp_(min=0.0)
+        if cfg.dual == "ascent":  # the paper's: projected gradient ascent of the Lagrangian in z, step clipped
+            step = torch.clamp(self.resource() - self.budget, -cfg.z_step_clip, cfg.z_step_clip)
+            self.z.add_(cfg.z_lr * step).clamp_(min=0.0)
+            return
+        if cfg.prune:
             price = self._marginal_price()
             self.z.copy_(price if first else cfg.importance_decay * self.z + (1 - cfg.importance_decay) * price)
         else:
@@ -368,7 +452,8 @@ class Search(nn.Module):
         """What the log and report.png show of the search."""
         with torch.no_grad():
             keep = self.hard_keep()
-            return {"R": float(self.resource()), "z": float(self.z / self.price) if float(self.price) else 0.0,
+            z = float(self.z) if self.cfg.dual == "ascent" else float(self.z / self.price) if float(self.price) else 0.0
+            return {"R": float(self.resource()), "z": z,
                     "y": float(self.y.mean()), "skipped": int((keep == 0).sum()),
                     "shrink": float(self.shrink.min())}
 
@@ -429,4 +514,4 @@ def _in_removal_order(rank: GroupNorms, values: GroupNorms) -> list[torch.Tensor
             values.neurons[rank.neurons.argsort()]]
 
 
-__all__ = ["SearchConfig", "Search", "fade_at", "ste_round", "SKIP_MODES", "IMPORTANCE", "STARTS"]
+__all__ = ["SearchConfig", "Search", "fade_at", "ste_round", "SKIP_MODES", "IMPORTANCE", "STARTS", "DUALS", "GATE_KINDS"]
