@@ -54,7 +54,8 @@ def resolve(input_size: tuple[int, int, int], pretrained_cfg: dict | None = None
     args = {k: v for k, v in overrides.items() if v is not None}
     config = resolve_data_config({**args, "input_size": tuple(input_size)}, pretrained_cfg=base or None)
     config = {k: config[k] for k in KEYS}
-    config["mean"], config["std"] = tuple(map(float, config["mean"])), tuple(map(float, config["std"]))
+    # timm's ImageNet default (a model without a pretrained_cfg) has three values: fitted to a greyscale model too
+    config["mean"], config["std"] = (_fit_channels(config[k], channels, f"timm's default {k}") for k in ("mean", "std"))
     return config
 
 
