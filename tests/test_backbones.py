@@ -176,3 +176,10 @@ def test_no_scheduler_for_a_phase_without_steps(caplog):
     optimizer, scheduler = make_optimizer(model, Schedule(0.0, 1e-4), steps_per_epoch=10, batch_size=128)
     assert scheduler is None and optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
     assert make_optimizer(model, Schedule(1.0, 1e-4), steps_per_epoch=10, batch_size=128)[1] is not None
+
+
+def test_a_classifier_result_is_saved_with_its_class_names(tmp_path):
+    from uvc.data import FASHION_MNIST_CLASSES
+
+    compress(config(tmp_path / "run", one_shot=True), model=tiny_vit(num_classes=10))
+    assert uvc.load(tmp_path / "run").pretrained_cfg["label_names"] == FASHION_MNIST_CLASSES

@@ -44,6 +44,7 @@ from .io import atomic_write_text, tensor_digest
 from .models import DEFAULT_TEACHER, default_teacher_dir, load_model, param_count, save
 from .oneshot import one_shot
 from .plan import LayerPlan
+from .preprocess import LABEL_NAMES
 from .resource import RESOURCES
 from .report import outcome, percent, speed_text, write_report
 from .rundir import check_output_dir, claimed
@@ -548,7 +549,8 @@ class Run:
         """Rank 0's part of the end: throughput, the saved model, report.json and report.png."""
         s = self.state
         slim_macs, params_dense, params = macs(model, self.input_size), param_count(self.dense), param_count(model)
-        model.pretrained_cfg = dict(self.data.preprocessing)  # saved with it: how its images were prepared
+        # saved with it: how its images were prepared, and what its outputs are called
+        model.pretrained_cfg = {**self.data.preprocessing, **self._label_names(model)}
         save(model, self.out)  # before the speed timing, so an interruption there keeps the model
         speed = self._timing(model)
         plan = [LayerPlan.from_dict(p) for p in s.plan]
@@ -571,6 +573,16 @@ class Run:
         log.info("compressed to R = %.4f of the %s (budget %.2f): %s, %s", report["ratio"], RESOURCES[self.cfg.resource],
                  self.cfg.budget, outcome(report), speed_text(report))
         return report
+
+    def _label_names(self, model: nn.Module) -> dict:
+        """The class names of the result: the input model's own (a Hugging Face id2label, a timm label_names)
+        unless a new head was fitted, else the data's (Fashion-MNIST's or the class folders'); none for a backbone."""
+        classes = getattr(model, "num_classes", 0)
+        own = None if self.transfer else (getattr(self.dense, "pretrained_cfg", None) or {}).get(LABEL_NAMES)
+        for names in (own, self.data.class_names):
+            if classes and names and len(names) == classes:
+                return {LABEL_NAMES: tuple(names)}
+        return {}
 
     def _timing(self, model: nn.Module) -> dict | None:
         """Images per second of the dense and the slimmed model, alternating (None when `throughput_rounds` is 0)."""

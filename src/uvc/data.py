@@ -292,6 +292,7 @@ class Dataset:
     mixup: Callable | None = None  # (images, labels) -> (mixed images, soft targets), on training batches
     label_smoothing: float = 0.0  # for hard labels; with mixup the smoothing is already in its targets
     preprocessing: dict = field(default_factory=dict)  # timm's data config the images went through (`preprocess.KEYS`)
+    class_names: tuple[str, ...] = ()  # one per class index: Fashion-MNIST's, or an ImageFolder's class folders
 
 
 def _mixup(recipe: dict, num_classes: int, batch_size: int):
@@ -335,7 +336,7 @@ def build_data(cfg: DataConfig, seed: int = 0, input_size: tuple[int, int, int] 
             evals[split] = TensorBatches(x[rank::world], y[rank::world], cfg.eval_batch_size, train=False, view=view)
         calibration = TensorBatches(tx, ty, cfg.eval_batch_size, train=False, view=view)
         data = Dataset(train, evals["val"], evals["test"], calibration, 10, size, "fashion-mnist",
-                       preprocessing=preprocessing)
+                       preprocessing=preprocessing, class_names=FASHION_MNIST_CLASSES)
     else:
         recipe = cfg.recipe(image_folder=True)
         channels = input_size[0] if input_size else 3
@@ -507,7 +508,7 @@ def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, preprocessing: 
                        "backbone (its features are distilled, no labels needed)")
     if loose is not None:
         train_set, val, plain_train = (UnlabeledImages(files, mode) for files in (loose[0], loose[1], loose[0]))
-        classes = 0
+        names = ()
     else:
         splits = {split: _image_folder(root, split, mode=mode) for split in ("train", "val")}
         class_to_idx = splits["train"].reader.class_to_idx
@@ -516,7 +517,7 @@ def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, preprocessing: 
         # val/ labelled by train/'s numbering, whatever order its own folders sort in.
         train_set, val = splits["train"], _image_folder(root, "val", class_to_idx, mode=mode)
         plain_train = _image_folder(root, "train", class_to_idx, training=False, mode=mode)
-        classes = len(class_to_idx)
+        names = tuple(sorted(class_to_idx, key=class_to_idx.get))
     rank, world = distributed.rank(), distributed.world_size()
     input_size = preprocessing["input_size"]
     transform = {k: preprocessing[k] for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}
@@ -532,4 +533,5 @@ def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, preprocessing: 
     test = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(rank, len(val), world)),
                                        batch_size=-(-cfg.eval_batch_size // world), num_workers=cfg.workers,
                                        generator=torch.Generator())  # evaluating leaves the global RNG alone
-    return Dataset(train, test, test, calibration, classes, tuple(input_size), str(root), preprocessing=preprocessing)
+    return Dataset(train, test, test, calibration, len(names), tuple(input_size), str(root), preprocessing=preprocessing,
+                   class_names=names)
