@@ -179,3 +179,43 @@ def test_cls_avg_head_needs_no_transformers():
         top = [a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names]
         top += [node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module]
         assert not any(m.split(".")[0] in ("transformers", "onnxruntime", "onnx") for m in top), (name, top)
+
+
+def test_id2label_is_carried_into_the_result_and_back_out(tmp_path, capsys):
+    from uvc.cli import main
+    from uvc.export import export_onnx
+
+    cls, config_cls, config = CASES["ViTForImageClassification"]
+    names = ["cat", "dog", "eel", "fox", "gnu"]
+    hf = getattr(transformers, cls)(getattr(transformers, config_cls)(
+        **config, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}))
+    hf.save_pretrained(tmp_path / "hf")
+    model = uvc.load_model(str(tmp_path / "hf"))
+    assert model.pretrained_cfg["label_names"] == tuple(names)
+    assert "label_names" not in getattr(to_timm(hf_model("ViTForImageClassification")), "pretrained_cfg", {})  # LABEL_i
+    slimmed = uvc.slim(model, half_plan(model))
+    uvc.save(slimmed, tmp_path / "slim")
+    loaded = uvc.load(tmp_path / "slim")
+    assert loaded.pretrained_cfg["label_names"] == tuple(names)
+    assert main(["info", str(tmp_path / "slim")]) == 0 and "classes: 5 (cat, dog, eel, fox, gnu)" in capsys.readouterr().out
+    export_onnx(loaded, tmp_path / "slim.onnx")
+    onnx = pytest.importorskip("onnx")
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "slim.onnx")).metadata_props}
+    assert json.loads(props["id2label"]) == {str(i): n for i, n in enumerate(names)}
+    arch = json.loads((tmp_path / "slim" / "arch.json").read_text())
+    arch["pretrained_cfg"]["label_names"] = names[:4]
+    (tmp_path / "slim" / "arch.json").write_text(json.dumps(arch))
+    with pytest.raises(uvc.UVCError, match="label_names must be a list of 5 strings"):
+        uvc.load(tmp_path / "slim")
+
+
+def test_info_on_an_unsupported_transformers_folder_names_what_is_supported(tmp_path, capsys):
+    from uvc.cli import main
+
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        patch_size=7)).save_pretrained(tmp_path)
+    capsys.readouterr()  # transformers' own progress bar
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'clip_vision_model'" in err and "vit, deit, dinov2" in err and len(err.strip().splitlines()) == 1

@@ -97,7 +97,7 @@ def _teacher_options(p: argparse.ArgumentParser) -> None:
 def _compress_options(p: argparse.ArgumentParser, preset: str | None = None) -> None:
     """With a `preset`, every option's default is the preset's value, so only options given explicitly override it."""
     from .compress import CompressConfig
-    from .distill import KD_REDUCTIONS
+    from .distill import KD_KINDS, KD_REDUCTIONS
     from .engine import LR_BATCH
     from .presets import PRESETS
     from .resource import RESOURCES
@@ -116,7 +116,8 @@ def _compress_options(p: argparse.ArgumentParser, preset: str | None = None) -> 
     _field(p, c, "teacher", "--teacher", help="distillation teacher (None: the input model)")
     _field(p, c, "num_classes", "--num-classes", type=int,
            help="the data's class count, for a model trained for other classes (or a backbone): a new head is "
-                "fitted on its frozen features first, and that model is the teacher (transfer, then compress)")
+                "fitted on its frozen features first, and that model is the teacher (transfer, then compress); 0 drops "
+                "the head and compresses the model as a backbone, by distilling its features (no labels needed)")
     _field(p, c, "budget", "--budget", type=float, help="fraction of the dense model's --resource to keep, in (0, 1]")
     _field(p, c, "resource", "--resource", choices=tuple(RESOURCES),
            help="what --budget is a fraction of: macs (compute per image) or params (model size)")
@@ -131,7 +132,9 @@ def _compress_options(p: argparse.ArgumentParser, preset: str | None = None) -> 
            help=f"weight learning rate during the search, per {LR_BATCH} images: it scales linearly with "
                 "--batch-size (for an ImageNet-pretrained ViT see docs/imagenet.md)")
     _field(p, c, "post.lr", "--post-lr", type=float, help=f"the same for post-training, per {LR_BATCH} images")
-    _field(p, c, "kd.kind", "--kd", choices=("soft", "hard", "none"), help="distillation from the teacher")
+    _field(p, c, "kd.kind", "--kd", choices=KD_KINDS,
+           help="distillation from the teacher: its logits (soft, hard) or its features (pooled and tokens, by cosine; "
+                "what a backbone always takes)")
     _field(p, c, "kd.alpha", "--kd-alpha", type=float, help="weight of the distillation term")
     _field(p, c, "kd.temperature", "--kd-temperature", type=float, help="softmax temperature of soft distillation")
     _field(p, c, "search.skip", "--skip", choices=SKIP_MODES,
@@ -171,6 +174,8 @@ def _compress_options(p: argparse.ArgumentParser, preset: str | None = None) -> 
     _field(p, c, "deterministic", "--deterministic", action="store_true",
            help="deterministic GPU kernels: a resumed GPU run then ends bit-exactly where an unbroken one would")
     _field(p, c, "checkpoint_every", "--checkpoint-every", type=int, help="also checkpoint every N steps (0: only at epoch ends)")
+    _field(p, c, "throughput_rounds", "--timing-rounds", type=int,
+           help="after saving, time the dense and the slimmed model in this many alternating rounds of 1 s (0: no timing)")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -250,6 +255,7 @@ def cmd_export(a) -> int:
 def cmd_compress(a) -> int:
     from . import distributed
     from .compress import CompressConfig, compress
+    from .report import outcome, speed_text
 
     cfg = _config(CompressConfig.from_preset(a.preset) if a.preset else CompressConfig(), a)
     try:
@@ -261,8 +267,7 @@ def cmd_compress(a) -> int:
     finally:
         distributed.shutdown()
     print(f"R = {report['ratio']:.4f} of {report['macs_dense'] / 1e6:.2f} M MACs (budget {report['budget']}); "
-          f"test top-1 {report['top1']:.2f}% vs teacher {report['top1_teacher']:.2f}% "
-          f"(validation {report['top1_val']:.2f}%); {report['throughput_dense']:.0f} -> {report['throughput']:.0f} images/s")
+          f"{outcome(report)}; {speed_text(report)}")
     print(f"model, report.json and report.png in {cfg.out}")
     return 0
 

@@ -28,12 +28,13 @@ from torch import nn
 
 from . import distributed
 from .adapters import adapter_for
+from .backbone import drop_head, feature_cosine, is_backbone
 from .budget import check_budget
 from .checkpoint import (checkpoint_exists, flat_settings, load_for_resume, remove_checkpoint, restoring,
                          save_checkpoint)
 from .compensate import compensate, compensate_masked
 from .data import DataConfig, build_data
-from .distill import KDConfig, distillation_loss
+from .distill import KDConfig, distillation_loss, feature_distillation_loss, features_of
 from .engine import (Schedule, autocast, compare_throughput, evaluate, make_optimizer, model_dtype, optimizer_step,
                      predict_logits, progress, resolve_device, seed_everything)
 from .errors import UVCError, check_finite
@@ -43,14 +44,15 @@ from .io import atomic_write_text, tensor_digest
 from .models import DEFAULT_TEACHER, default_teacher_dir, load_model, param_count, save
 from .oneshot import one_shot
 from .plan import LayerPlan
+from .preprocess import LABEL_NAMES
 from .presets import apply_preset
 from .resource import RESOURCES
-from .report import percent, write_report
+from .report import outcome, percent, speed_text, write_report
 from .rundir import check_output_dir, claimed
 from .schema import check_arch
 from .search import Search, SearchConfig, fade_at
 from .slim import arch_of, build_from_arch, slim
-from .transfer import fit_head, predicts
+from .transfer import fit_head, linear_probe, predicts
 
 log = logging.getLogger("uvc")
 CHECKPOINT = "checkpoint.safetensors"
@@ -83,7 +85,9 @@ class CompressConfig:
     pretrained: bool = False
     img_size: int | None = None  # build a timm `model` at this image size (position embeddings are resampled)
     teacher: str | None = None  # default: the input model itself
-    num_classes: int | None = None  # a model trained for other classes first gets a head for these (transfer, then compress)
+    # a model trained for other classes first gets a head for these (transfer, then compress); 0 drops the head and
+    # compresses the model as a backbone, by distilling its features (as a model without a head always is)
+    num_classes: int | None = None
     budget: float = 0.5
     resource: str = "macs"  # what the budget is a fraction of: "macs" or "params"
     out: str = "runs/compress"
@@ -102,7 +106,7 @@ class CompressConfig:
     checkpoint_every: int = 0  # extra checkpoints every N steps (0: only at epoch and phase ends)
     log_every: int = 10
     throughput_batch: int = 64
-    throughput_rounds: int = 8  # rounds of >= 1 s each, the dense and the slimmed model alternating
+    throughput_rounds: int = 8  # rounds of >= 1 s each, the dense and the slimmed model alternating (0: no timing)
     eval_during_search: bool = True
     test_at_end: bool = True  # False: the test split stays unread (a tuning sweep chooses on validation alone)
 
@@ -137,8 +141,11 @@ class CompressConfig:
             raise UVCError(f"--calibration-images must be >= 1, got {self.calibration_images}")
         if self.img_size is not None and self.img_size < 1:
             raise UVCError(f"--img-size must be a positive number of pixels, got {self.img_size}")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise UVCError(f"--num-classes must be >= 2 (the data's class count), got {self.num_classes}")
+        if self.num_classes is not None and self.num_classes != 0 and self.num_classes < 2:
+            raise UVCError(f"--num-classes must be >= 2 (the data's class count), or 0 to drop the head and compress "
+                           f"a backbone, got {self.num_classes}")
+        if self.throughput_rounds < 0:
+            raise UVCError(f"--timing-rounds must be >= 0 (0: no speed timing), got {self.throughput_rounds}")
 
 
 @dataclass
@@ -156,6 +163,8 @@ class RunState:
     top1_val_teacher: float | None = None
     top1_val_after_search: float | None = None  # right after slimming
     search_ratio: float | None = None  # R where the search itself ended, before the exact fit
+    cosine_val_after_search: float | None = None  # a backbone's figure right after slimming (`feature_cosine`)
+    probe_val_teacher: float | None = None  # a backbone's linear probe on the teacher's features (labelled data only)
     plan: list[dict] | None = None
 
 
@@ -195,10 +204,15 @@ class Run:
                                  pretrained=cfg.pretrained, **timm_kwargs)
             if teacher is None and cfg.teacher:
                 teacher = load_model(cfg.teacher)
+        if cfg.num_classes == 0 and not is_backbone(student):
+            student = drop_head(copy.deepcopy(student))  # the caller's model keeps its head
+        self.backbone = is_backbone(student)
+        if self.backbone:
+            self.cfg = cfg = _for_backbone(cfg)
         model_input = adapter_for(student).input_size(student)
         self.data = build_data(cfg.data, seed=cfg.seed, input_size=model_input,
-                               pretrained_cfg=getattr(student, "pretrained_cfg", None))
-        self.transfer = self._fit_head(student) if cfg.num_classes is not None else None
+                               pretrained_cfg=getattr(student, "pretrained_cfg", None), labels=not self.backbone)
+        self.transfer = self._fit_head(student) if cfg.num_classes else None
         self.teacher = (teacher if teacher is not None else copy.deepcopy(student)).to(self.device).eval().requires_grad_(False)
         self.input_size = self.data.input_size
         self._check_compatible(student, model_input)
@@ -252,6 +266,8 @@ class Run:
             raise UVCError(f"{name} takes {size} images but {self.data.name} provides {'x'.join(map(str, data_input))}: "
                            f"leave --input-size out (the data then takes the model's size), or build the model at "
                            f"--img-size {data_input[-1]}")
+        if self.backbone:
+            return  # no classes to match: its features are distilled
         x = torch.zeros(1, *self.input_size, dtype=model_dtype(student))
         with torch.no_grad():
             s_out = predict_logits(student.eval(), x)
@@ -337,20 +353,48 @@ class Run:
             model, ratio = self.student, float(self.search.resource().detach())
         else:
             model, ratio = self.slimmed, self._ratio(self.slimmed)
-        top1 = evaluate(model, self.data.val, self.device, desc=f"val {phase}")
-        self.state.evals.append({"phase": phase, "epoch": epoch, "top1_val": top1, "R": ratio})
-        log.info("%s epoch %.2f: validation top-1 %.2f%% at R = %.3f", phase, epoch, top1, ratio)
+        score = self._val_score(model, f"val {phase}")
+        self.state.evals.append({"phase": phase, "epoch": epoch, self._score_key(): score, "R": ratio})
+        log.info("%s epoch %.2f: validation %s at R = %.3f", phase, epoch, self._score_text(score), ratio)
+
+    def _val_score(self, model: nn.Module, desc: str) -> float:
+        """A classifier's validation top-1; a backbone's mean cosine of its pooled feature to the teacher's."""
+        if self.backbone:
+            return feature_cosine(model, self.teacher, self.data.val, self.device, desc=desc)
+        return evaluate(model, self.data.val, self.device, desc=desc)
+
+    def _score_key(self) -> str:
+        return "cosine_val" if self.backbone else "top1_val"
+
+    def _score_text(self, score: float) -> str:
+        return f"feature cosine to the teacher {score:.4f}" if self.backbone else f"top-1 {score:.2f}%"
+
+    def _probe(self, model: nn.Module) -> float | None:
+        """A backbone's linear-probe validation top-1 (a ridge head on its frozen features), None without labels."""
+        if not self.data.num_classes:
+            return None
+        return linear_probe(model, self.data.calibration, self.data.val, self.data.num_classes, self.device)["top1_val"]
 
     def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Task + KD loss; the student and teacher forward passes run under bf16 autocast on CUDA."""
+        if self.cfg.kd.kind == "features":
+            return self._feature_loss(model, x, y)
         with autocast(self.device, self.dtype):
             out = model(x)
             teacher_logits = None if self.cfg.kd.kind == "none" else predict_logits(self.teacher, x.to(model_dtype(self.teacher)))
         return distillation_loss(out, y, teacher_logits, self.cfg.kd, self.data.label_smoothing)
 
+    def _feature_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Feature KD (distill.py): pooled features and final tokens against the teacher's; a backbone has no labels term."""
+        with autocast(self.device, self.dtype), features_of(model) as student, features_of(self.teacher) as teacher:
+            out = model(x)
+            predict_logits(self.teacher, x.to(model_dtype(self.teacher)))
+        return feature_distillation_loss(out, None if self.backbone else y, student, teacher, self.cfg.kd,
+                                         self.data.label_smoothing)
+
     def _set_distilled_training(self, model: nn.Module) -> None:
         if hasattr(model, "set_distilled_training"):
-            model.set_distilled_training(self.cfg.kd.kind != "none")
+            model.set_distilled_training(self.cfg.kd.kind in ("soft", "hard"))
 
     def search_step(self, x, y, step: int) -> dict:
         """One iteration of the primal-dual search (the order is Search's docstring's)."""
@@ -439,9 +483,12 @@ class Run:
         """Switch to post-training `slimmed`: the search's result, or a model another method pruned (baselines)."""
         slimmed = slimmed.to(self.device, self.dtype)
         self.state.plan = [p.to_dict() for p in plan]
-        self.state.top1_val_after_search = evaluate(slimmed, self.data.val, self.device, desc="val slimmed")
-        log.info("slimmed to R = %.4f, validation top-1 before post-training %.2f%%",
-                 self._ratio(slimmed), self.state.top1_val_after_search)
+        score = self._val_score(slimmed, "val slimmed")
+        if self.backbone:
+            self.state.cosine_val_after_search = score
+        else:
+            self.state.top1_val_after_search = score
+        log.info("slimmed to R = %.4f, validation %s before post-training", self._ratio(slimmed), self._score_text(score))
         # After a search, post-training reads the epochs that follow it, as a baseline that post-trains
         # for the search's epochs too would; a model pruned without training starts at epoch 0.
         self.state.first_epoch = -(-self.state.step // self.steps_per_epoch)
@@ -451,7 +498,9 @@ class Run:
 
     def score_teacher(self) -> dict[str, float | None]:
         """The teacher's top-1 on the test (None with `test_at_end` off) and validation splits; a benchmark running
-        many seeds computes it once."""
+        many seeds computes it once. A backbone has no top-1; its linear probe ("probe") where the data has labels."""
+        if self.backbone:
+            return {"test": None, "val": None, "probe": self._probe(self.teacher)}
         val = evaluate(self.teacher, self.data.val, self.device, desc="val teacher")
         return {"test": self._test_score(self.teacher, val, "test teacher"), "val": val}
 
@@ -478,8 +527,14 @@ class Run:
         if not (self.cfg.resume and self.resume()):
             scores = self.teacher_scores or self.score_teacher()
             self.state.top1_teacher, self.state.top1_val_teacher = scores["test"], scores["val"]
-            log.info("teacher top-1 %s (validation %.2f%%), dense model %.2f M MACs", percent(self.state.top1_teacher),
-                     self.state.top1_val_teacher, self.dense_macs / 1e6)
+            self.state.probe_val_teacher = scores.get("probe")
+            if self.backbone:
+                log.info("a backbone: distilling its features; teacher linear probe %s, dense model %.2f M MACs",
+                         "(no labels)" if self.state.probe_val_teacher is None else f"{self.state.probe_val_teacher:.2f}%",
+                         self.dense_macs / 1e6)
+            else:
+                log.info("teacher top-1 %s (validation %.2f%%), dense model %.2f M MACs", percent(self.state.top1_teacher),
+                         self.state.top1_val_teacher, self.dense_macs / 1e6)
         started = time.time()
         if self.state.phase == "search" and self.cfg.one_shot:
             self._one_shot()
@@ -497,8 +552,8 @@ class Run:
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(False)
         # Every rank evaluates its shard; the test split is read here, once (or never: `test_at_end`).
-        top1_val = evaluate(model, self.data.val, self.device, desc="val final")
-        top1 = self._test_score(model, top1_val, "test final")
+        top1_val = self._val_score(model, "val final")
+        top1 = None if self.backbone else self._test_score(model, top1_val, "test final")
         report = self._write_outputs(model, top1, top1_val, seconds) if distributed.is_main() else None
         return distributed.broadcast_from_main(report)
 
@@ -506,23 +561,22 @@ class Run:
         """Rank 0's part of the end: throughput, the saved model, report.json and report.png."""
         s = self.state
         slim_macs, params_dense, params = macs(model, self.input_size), param_count(self.dense), param_count(model)
-        model.pretrained_cfg = dict(self.data.preprocessing)  # saved with it: how its images were prepared
+        # saved with it: how its images were prepared, and what its outputs are called
+        model.pretrained_cfg = {**self.data.preprocessing, **self._label_names(model)}
         save(model, self.out)  # before the speed timing, so an interruption there keeps the model
-        log.info("saved the slimmed model; timing it against the dense model (%d alternating rounds)",
-                 self.cfg.throughput_rounds)
-        speed = compare_throughput({"dense": self.dense, "slimmed": model}, self.input_size, self.cfg.throughput_batch,
-                                   self.device, rounds=self.cfg.throughput_rounds)
+        speed = self._timing(model)
         plan = [LayerPlan.from_dict(p) for p in s.plan]
         report = {
             "budget": self.cfg.budget, "resource": self.cfg.resource, "ratio": self._ratio(model),
             "macs_dense": self.dense_macs, "macs": slim_macs, "macs_ratio": slim_macs / self.dense_macs,
             "params_dense": params_dense, "params": params, "params_ratio": params / params_dense,
-            "top1_teacher": s.top1_teacher, "top1_val_teacher": s.top1_val_teacher,
-            "top1": top1, "top1_val": top1_val, "top1_val_after_search": s.top1_val_after_search,
+            "top1_teacher": s.top1_teacher, "top1_val_teacher": s.top1_val_teacher, **self._quality(model, top1, top1_val),
             "search_ratio": s.search_ratio,
             "search_gap": None if s.search_ratio is None else s.search_ratio - self.cfg.budget,
-            "throughput_dense": speed["dense"]["median"], "throughput": speed["slimmed"]["median"],
-            "throughput_detail": speed, "throughput_batch": self.cfg.throughput_batch, "device": str(self.device),
+            "throughput_dense": speed["dense"]["median"] if speed else None,
+            "throughput": speed["slimmed"]["median"] if speed else None,
+            "throughput_detail": speed or "skipped (throughput_rounds 0, --timing-rounds 0)",
+            "throughput_batch": self.cfg.throughput_batch, "device": str(self.device),
             "processes": distributed.world_size(), "train_seconds_this_session": seconds,
             "layers": [p.shape(d).to_dict() for p, d in zip(plan, self.skel.dim)],
             "plan": s.plan, "transfer": self.transfer, "history": s.history, "evals": s.evals, "config": _jsonable(asdict(self.cfg)),
@@ -530,11 +584,49 @@ class Run:
         atomic_write_text(self.out / "report.json", json.dumps(report, indent=1))
         write_report(report, self.out / "report.png")
         remove_checkpoint(self.out / CHECKPOINT)
-        log.info("compressed to R = %.4f of the %s (budget %.2f): test top-1 %s (teacher %s), validation %.2f%%, "
-                 "%.0f -> %.0f images/s", report["ratio"], RESOURCES[self.cfg.resource], self.cfg.budget, percent(top1),
-                 percent(s.top1_teacher), top1_val,
-                 report["throughput_dense"], report["throughput"])
+        log.info("compressed to R = %.4f of the %s (budget %.2f): %s, %s", report["ratio"], RESOURCES[self.cfg.resource],
+                 self.cfg.budget, outcome(report), speed_text(report))
         return report
+
+    def _label_names(self, model: nn.Module) -> dict:
+        """The class names of the result: the input model's own (a Hugging Face id2label, a timm label_names)
+        unless a new head was fitted, else the data's (Fashion-MNIST's or the class folders'); none for a backbone."""
+        classes = getattr(model, "num_classes", 0)
+        own = None if self.transfer else (getattr(self.dense, "pretrained_cfg", None) or {}).get(LABEL_NAMES)
+        for names in (own, self.data.class_names):
+            if classes and names and len(names) == classes:
+                return {LABEL_NAMES: tuple(names)}
+        return {}
+
+    def _timing(self, model: nn.Module) -> dict | None:
+        """Images per second of the dense and the slimmed model, alternating (None when `throughput_rounds` is 0)."""
+        if not self.cfg.throughput_rounds:
+            log.info("saved the slimmed model; speed timing skipped (--timing-rounds 0)")
+            return None
+        log.info("saved the slimmed model; timing it against the dense model (%d alternating rounds of 1 s each; "
+                 "--timing-rounds 0 skips this)", self.cfg.throughput_rounds)
+        return compare_throughput({"dense": self.dense, "slimmed": model}, self.input_size, self.cfg.throughput_batch,
+                                  self.device, rounds=self.cfg.throughput_rounds)
+
+    def _quality(self, model: nn.Module, top1: float | None, val_score: float) -> dict:
+        """The report's figures of how good the result is: a classifier's top-1; a backbone's feature cosine to the
+        teacher and, with labels, its linear probe before and after."""
+        if not self.backbone:
+            return {"task": "classifier", "top1": top1, "top1_val": val_score,
+                    "top1_val_after_search": self.state.top1_val_after_search}
+        probe = None if self.state.probe_val_teacher is None else {"dense": self.state.probe_val_teacher,
+                                                                   "slimmed": self._probe(model)}
+        return {"task": "backbone", "top1": None, "top1_val": None, "top1_val_after_search": None,
+                "feature_cosine_val": val_score, "feature_cosine_val_after_search": self.state.cosine_val_after_search,
+                "linear_probe_val": probe}
+
+
+def _for_backbone(cfg: CompressConfig) -> CompressConfig:
+    """A backbone has no logits to distil and no labels to learn: its features are distilled (KD kind "features")."""
+    if cfg.kd.kind == "none":
+        raise UVCError("a backbone (a model without a classifier head) learns only from its teacher's features: "
+                       "drop --kd none / --no-kd")
+    return replace(cfg, kd=replace(cfg.kd, kind="features"))
 
 
 def _warn_if_random(cfg: CompressConfig) -> None:

@@ -22,7 +22,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from timm.data import Mixup, create_dataset, create_transform
+from PIL import Image
+from timm.data import Mixup, create_dataset, create_transform, is_img_extension
 
 from . import distributed, preprocess
 from .errors import UVCError
@@ -53,7 +54,8 @@ class DataConfig:
     """Where the images come from and how they are batched.
 
     `data` is "fashion-mnist" (Debian's package, or `root` pointing at a folder with its four idx
-    files) or a folder with `train/` and `val/` class sub-folders (ImageNet layout). The recipe
+    files) or a folder with `train/` and `val/` class sub-folders (ImageNet layout); for a backbone,
+    also a folder of images without classes (`build_image_folder`). The recipe
     fields left at None take the data's default: `DEIT_RECIPE` for folders, `PLAIN_RECIPE` for
     Fashion-MNIST.
     """
@@ -290,6 +292,7 @@ class Dataset:
     mixup: Callable | None = None  # (images, labels) -> (mixed images, soft targets), on training batches
     label_smoothing: float = 0.0  # for hard labels; with mixup the smoothing is already in its targets
     preprocessing: dict = field(default_factory=dict)  # timm's data config the images went through (`preprocess.KEYS`)
+    class_names: tuple[str, ...] = ()  # one per class index: Fashion-MNIST's, or an ImageFolder's class folders
 
 
 def _mixup(recipe: dict, num_classes: int, batch_size: int):
@@ -305,7 +308,7 @@ def _mixup(recipe: dict, num_classes: int, batch_size: int):
 
 
 def build_data(cfg: DataConfig, seed: int = 0, input_size: tuple[int, int, int] | None = None,
-               pretrained_cfg: dict | None = None) -> Dataset:
+               pretrained_cfg: dict | None = None, labels: bool = True) -> Dataset:
     """Fashion-MNIST by name, else an ImageFolder tree with train/ and val/; sharded under torchrun.
 
     `input_size` is the model's (C, H, W) and `pretrained_cfg` its timm pretrained_cfg: ImageFolder
@@ -313,7 +316,7 @@ def build_data(cfg: DataConfig, seed: int = 0, input_size: tuple[int, int, int] 
     interpolation and crop, and read in greyscale for a 1-channel model. Fashion-MNIST is resized,
     replicated and normalised for a model whose input is not its own 1x28x28; a 1x28x28 model is taken
     to be made for it and keeps its statistics. `cfg`'s mean, std, interpolation and crop_pct override
-    the model's.
+    the model's. `labels=False` (a backbone's run) also accepts a folder of images without classes.
     """
     overrides = dict(mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
     if cfg.data in ("fashion-mnist", "fashion_mnist", "fmnist"):
@@ -333,14 +336,14 @@ def build_data(cfg: DataConfig, seed: int = 0, input_size: tuple[int, int, int] 
             evals[split] = TensorBatches(x[rank::world], y[rank::world], cfg.eval_batch_size, train=False, view=view)
         calibration = TensorBatches(tx, ty, cfg.eval_batch_size, train=False, view=view)
         data = Dataset(train, evals["val"], evals["test"], calibration, 10, size, "fashion-mnist",
-                       preprocessing=preprocessing)
+                       preprocessing=preprocessing, class_names=FASHION_MNIST_CLASSES)
     else:
         recipe = cfg.recipe(image_folder=True)
         channels = input_size[0] if input_size else 3
         size = cfg.input_size or (input_size[-1] if input_size else 224)
         preprocessing = preprocess.resolve((channels, size, size), pretrained_cfg, **overrides)
-        data = build_image_folder(cfg, recipe, seed, preprocessing)
-    data.mixup = _mixup(recipe, data.num_classes, cfg.batch_size)
+        data = build_image_folder(cfg, recipe, seed, preprocessing, labels)
+    data.mixup = _mixup(recipe, data.num_classes, cfg.batch_size) if data.num_classes else None
     data.label_smoothing = 0.0 if data.mixup else recipe["smoothing"]
     return data
 
@@ -443,13 +446,53 @@ def _class_mismatch(root: Path, train: set[str], val: set[str]) -> str:
             "labels would not match: give both splits the same class sub-folders")
 
 
-def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, preprocessing: dict) -> Dataset:
+class UnlabeledImages(torch.utils.data.Dataset):
+    """Image files without classes, a backbone's data: each item is (image, -1)."""
+
+    def __init__(self, files: list[Path], mode: str):
+        self.files, self.mode, self.transform = files, mode, None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.files[i]) as image:
+            image = image.convert(self.mode)
+        return (self.transform(image) if self.transform else image), -1
+
+
+def _loose_images(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted (none when it is missing)."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and is_img_extension(f.suffix.lower())) if folder.is_dir() else []
+
+
+def images_without_classes(root: Path) -> tuple[list[Path], list[Path]] | None:
+    """(train, val) image files when `root` holds images without class sub-folders: `train/*.jpg` (+ `val/*.jpg`)
+    or `*.jpg`; without a val/ folder every tenth image is held out for validation. None for any other layout."""
+    train = root / "train"
+    has_classes = train.is_dir() and any(d.is_dir() for d in train.iterdir())
+    files = _loose_images(train) if train.is_dir() else _loose_images(root)
+    if has_classes or not files:
+        return None
+    val = _loose_images(root / "val") if train.is_dir() else []
+    if val:
+        return files, val
+    if len(files) < 2:
+        raise UVCError(f"{root} holds a single image; a backbone's data needs at least two (one is held out for "
+                       "validation), better a few hundred")
+    held_out = set(files[::10])
+    return [f for f in files if f not in held_out], sorted(held_out)
+
+
+def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, preprocessing: dict, labels: bool = True) -> Dataset:
     """An ImageNet-style folder through timm's dataset and transform factories, with DeiT's recipe and
     `preprocessing` (timm's data config: size, channels, mean, std, interpolation, crop).
 
     Training batches come from an `EpochLoader`. The validation folder is cut into strided shards
     without padding (timm's distributed eval sampler repeats images to even out the ranks, which
     would count some twice); it serves as both `val` and `test`, since it is what the user gave.
+    With `labels=False` a folder without class sub-folders (`images_without_classes`) is read too, as
+    images labelled -1 and 0 classes; a classifier's run refuses it.
     """
     root = Path(cfg.data)
     if not root.is_dir():
@@ -458,24 +501,31 @@ def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, preprocessing: 
             "with train/ and val/ class sub-folders (ImageNet layout)."
         )
     mode = "L" if preprocessing["input_size"][0] == 1 else "RGB"
-    splits = {split: _image_folder(root, split, mode=mode) for split in ("train", "val")}
-    class_to_idx = splits["train"].reader.class_to_idx
-    if set(splits["val"].reader.class_to_idx) != set(class_to_idx):
-        raise UVCError(_class_mismatch(root, set(class_to_idx), set(splits["val"].reader.class_to_idx)))
-    # val/ labelled by train/'s numbering, whatever order its own folders sort in.
-    splits["val"] = _image_folder(root, "val", class_to_idx, mode=mode)
-    classes = len(class_to_idx)
+    loose = images_without_classes(root)
+    if loose is not None and labels:
+        raise UVCError(f"{root} holds images without class sub-folders, which a classifier cannot learn from: put "
+                       "them in train/CLASS/ and val/CLASS/, or pass --num-classes 0 to compress the model as a "
+                       "backbone (its features are distilled, no labels needed)")
+    if loose is not None:
+        train_set, val, plain_train = (UnlabeledImages(files, mode) for files in (loose[0], loose[1], loose[0]))
+        names = ()
+    else:
+        splits = {split: _image_folder(root, split, mode=mode) for split in ("train", "val")}
+        class_to_idx = splits["train"].reader.class_to_idx
+        if set(splits["val"].reader.class_to_idx) != set(class_to_idx):
+            raise UVCError(_class_mismatch(root, set(class_to_idx), set(splits["val"].reader.class_to_idx)))
+        # val/ labelled by train/'s numbering, whatever order its own folders sort in.
+        train_set, val = splits["train"], _image_folder(root, "val", class_to_idx, mode=mode)
+        plain_train = _image_folder(root, "train", class_to_idx, training=False, mode=mode)
+        names = tuple(sorted(class_to_idx, key=class_to_idx.get))
     rank, world = distributed.rank(), distributed.world_size()
     input_size = preprocessing["input_size"]
     transform = {k: preprocessing[k] for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}
-    train_set = splits["train"]
     train_set.transform = create_transform(input_size, is_training=True, no_aug=not cfg.augment,
                                            auto_augment=recipe["aa"],
                                            re_prob=recipe["reprob"], re_mode="pixel", **transform)
     train = EpochLoader(train_set, per_process_batch(cfg.batch_size, world), cfg.workers, seed, rank, world)
-    val = splits["val"]
     val.transform = create_transform(input_size, is_training=False, **transform)
-    plain_train = _image_folder(root, "train", class_to_idx, training=False, mode=mode)
     plain_train.transform = val.transform
     # A fixed shuffle: the folder lists images class by class, and calibration takes the first ones.
     calibration = torch.utils.data.DataLoader(plain_train, batch_size=cfg.eval_batch_size, shuffle=True,
@@ -483,4 +533,5 @@ def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, preprocessing: 
     test = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(rank, len(val), world)),
                                        batch_size=-(-cfg.eval_batch_size // world), num_workers=cfg.workers,
                                        generator=torch.Generator())  # evaluating leaves the global RNG alone
-    return Dataset(train, test, test, calibration, classes, tuple(input_size), str(root), preprocessing=preprocessing)
+    return Dataset(train, test, test, calibration, len(names), tuple(input_size), str(root), preprocessing=preprocessing,
+                   class_names=names)

@@ -200,11 +200,13 @@ class Schedule:
 
 
 def make_optimizer(model: nn.Module, schedule: Schedule, steps_per_epoch: int, batch_size: int):
-    """AdamW without decay on norms and biases, cosine schedule stepped per update (timm's factories);
-    `batch_size` is the global batch, which scales the schedule's rate (stated per LR_BATCH images)."""
+    """AdamW without decay on norms and biases, cosine schedule stepped per update (timm's factories; None for a
+    phase of no steps); `batch_size` is the global batch, which scales the schedule's rate (stated per LR_BATCH images)."""
     lr = schedule.lr_for(batch_size)
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=schedule.weight_decay)
-    total = max(schedule.steps(steps_per_epoch), 1)
+    total = schedule.steps(steps_per_epoch)
+    if total == 0:  # a phase that trains for no step (one-shot's default) has no schedule; timm would warn of one
+        return optimizer, None
     scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=lr * 0.01,
                                   warmup_t=int(schedule.warmup_epochs * steps_per_epoch),
                                   warmup_lr_init=lr * 0.01, t_in_epochs=False)

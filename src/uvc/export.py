@@ -9,6 +9,7 @@ onnx and onnxruntime are optional: `pip install 'uvc[onnx]'`.
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from .adapters import adapter_for
 from .engine import alternating_rates
 from .errors import UVCError
 from .io import atomic_write
+from .preprocess import LABEL_NAMES, of_model
 
 MAX_ONNX_BYTES = 2 * 1024**3  # protobuf's limit for a single-file ONNX model
 
@@ -49,6 +51,17 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _metadata(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, str]:
+    """The ONNX file's metadata: what a user of the graph alone needs, the class names as transformers'
+    `id2label` and the preprocessing as timm's data config (`pretrained_cfg`), each a JSON string."""
+    saved = of_model(model, input_size) or {}
+    names = saved.pop(LABEL_NAMES, None)
+    metadata = {"pretrained_cfg": json.dumps(saved)} if saved.keys() - {"input_size"} else {}
+    if names:
+        metadata["id2label"] = json.dumps({str(i): name for i, name in enumerate(names)})
+    return metadata
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int] | None = None,
                 opset: int = 17, atol: float = 1e-4, overwrite: bool = False) -> dict:
     """Write `model` (float32, on the CPU) as ONNX: input "images" (batch, C, H, W), output "logits", batch dynamic.
@@ -56,6 +69,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     The exported graph is run in onnxruntime on random batches of 1 and 3 images and compared with
     PyTorch in eval mode; a difference above `atol` raises UVCError and leaves `path` untouched.
     An existing file at `path` is replaced only with `overwrite`.
+    The model's class names and preprocessing, when it has them, go into the file's metadata (`_metadata`).
     Returns {"path", "max_abs_diff", "opset", "input_size"}.
     """
     path = Path(path)
@@ -92,6 +106,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
             torch.onnx.export(model, (inputs[0],), tmp, input_names=["images"], output_names=["logits"],
                               dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                               opset_version=opset, dynamo=False)
+        if metadata := _metadata(model, input_size):
+            import onnx
+
+            graph = onnx.load(tmp)
+            onnx.helper.set_model_props(graph, metadata)
+            onnx.save(graph, tmp)
         session = _session(tmp)
         diff = 0.0
         with torch.no_grad():

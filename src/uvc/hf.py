@@ -66,6 +66,7 @@ from torch import nn
 from .adapters import register_vit_class
 from .errors import UVCError
 from .io import read_header, read_state_dict
+from .preprocess import LABEL_NAMES
 from .schema import HF_FIX, check_block_count, check_hf_config, check_shapes, read_json
 
 MODEL_TYPES = ("vit", "deit", "dinov2")
@@ -232,7 +233,19 @@ def to_timm(hf_model: nn.Module) -> nn.Module:
         raise UVCError(f"{name} does not map onto {cls.__name__}: missing {missing[:4]}, unexpected {unexpected[:4]}, "
                        f"shape mismatches {shapes[:4]}")
     model.load_state_dict({k: v.detach().to(own[k].dtype) for k, v in state.items()})
+    if model.num_classes and (names := label_names(hf_model.config, model.num_classes)):
+        model.pretrained_cfg = {LABEL_NAMES: names}
     return model.eval()
+
+
+def label_names(config, num_classes: int) -> tuple[str, ...] | None:
+    """A classifier's class names from its `id2label`, as timm's `pretrained_cfg["label_names"]`; None when they are
+    transformers' placeholders (LABEL_0, ...) or do not name every class."""
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    names = tuple(id2label.get(i, "") for i in range(num_classes))
+    if not all(names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return names
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:

@@ -10,6 +10,7 @@ from .adapters import adapter_for
 from .budget import smallest_ratio
 from .flops import block_shape, macs, skeleton_of
 from .models import load_model, param_count
+from .preprocess import LABEL_NAMES
 from .resource import RESOURCES, shape_macs
 from .slim import is_slim
 
@@ -33,6 +34,8 @@ def describe(model: str | nn.Module | None = None, checkpoint: str | None = None
                      f"{param_count(block) / 1e6:>10.3f}")
     lines.append(f"total: {total / 1e6:.2f} M MACs per image ({adapter.fixed_macs(net, input_size) / 1e6:.2f} M outside "
                  f"the blocks), {param_count(net) / 1e6:.2f} M parameters")
+    if names := (getattr(net, "pretrained_cfg", None) or {}).get(LABEL_NAMES):
+        lines.append(f"classes: {len(names)} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
     if not is_slim(net):
         for resource in RESOURCES:
             skel = skeleton_of(net, input_size, resource)

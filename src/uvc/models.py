@@ -217,7 +217,7 @@ def load_model(model: str | nn.Module | None = None, checkpoint: str | None = No
     elif Path(model).is_dir() and hf.is_hf_folder(model):
         net = hf.load_hf_folder(model)
         if (hf_cfg := preprocess.from_hf_folder(model, adapter_for(net).input_size(net)[0])) is not None:
-            net.pretrained_cfg = hf_cfg
+            net.pretrained_cfg = {**getattr(net, "pretrained_cfg", {}), **hf_cfg}  # keeps the class names
     elif Path(model).is_dir():
         net = load(model)
     elif Path(model).suffix in (".safetensors", ".pth", ".pt", ".tar"):

@@ -20,6 +20,7 @@ from .errors import UVCError
 # The keys of timm's data config that describe preprocessing; the rest of a pretrained_cfg (hub ids,
 # licences, URLs) describes weights that a compressed model no longer has.
 KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+LABEL_NAMES = "label_names"  # timm's pretrained_cfg key for the class names, one per output of the head
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # what both PIL (folders) and torch (Fashion-MNIST) resize with
 HF_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's codes, as Hugging Face image processors store them
 
@@ -55,7 +56,8 @@ def resolve(input_size: tuple[int, int, int], pretrained_cfg: dict | None = None
     args = {k: v for k, v in overrides.items() if v is not None}
     config = resolve_data_config({**args, "input_size": tuple(input_size)}, pretrained_cfg=base or None)
     config = {k: config[k] for k in KEYS}
-    config["mean"], config["std"] = tuple(map(float, config["mean"])), tuple(map(float, config["std"]))
+    # timm's ImageNet default (a model without a pretrained_cfg) has three values: fitted to a greyscale model too
+    config["mean"], config["std"] = (_fit_channels(config[k], channels, f"timm's default {k}") for k in ("mean", "std"))
     _check(config)
     return config
 
@@ -78,11 +80,14 @@ def _check(config: dict) -> None:
 
 def of_model(model, input_size: tuple[int, int, int]) -> dict | None:
     """The preprocessing part of `model.pretrained_cfg`, at the size the model takes (None when it has none),
-    as plain JSON types for arch.json."""
+    and its class names when there is one per output, as plain JSON types for arch.json."""
     cfg = getattr(model, "pretrained_cfg", None)
     if not cfg:
         return None
     kept = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in KEYS and v is not None}
+    names = cfg.get(LABEL_NAMES)
+    if names is not None and len(names) == getattr(model, "num_classes", None):
+        kept[LABEL_NAMES] = [str(n) for n in names]
     return {**kept, "input_size": list(input_size)}
 
 

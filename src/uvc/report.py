@@ -12,6 +12,23 @@ def percent(top1: float | None) -> str:
     return "unread" if top1 is None else f"{top1:.2f}%"
 
 
+def outcome(report: dict) -> str:
+    """A run's accuracy in words: test and validation top-1, or a backbone's feature cosine and linear probe."""
+    if report.get("task") != "backbone":
+        return (f"test top-1 {percent(report['top1'])} (teacher {percent(report['top1_teacher'])}), "
+                f"validation {percent(report['top1_val'])}")
+    probe = report["linear_probe_val"]
+    return (f"feature cosine to the teacher {report['feature_cosine_val']:.4f} (validation)"
+            + (f", linear probe {probe['dense']:.2f}% -> {probe['slimmed']:.2f}%" if probe else ""))
+
+
+def speed_text(report: dict) -> str:
+    """The timing in words, or that it was skipped."""
+    if report["throughput"] is None:
+        return "speed not timed"
+    return f"{report['throughput_dense']:.0f} -> {report['throughput']:.0f} images/s"
+
+
 def write_report(report: dict, path: str | Path) -> None:
     """Draw report.png from a report dict (the same data as report.json)."""
     import matplotlib  # imported here, at the end of a run: matplotlib adds about a second to every start-up
@@ -57,21 +74,28 @@ def write_report(report: dict, path: str | Path) -> None:
 
     ax = axes[1, 1]
     evals = report.get("evals", [])
+    backbone = report.get("task") == "backbone"
+    key, what = ("cosine_val", "feature cosine to the teacher") if backbone else ("top1_val", "top-1 %")
     for phase, color in (("search", "tab:green"), ("post", "tab:purple")):
         pts = [e for e in evals if e["phase"] == phase]
         if pts:
-            ax.plot([e["epoch"] for e in pts], [e["top1_val"] for e in pts], "o-", color=color,
-                    label=f"{phase} (validation top-1)")
-    ax.axhline(report["top1_val_teacher"], color="k", ls="--", lw=1,
-               label=f"teacher {report['top1_val_teacher']:.2f}% (validation)")
-    ax.set(title=f"final: {report['top1_val']:.2f}% validation, {percent(report['top1'])} test at R = {report['ratio']:.3f}",
-           xlabel="epoch of phase", ylabel="top-1 %")
-    ax.legend(fontsize=8)
+            ax.plot([e["epoch"] for e in pts], [e[key] for e in pts], "o-", color=color, label=f"{phase} (validation)")
+    if backbone:
+        probe = report["linear_probe_val"]
+        title = (f"final: feature cosine {report['feature_cosine_val']:.4f} (validation) at R = {report['ratio']:.3f}"
+                 + (f"\nlinear probe {probe['dense']:.2f}% -> {probe['slimmed']:.2f}%" if probe else ""))
+    else:
+        ax.axhline(report["top1_val_teacher"], color="k", ls="--", lw=1,
+                   label=f"teacher {report['top1_val_teacher']:.2f}% (validation)")
+        title = f"final: {report['top1_val']:.2f}% validation, {percent(report['top1'])} test at R = {report['ratio']:.3f}"
+    ax.set(title=title, xlabel="epoch of phase", ylabel=what)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
 
+    speed = speed_text(report) + ("" if report["throughput"] is None else f" (batch {report['throughput_batch']})")
     fig.suptitle(f"uvc: {report['macs_dense'] / 1e6:.1f} M -> {report['macs'] / 1e6:.1f} M MACs "
                  f"({report['macs'] / report['macs_dense']:.3f}), {report['params_dense'] / 1e6:.2f} M -> "
-                 f"{report['params'] / 1e6:.2f} M parameters ({report['params'] / report['params_dense']:.3f}), "
-                 f"{report['throughput_dense']:.0f} -> {report['throughput']:.0f} images/s (batch {report['throughput_batch']})")
+                 f"{report['params'] / 1e6:.2f} M parameters ({report['params'] / report['params_dense']:.3f}), {speed}")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)

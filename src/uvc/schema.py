@@ -152,6 +152,11 @@ def check_arch(source: Path, arch: dict, weights: Path, shapes: dict[str, tuple[
     if layers is None and kwargs["depth"] and dim % kwargs["num_heads"]:
         raise UVCError(f"{source}: field model.kwargs.num_heads ({kwargs['num_heads']}) does not divide "
                        f"model.kwargs.embed_dim ({dim}); {ARCH_FIX}")
+    names = arch.get("pretrained_cfg", {}).get("label_names")
+    if names is not None and (not isinstance(names, list) or len(names) != kwargs["num_classes"]
+                              or not all(isinstance(n, str) for n in names)):
+        raise UVCError(f"{source}: field pretrained_cfg.label_names must be a list of {kwargs['num_classes']} strings, "
+                       f"one per class (model.kwargs.num_classes); {ARCH_FIX}")
     expected = [("model.kwargs.num_classes", "head.weight", 0, kwargs["num_classes"])] if kwargs["num_classes"] else []
     if vit:
         (h, w), (ph, pw) = kwargs["img_size"], kwargs["patch_size"]

@@ -61,6 +61,23 @@ def _with_bias(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
 
 
+def ridge_probe(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, num_classes: int) -> dict:
+    """A linear head from features `x` to labels `y`: ridge regression onto one-hot labels, the ridge chosen
+    on the validation features `xv` / labels `yv`; returns the weight (features + 1, num_classes; the last row
+    is the bias), the ridge and the validation counts (summed over ranks under torchrun)."""
+    xb, xvb = _with_bias(x), _with_bias(xv)
+    gram, targets = xb.T @ xb, xb.T @ nn.functional.one_hot(y, num_classes).double()
+    energy = gram.diagonal().mean()
+    best = None
+    for ridge in RIDGES:
+        weight = torch.linalg.solve(gram + ridge * energy * torch.eye(len(gram), dtype=gram.dtype), targets)
+        correct, total = distributed.sum_over_ranks(int(((xvb @ weight).argmax(1) == yv).sum()), len(yv))
+        if best is None or correct > best["correct"]:
+            best = {"correct": correct, "total": total, "ridge": ridge, "weight": weight}
+    best["top1_val"] = 100.0 * best["correct"] / max(best["total"], 1)
+    return best
+
+
 def fit_head(model: nn.Module, train_batches, val_batches, num_classes: int, device: torch.device) -> dict:
     """Replace the model's head(s) by a fitted `num_classes`-way linear head; returns what was chosen.
 
@@ -74,21 +91,12 @@ def fit_head(model: nn.Module, train_batches, val_batches, num_classes: int, dev
         raise UVCError(f"the training labels reach {int(y.max())} but --num-classes is {num_classes}; pass the data's "
                        "class count")
     xv, yv = features(model, val_batches, device)
-    xb, xvb = _with_bias(x), _with_bias(xv)
-    gram, targets = xb.T @ xb, xb.T @ nn.functional.one_hot(y, num_classes).double()
-    energy = gram.diagonal().mean()
-    best = None
-    for ridge in RIDGES:
-        weight = torch.linalg.solve(gram + ridge * energy * torch.eye(len(gram), dtype=gram.dtype), targets)
-        correct, total = distributed.sum_over_ranks(int(((xvb @ weight).argmax(1) == yv).sum()), len(yv))
-        if best is None or correct > best[0]:
-            best = (correct, ridge, weight, total)
-    correct, ridge, weight, total = best
-    logits = xvb @ weight
+    probe = ridge_probe(x, y, xv, yv, num_classes)
+    logits = _with_bias(xv) @ probe["weight"]
     losses = torch.stack([nn.functional.cross_entropy(s * logits, yv, reduction="sum") for s in SCALES.double()])
     losses = torch.tensor(distributed.sum_over_ranks(*losses.tolist()))
     scale = float(SCALES[int(losses.argmin())])
-    weight = (scale * weight).T  # (num_classes, features + 1)
+    weight = (scale * probe["weight"]).T  # (num_classes, features + 1)
     new_head = nn.Linear(weight.shape[1] - 1, num_classes).to(device=next(model.parameters()).device,
                                                                 dtype=model_dtype(model))
     with torch.no_grad():
@@ -97,10 +105,19 @@ def fit_head(model: nn.Module, train_batches, val_batches, num_classes: int, dev
     for name in classifier_heads(model):
         setattr(model, name, new_head if name == "head" else copy.deepcopy(new_head))
     model.num_classes = num_classes
-    top1_val = 100.0 * correct / max(total, 1)
+    ridge, top1_val = probe["ridge"], probe["top1_val"]
     log.info("fitted a %d-class head on the frozen features of %d training images: validation top-1 %.2f%% "
              "(ridge %.0e, logit scale %.3g)", num_classes, len(y), top1_val, ridge, scale)
     return {"num_classes": num_classes, "images": len(y), "ridge": ridge, "logit_scale": scale, "top1_val": top1_val}
+
+
+def linear_probe(model: nn.Module, train_batches, val_batches, num_classes: int, device: torch.device) -> dict:
+    """Validation top-1 of a ridge head fitted on the model's frozen pre-logits features (the model is not changed):
+    how much of what the labels need its features still hold."""
+    x, y = features(model, train_batches, device, MAX_IMAGES)
+    xv, yv = features(model, val_batches, device)
+    probe = ridge_probe(x, y, xv, yv, num_classes)
+    return {"top1_val": probe["top1_val"], "images": len(y), "ridge": probe["ridge"]}
 
 
 def predicts(model: nn.Module) -> int:
