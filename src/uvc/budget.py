@@ -19,7 +19,7 @@ from .errors import UVCError
 from .flops import skeleton_of
 from .importance import GroupNorms, group_norms, keep_masks
 from .plan import LayerPlan
-from .resource import RESOURCES, Skeleton
+from .resource import RESOURCES, LatencyModel, Skeleton
 
 
 def smallest_ratio(skel: Skeleton, prune: bool, skip: bool) -> float:
@@ -82,11 +82,25 @@ def plan_of_counts(norms: list[GroupNorms], removed: torch.Tensor, attn: torch.T
 
 
 def uniform_plan(model: nn.Module, budget: float, input_size=None, multiple: int = 1,
-                 resource: str = "macs") -> list[LayerPlan]:
-    """One keep ratio for every block, R <= budget (a fraction of `resource`); within a block the most
-    important groups stay."""
+                 resource: str = "macs", latency: LatencyModel | None = None) -> list[LayerPlan]:
+    """One keep ratio for every block, R <= budget (a fraction of `resource`; for latency, of `latency`'s
+    prediction); within a block the most important groups stay."""
     norms = [group_norms(b) for b in adapter_for(model).blocks(model)]
-    return plan_of_counts(norms, uniform_removal(skeleton_of(model, input_size, resource), budget, multiple))
+    return plan_of_counts(norms, uniform_removal(skeleton_of(model, input_size, resource, latency), budget, multiple))
+
+
+def plan_counts(skel: Skeleton, plan: list[LayerPlan]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float64 removal counts [L, 3] and half keep values [L] a hard plan stands for, in `skel`'s terms
+    (a skipped half counts as keeping one group of each kind: its keep value of 0 prices it at nothing)."""
+    shapes = [p.shape(d) for p, d in zip(plan, skel.dim)]
+    kept = torch.tensor([[max(s.heads, 1), max(s.head_dim, 1), max(s.hidden, 1)] for s in shapes], dtype=torch.float64)
+    keep = torch.tensor([[s.runs_attn, s.runs_mlp] for s in shapes], dtype=torch.float64)
+    return skel.sizes(kept) - kept, keep[:, 0], keep[:, 1]
+
+
+def plan_ratio(skel: Skeleton, plan: list[LayerPlan]) -> float:
+    """R of a hard plan in `skel`'s resource (for latency: the table's prediction)."""
+    return float(skel.ratio(*plan_counts(skel, plan)))
 
 
 def removal_costs(norms: list[GroupNorms], relative: bool = True) -> list[list[torch.Tensor]]:
