@@ -71,7 +71,10 @@ def write_report(report: dict, path: str | Path) -> None:
     fig.suptitle(f"uvc: {report['macs_dense'] / 1e6:.1f} M -> {report['macs'] / 1e6:.1f} M MACs "
                  f"({report['macs'] / report['macs_dense']:.3f}), {report['params_dense'] / 1e6:.2f} M -> "
                  f"{report['params'] / 1e6:.2f} M parameters ({report['params'] / report['params_dense']:.3f}), "
-                 f"{report['throughput_dense']:.0f} -> {report['throughput']:.0f} images/s (batch {report['throughput_batch']})")
+                 f"{report['throughput_dense']:.0f} -> {report['throughput']:.0f} images/s (batch {report['throughput_batch']}):\n"
+                 f"latency {report['latency_ratio_measured']:.3f} of the dense model's, measured"
+                 + ("" if report.get("latency_ratio_predicted") is None else f" ({report['latency_ratio_predicted']:.3f} "
+                                                                              "predicted by the latency table)"))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
