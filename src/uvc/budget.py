@@ -84,9 +84,18 @@ def plan_of_counts(norms: list[GroupNorms], removed: torch.Tensor, attn: torch.T
 def uniform_plan(model: nn.Module, budget: float, input_size=None, multiple: int = 1,
                  resource: str = "macs", latency: LatencyModel | None = None) -> list[LayerPlan]:
     """One keep ratio for every block, R <= budget (a fraction of `resource`; for latency, of `latency`'s
-    prediction); within a block the most important groups stay."""
+    prediction); within a block the most important groups stay. Where one ratio for all cannot land in
+    [budget - 0.01, budget] (a measured latency's steps are uneven), `fit_to_budget` gives back the most
+    important groups that still fit."""
     norms = [group_norms(b) for b in adapter_for(model).blocks(model)]
-    return plan_of_counts(norms, uniform_removal(skeleton_of(model, input_size, resource, latency), budget, multiple))
+    skel = skeleton_of(model, input_size, resource, latency)
+    removed, ones = uniform_removal(skel, budget, multiple), torch.ones(skel.depth)
+    if float(skel.ratio(removed, ones, ones)) > budget:
+        raise UVCError(f"the uniform plan cannot reach budget {budget}: keeping every head at its smallest width it has "
+                       f"R = {float(skel.ratio(removed, ones, ones)):.4f} of the {RESOURCES[skel.resource]}; ask for more")
+    if float(skel.ratio(removed, ones, ones)) < budget - 0.01:
+        removed = fit_to_budget(skel, removed, ones, ones, removal_costs(norms), budget, multiple=multiple)
+    return plan_of_counts(norms, removed)
 
 
 def plan_counts(skel: Skeleton, plan: list[LayerPlan]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

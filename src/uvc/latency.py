@@ -8,8 +8,8 @@ grid of kept heads x head widths and its MLP half at a grid of widths, each half
 that runs that half alone (its norm, layer scale and residual add included: exactly what skipping
 it saves), and the model with every block removed (patch embedding, final norm, head). Every entry
 is timed in the same alternating rounds (`engine.alternating_rates`) and its median kept; the times
-are made non-decreasing along each axis, so that timing noise never makes a narrower half look
-slower. `resource.LatencyModel` interpolates them, piecewise linearly, for the search.
+are made increasing along each axis, so that timing noise never makes a narrower half look
+slower (and rise at least a little with every step, `_increasing`). `resource.LatencyModel` interpolates them, piecewise linearly, for the search.
 
 The table is cached as JSON in the output folder (`latency_table.json`) and reused with
 `--latency-table FILE`; its key (device, dtype, batch, threads, torch version, the model's shapes)
@@ -147,8 +147,10 @@ def measure_table(model: nn.Module, input_size, device: torch.device, batch: int
     time_of = {name: batch / r["median"] for name, r in rates.items()}
     for s, entry in enumerate(shapes):
         attn = [[time_of[f"{s} attn {h} {d}"] for d in entry["head_dims"]] for h in entry["heads"]]
-        entry["attn"] = _non_decreasing(_non_decreasing(attn, dim=0), dim=1)
-        entry["mlp"] = _non_decreasing([time_of[f"{s} mlp {m}"] for m in entry["hidden"]], dim=0)
+        attn = _increasing(torch.tensor(attn, dtype=torch.float64), entry["heads"], dim=0)
+        entry["attn"] = _increasing(attn, entry["head_dims"], dim=1).tolist()
+        mlp = torch.tensor([time_of[f"{s} mlp {m}"] for m in entry["hidden"]], dtype=torch.float64)
+        entry["mlp"] = _increasing(mlp, entry["hidden"], dim=0).tolist()
         del entry["config"]
     table = {"format": TABLE_FORMAT, "key": key, "fixed": time_of["fixed"], "shapes": shapes, "blocks": index,
              "dense_measured": time_of["dense"], "rounds": rounds, "seconds_per_round": seconds}
@@ -159,10 +161,20 @@ def measure_table(model: nn.Module, input_size, device: torch.device, batch: int
     return table
 
 
-def _non_decreasing(values: list, dim: int) -> list:
-    """Running maximum along `dim` (0 or 1 of a nested list): a narrower half never costs more than a wider one."""
-    cummax = torch.tensor(values, dtype=torch.float64).cummax(dim=dim).values
-    return cummax.tolist()
+def _increasing(times: torch.Tensor, sizes: list[int], dim: int) -> torch.Tensor:
+    """`times` made increasing along `dim` over the grid `sizes`: a running maximum (noise never makes a narrower
+    half slower), then at least a thousandth of the mean slope per step, so that every removal saves a little
+    and a fit can cross a stretch that timing found flat."""
+    times = times.cummax(dim=dim).values
+    if len(sizes) < 2:
+        return times
+    grid = torch.tensor(sizes, dtype=times.dtype)
+    first, last = times.select(dim, 0), times.select(dim, -1)
+    floor = 1e-3 * ((last - first) / (grid[-1] - grid[0])).clamp(min=1e-9 * last.abs().max().item())
+    steps = [times.select(dim, 0)]
+    for k in range(1, len(sizes)):
+        steps.append(torch.maximum(times.select(dim, k), steps[-1] + floor * (grid[k] - grid[k - 1])))
+    return torch.stack(steps, dim=dim)
 
 
 def latency_model(table: dict) -> LatencyModel:
