@@ -17,7 +17,7 @@ must match the run's, and a table from elsewhere is checked field by field befor
 
 A table's sum is a prediction. `fit_measured` times the slimmed model itself against the dense one
 and, where the two disagree by more than the rounds' spread, refits the plan at a budget rescaled
-by measured / predicted (at most `REFITS` times).
+by target / measured (by at most a quarter each time, at most `REFITS` times).
 """
 from __future__ import annotations
 
@@ -308,7 +308,12 @@ def fit_measured(plan_at: Callable[[float], list[LayerPlan]], skel: Skeleton, bu
         fits[-1]["miss"] = max(budget - tolerance - spread - measured["median"], measured["median"] - budget - spread, 0.0)
         if fits[-1]["miss"] == 0 or attempt == REFITS:
             break
-        fitted = min(1.0, fitted * (budget - tolerance / 2) / measured["median"])
+        if not 2 / 3 <= measured["median"] / fits[-1]["predicted"] <= 1.5:
+            log.warning("latency fit: the slimmed model measures %.2f of the dense one where the table predicts %.2f: the "
+                        "timings disagree (a loaded machine?); rebuild the table on a quiet machine", measured["median"],
+                        fits[-1]["predicted"])
+        # A rescale by at most a quarter per refit: a timing disturbed by other load cannot drag the plan far.
+        fitted = min(1.0, fitted * min(max((budget - tolerance / 2) / measured["median"], 0.75), 1.25))
     best = min(fits, key=lambda f: f["miss"])  # timings are noisy: the fit whose timing came closest to the window
     if best is not fits[-1]:
         kept = plan_at(best["fitted_budget"])
