@@ -19,7 +19,7 @@ from .errors import UVCError
 from .flops import skeleton_of
 from .importance import GroupNorms, group_norms, keep_masks
 from .plan import LayerPlan
-from .resource import RESOURCES, Skeleton
+from .resource import RESOURCES, LatencyModel, Skeleton
 
 
 def smallest_ratio(skel: Skeleton, prune: bool, skip: bool) -> float:
@@ -82,11 +82,34 @@ def plan_of_counts(norms: list[GroupNorms], removed: torch.Tensor, attn: torch.T
 
 
 def uniform_plan(model: nn.Module, budget: float, input_size=None, multiple: int = 1,
-                 resource: str = "macs") -> list[LayerPlan]:
-    """One keep ratio for every block, R <= budget (a fraction of `resource`); within a block the most
-    important groups stay."""
+                 resource: str = "macs", latency: LatencyModel | None = None) -> list[LayerPlan]:
+    """One keep ratio for every block, R <= budget (a fraction of `resource`; for latency, of `latency`'s
+    prediction); within a block the most important groups stay. Where one ratio for all cannot land in
+    [budget - 0.01, budget] (a measured latency's steps are uneven), `fit_to_budget` gives back the most
+    important groups that still fit."""
     norms = [group_norms(b) for b in adapter_for(model).blocks(model)]
-    return plan_of_counts(norms, uniform_removal(skeleton_of(model, input_size, resource), budget, multiple))
+    skel = skeleton_of(model, input_size, resource, latency)
+    removed, ones = uniform_removal(skel, budget, multiple), torch.ones(skel.depth)
+    if float(skel.ratio(removed, ones, ones)) > budget:
+        raise UVCError(f"the uniform plan cannot reach budget {budget}: keeping every head at its smallest width it has "
+                       f"R = {float(skel.ratio(removed, ones, ones)):.4f} of the {RESOURCES[skel.resource]}; ask for more")
+    if float(skel.ratio(removed, ones, ones)) < budget - 0.01:
+        removed = fit_to_budget(skel, removed, ones, ones, removal_costs(norms), budget, multiple=multiple)
+    return plan_of_counts(norms, removed)
+
+
+def plan_counts(skel: Skeleton, plan: list[LayerPlan]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float64 removal counts [L, 3] and half keep values [L] a hard plan stands for, in `skel`'s terms
+    (a skipped half counts as keeping one group of each kind: its keep value of 0 prices it at nothing)."""
+    shapes = [p.shape(d) for p, d in zip(plan, skel.dim)]
+    kept = torch.tensor([[max(s.heads, 1), max(s.head_dim, 1), max(s.hidden, 1)] for s in shapes], dtype=torch.float64)
+    keep = torch.tensor([[s.runs_attn, s.runs_mlp] for s in shapes], dtype=torch.float64)
+    return skel.sizes(kept) - kept, keep[:, 0], keep[:, 1]
+
+
+def plan_ratio(skel: Skeleton, plan: list[LayerPlan]) -> float:
+    """R of a hard plan in `skel`'s resource (for latency: the table's prediction)."""
+    return float(skel.ratio(*plan_counts(skel, plan)))
 
 
 def removal_costs(norms: list[GroupNorms], relative: bool = True) -> list[list[torch.Tensor]]:

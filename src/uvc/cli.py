@@ -120,7 +120,15 @@ def _compress_options(p: argparse.ArgumentParser, preset: str | None = None) -> 
                 "the head and compresses the model as a backbone, by distilling its features (no labels needed)")
     _field(p, c, "budget", "--budget", type=float, help="fraction of the dense model's --resource to keep, in (0, 1]")
     _field(p, c, "resource", "--resource", choices=tuple(RESOURCES),
-           help="what --budget is a fraction of: macs (compute per image) or params (model size)")
+           help="what --budget is a fraction of: macs (compute per image), params (model size) or latency (time "
+                "measured on --device at --latency-batch and --latency-threads, from a table built and cached in --out)")
+    _field(p, c, "throughput_batch", "--throughput-batch", type=int, help="images per timed call of the final speed timing")
+    _field(p, c, "latency.table", "--latency-table", help="reuse this latency_table.json (measured with the same device, "
+           "dtype, batch, threads, torch and model; None: the one cached in --out, or a new one)")
+    _field(p, c, "latency.batch", "--latency-batch", type=int, help="images per timed call for latency (None: --throughput-batch)")
+    _field(p, c, "latency.threads", "--latency-threads", type=int, help="CPU threads for latency timings (None: torch's count)")
+    _field(p, c, "latency.rounds", "--latency-rounds", type=int, help="alternating rounds over the latency table's entries")
+    _field(p, c, "latency.seconds", "--latency-seconds", type=float, help="seconds per table entry and round")
     _field(p, c, "out", "--out", help="folder for the model, report.json, report.png and the checkpoint")
     _data_options(p, c, recipe=True)
     _field(p, c, "search.schedule.epochs", "--search-epochs", type=float, help="epochs of the UVC search")
@@ -175,7 +183,8 @@ def _compress_options(p: argparse.ArgumentParser, preset: str | None = None) -> 
            help="deterministic GPU kernels: a resumed GPU run then ends bit-exactly where an unbroken one would")
     _field(p, c, "checkpoint_every", "--checkpoint-every", type=int, help="also checkpoint every N steps (0: only at epoch ends)")
     _field(p, c, "throughput_rounds", "--timing-rounds", type=int,
-           help="after saving, time the dense and the slimmed model in this many alternating rounds of 1 s (0: no timing)")
+           help="after saving, time the dense and the slimmed model in this many alternating rounds of 1 s; a latency "
+                "budget's measured checks take as many (0: no timing, and a latency budget trusts its table)")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -184,6 +193,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="local weights (.safetensors/.pth) for a timm model")
     p.add_argument("--img-size", type=int, default=None,
                    help="build the timm model at this image size and count at that resolution (None: its own)")
+
+
+def _info_options(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    p.add_argument("--latency", action="store_true",
+                   help="also measure latency on this CPU (a dense model: its latency table, per block; takes a minute)")
+    p.add_argument("--latency-batch", type=int, default=64, help="images per timed call")
+    p.add_argument("--latency-threads", type=int, default=None, help="CPU threads while timing (None: torch's count)")
 
 
 def _export_options(p: argparse.ArgumentParser) -> None:
@@ -225,7 +242,12 @@ def cmd_macs(a) -> int:
 def cmd_info(a) -> int:
     from .info import describe
 
-    print(describe(a.model, checkpoint=a.checkpoint, **_timm_kwargs(a)))
+    from .latency import LatencyConfig
+
+    latency = LatencyConfig(batch=a.latency_batch, threads=a.latency_threads) if a.latency else None
+    if latency is not None:
+        latency.validate()
+    print(describe(a.model, checkpoint=a.checkpoint, latency=latency, **_timm_kwargs(a)))
     return 0
 
 
@@ -278,7 +300,7 @@ COMMANDS = {
                       cmd_train_teacher),
     "compress": ("compress a ViT to a MACs budget (default: the bundled teacher to 0.5)", _compress_options, cmd_compress),
     "macs": ("count a model's multiply-accumulates per image", _model_options, cmd_macs),
-    "info": ("per block: what is kept, MACs and parameters; reachable budgets of a dense model", _model_options, cmd_info),
+    "info": ("per block: what is kept, MACs and parameters; reachable budgets of a dense model", _info_options, cmd_info),
     "export": ("write a model to ONNX (dynamic batch), checked against PyTorch in onnxruntime", _export_options, cmd_export),
 }
 

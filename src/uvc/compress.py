@@ -29,18 +29,19 @@ from torch import nn
 from . import distributed
 from .adapters import adapter_for
 from .backbone import drop_head, feature_cosine, is_backbone
-from .budget import check_budget
+from .budget import check_budget, plan_ratio
 from .checkpoint import (checkpoint_exists, flat_settings, load_for_resume, remove_checkpoint, restoring,
                          save_checkpoint)
 from .compensate import compensate, compensate_masked
 from .data import DataConfig, build_data
 from .distill import KDConfig, distillation_loss, feature_distillation_loss, features_of
-from .engine import (Schedule, autocast, compare_throughput, evaluate, make_optimizer, model_dtype, optimizer_step,
+from .engine import (Schedule, autocast, evaluate, make_optimizer, model_dtype, optimizer_step,
                      predict_logits, progress, resolve_device, seed_everything)
 from .errors import UVCError, check_finite
 from .flops import check_resource, count, macs, skeleton_of
 from .gates import make_compressible
 from .io import atomic_write_text, tensor_digest
+from .latency import LatencyConfig, fit_measured, latency_model, measured_ratio, table_for
 from .models import DEFAULT_TEACHER, default_teacher_dir, load_model, param_count, save
 from .oneshot import one_shot
 from .plan import LayerPlan
@@ -73,7 +74,8 @@ FLAGS = {"budget": "--budget", "search.schedule.epochs": "--search-epochs", "sea
 class CompressConfig:
     """Everything `uvc compress` takes. The defaults compress the bundled teacher to half its MACs.
 
-    `budget` is a fraction of the dense model's `resource`: "macs" (compute) or "params" (size).
+    `budget` is a fraction of the dense model's `resource`: "macs" (compute), "params" (size) or "latency" (time
+    measured on the run's device: `latency` says at which batch and thread count; latency.py).
 
     `data` may be given as a string (a data set name or an ImageFolder path): it becomes `DataConfig(data=...)`.
     Learning rates (`search.schedule.lr`, `post.lr`) are per 128 images and scale linearly with the global batch
@@ -89,7 +91,8 @@ class CompressConfig:
     # compresses the model as a backbone, by distilling its features (as a model without a head always is)
     num_classes: int | None = None
     budget: float = 0.5
-    resource: str = "macs"  # what the budget is a fraction of: "macs" or "params"
+    resource: str = "macs"  # what the budget is a fraction of: "macs", "params" or "latency"
+    latency: LatencyConfig = field(default_factory=LatencyConfig)  # the latency table and timings (every run's report)
     out: str = "runs/compress"
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -134,6 +137,7 @@ class CompressConfig:
             raise UVCError(f"budget {self.budget} is outside (0, 1]; it is the fraction of {RESOURCES[self.resource]} to keep, "
                            "e.g. 0.5")
         self.data.validate()
+        self.latency.validate()
         self.search.validate()
         self.kd.validate()
         self.post_training().validate("post-training")
@@ -166,6 +170,7 @@ class RunState:
     cosine_val_after_search: float | None = None  # a backbone's figure right after slimming (`feature_cosine`)
     probe_val_teacher: float | None = None  # a backbone's linear probe on the teacher's features (labelled data only)
     plan: list[dict] | None = None
+    latency_fit: dict | None = None  # a latency budget's fits: predicted and measured ratios (latency.fit_measured)
 
 
 def _rng_states() -> dict:
@@ -216,10 +221,12 @@ class Run:
         self.teacher = (teacher if teacher is not None else copy.deepcopy(student)).to(self.device).eval().requires_grad_(False)
         self.input_size = self.data.input_size
         self._check_compatible(student, model_input)
-        self.skel = skeleton_of(student, self.input_size, cfg.resource)
+        self.latency_table = self._latency_table(student) if cfg.resource == "latency" or cfg.latency.table else None
+        self.skel = skeleton_of(student, self.input_size, cfg.resource,
+                                latency_model(self.latency_table) if self.latency_table else None)
         check_budget(cfg.budget, self.skel, cfg.search.prune, cfg.search.skip != "none")
         self.dense_macs = macs(student, self.input_size)
-        self.dense_cost = count(student, cfg.resource, self.input_size)
+        self.dense_cost = self.skel.dense_cost if cfg.resource == "latency" else count(student, cfg.resource, self.input_size)
         # The copy trains even when `model` is frozen (e.g. the very object passed as the teacher).
         self.student = make_compressible(copy.deepcopy(student)).requires_grad_(True).to(self.device)
         self.dtype = model_dtype(self.student)
@@ -255,6 +262,27 @@ class Run:
         fitted = fit_head(student.to(self.device), self.data.calibration, self.data.val, self.cfg.num_classes, self.device)
         student.to(home)
         return fitted
+
+    def _latency_table(self, student: nn.Module) -> dict:
+        """The latency table, measured (or read from the cache in `out`) on rank 0 and shared with every rank."""
+        table = table_for(student, self.input_size, self.device, self.cfg.latency, self.cfg.throughput_batch,
+                          self.out) if distributed.is_main() else None
+        return distributed.broadcast_from_main(table)
+
+    def _measured_ratio(self, slimmed: nn.Module) -> dict:
+        """The slimmed model's time over the dense one's at the latency batch and threads, timed on rank 0."""
+        latency = self.cfg.latency
+        ratio = measured_ratio(self.dense, slimmed, self.input_size, self.device, latency.batch or self.cfg.throughput_batch,
+                               latency.threads, rounds=self.cfg.throughput_rounds) if distributed.is_main() else None
+        return distributed.broadcast_from_main(ratio)
+
+    def _fit(self, plan_at) -> list[LayerPlan]:
+        """`plan_at(budget)`; a latency budget refits it until the slimmed model's measured ratio agrees."""
+        if self.cfg.resource != "latency" or not self.cfg.throughput_rounds:
+            return plan_at(self.cfg.budget)  # with --timing-rounds 0 the latency table's ratio alone decides
+        plan, self.state.latency_fit = fit_measured(plan_at, self.skel, self.cfg.budget,
+                                                    lambda p: self._measured_ratio(slim(self.dense, p)))
+        return plan
 
     def _check_compatible(self, student: nn.Module, model_input: tuple[int, int, int]) -> None:
         """Refuse, before anything runs, data whose images or classes the model cannot take."""
@@ -432,7 +460,11 @@ class Run:
     def _finish_search(self) -> None:
         self.state.search_ratio = float(self.search.resource().detach())
         log.info("the search ended at R = %.4f (budget %.2f); fitting it exactly", self.state.search_ratio, self.cfg.budget)
-        plan = self.search.final_plan()
+
+        def plan_at(budget: float) -> list[LayerPlan]:
+            self.search.budget = budget
+            return self.search.final_plan()
+        plan = self._fit(plan_at)
         self._check_ranks_agree()
         if distributed.world_size() > 1:
             log.info("all %d ranks hold the same search state and architecture", distributed.world_size())
@@ -470,13 +502,16 @@ class Run:
         """Importance from calibration images, the plan fitted to the budget, compensation, slimming: no gradient step."""
         slimmed, plan, stats = one_shot(self._input_copy(), self.cfg.budget, self._calibration(),
                                         calibration_images=self.cfg.calibration_images, input_size=self.input_size,
-                                        multiple=self.cfg.search.width_multiple, resource=self.cfg.resource)
+                                        multiple=self.cfg.search.width_multiple, resource=self.cfg.resource,
+                                        latency=self.skel.latency, fit=self._fit)
         log.info("one-shot: %s importance, %s allocation, compensated on %d images", stats["importance"],
                  stats["allocation"], stats["images"])
         self.begin_post_training(slimmed, plan)
 
     def _ratio(self, model: nn.Module) -> float:
-        """R of a slimmed model: its share of the dense model's budgeted resource."""
+        """R of the slimmed model: its share of the dense model's budgeted resource (latency: the table's, for its plan)."""
+        if self.cfg.resource == "latency":
+            return plan_ratio(self.skel, [LayerPlan.from_dict(p) for p in self.state.plan])
         return count(model, self.cfg.resource, self.input_size) / self.dense_cost
 
     def begin_post_training(self, slimmed: nn.Module, plan: list[LayerPlan]) -> None:
@@ -564,8 +599,8 @@ class Run:
         # saved with it: how its images were prepared, and what its outputs are called
         model.pretrained_cfg = {**self.data.preprocessing, **self._label_names(model)}
         save(model, self.out)  # before the speed timing, so an interruption there keeps the model
-        speed = self._timing(model)
-        plan = [LayerPlan.from_dict(p) for p in s.plan]
+        timed = self._timing(model)
+        speed, plan = timed and timed["speed"], [LayerPlan.from_dict(p) for p in s.plan]
         report = {
             "budget": self.cfg.budget, "resource": self.cfg.resource, "ratio": self._ratio(model),
             "macs_dense": self.dense_macs, "macs": slim_macs, "macs_ratio": slim_macs / self.dense_macs,
@@ -573,10 +608,14 @@ class Run:
             "top1_teacher": s.top1_teacher, "top1_val_teacher": s.top1_val_teacher, **self._quality(model, top1, top1_val),
             "search_ratio": s.search_ratio,
             "search_gap": None if s.search_ratio is None else s.search_ratio - self.cfg.budget,
+            "latency_ratio_measured": timed and timed["median"],
+            "latency_ratio_measured_range": timed and [timed["min"], timed["max"]],
+            "latency_ratio_predicted": plan_ratio(replace(self.skel, resource="latency"), plan) if self.latency_table else None,
+            "latency_fit": s.latency_fit, "latency_table": _table_summary(self.latency_table),
             "throughput_dense": speed["dense"]["median"] if speed else None,
             "throughput": speed["slimmed"]["median"] if speed else None,
             "throughput_detail": speed or "skipped (throughput_rounds 0, --timing-rounds 0)",
-            "throughput_batch": self.cfg.throughput_batch, "device": str(self.device),
+            "throughput_batch": speed["dense"]["batch"] if speed else self.cfg.throughput_batch, "device": str(self.device),
             "processes": distributed.world_size(), "train_seconds_this_session": seconds,
             "layers": [p.shape(d).to_dict() for p, d in zip(plan, self.skel.dim)],
             "plan": s.plan, "transfer": self.transfer, "history": s.history, "evals": s.evals, "config": _jsonable(asdict(self.cfg)),
@@ -599,14 +638,13 @@ class Run:
         return {}
 
     def _timing(self, model: nn.Module) -> dict | None:
-        """Images per second of the dense and the slimmed model, alternating (None when `throughput_rounds` is 0)."""
+        """The dense and the slimmed model timed alternately (`_measured_ratio`); None when `throughput_rounds` is 0."""
         if not self.cfg.throughput_rounds:
             log.info("saved the slimmed model; speed timing skipped (--timing-rounds 0)")
             return None
         log.info("saved the slimmed model; timing it against the dense model (%d alternating rounds of 1 s each; "
                  "--timing-rounds 0 skips this)", self.cfg.throughput_rounds)
-        return compare_throughput({"dense": self.dense, "slimmed": model}, self.input_size, self.cfg.throughput_batch,
-                                  self.device, rounds=self.cfg.throughput_rounds)
+        return self._measured_ratio(model)
 
     def _quality(self, model: nn.Module, top1: float | None, val_score: float) -> dict:
         """The report's figures of how good the result is: a classifier's top-1; a backbone's feature cosine to the
@@ -636,6 +674,12 @@ def _warn_if_random(cfg: CompressConfig) -> None:
         return
     log.warning("%s has random weights (no --pretrained, no --checkpoint): pass --checkpoint PATH (a .safetensors/.pth "
                 "state dict; CompressConfig(checkpoint=...)) or --pretrained (timm's released weights, needs network)", name)
+
+
+def _table_summary(table: dict | None) -> dict | None:
+    """Where and how the latency table was measured, for the report (the table itself is latency_table.json)."""
+    return None if table is None else {**table["key"], "fixed": table["fixed"], "dense_measured": table["dense_measured"],
+                                       "rounds": table["rounds"], "seconds_per_round": table["seconds_per_round"]}
 
 
 def _jsonable(value):

@@ -104,6 +104,29 @@ def alternating_rates(runs: dict[str, Callable[[], None]], images_per_run: int, 
     return {name: {"median": statistics.median(r), "min": min(r), "max": max(r), "rounds": r} for name, r in rates.items()}
 
 
+@contextlib.contextmanager
+def cpu_threads(threads: int | None):
+    """torch's CPU thread count fixed at `threads` inside the block (None: as it is), restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        yield threads or previous
+    finally:
+        torch.set_num_threads(previous)
+
+
+def inference_runner(module: nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    """A call of `module` on `x` in eval mode under the run's autocast, synchronised on CUDA so that it can be timed."""
+    module.eval().to(device)
+    dtype, sync = model_dtype(module), torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run() -> None:
+        with autocast(device, dtype):
+            module(x)
+        sync()
+    return run
+
+
 @torch.inference_mode()
 def compare_throughput(models: dict[str, nn.Module], input_size: tuple[int, int, int], batch_size: int,
                        device: torch.device, rounds: int = 8, seconds: float = 1.0,
@@ -112,26 +135,11 @@ def compare_throughput(models: dict[str, nn.Module], input_size: tuple[int, int,
 
     `threads` fixes torch's CPU thread count for the measurement (default: as it is).
     """
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or previous_threads)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def runner(model: nn.Module) -> Callable[[], None]:
-        model.eval().to(device)
-        dtype = model_dtype(model)
-        x = torch.randn(batch_size, *input_size, device=device, dtype=dtype)
-
-        def run() -> None:
-            with autocast(device, dtype):
-                model(x)
-            sync()
-        return run
-
-    try:
-        rates = alternating_rates({name: runner(m) for name, m in models.items()}, batch_size, rounds, seconds)
-    finally:
-        torch.set_num_threads(previous_threads)
-    return {name: {**r, "threads": threads or previous_threads, "batch": batch_size, "seconds_per_round": seconds}
+    with cpu_threads(threads) as used:
+        runs = {name: inference_runner(m, torch.randn(batch_size, *input_size, device=device, dtype=model_dtype(m)), device)
+                for name, m in models.items()}
+        rates = alternating_rates(runs, batch_size, rounds, seconds)
+    return {name: {**r, "threads": used, "batch": batch_size, "seconds_per_round": seconds}
             for name, r in rates.items()}
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from .adapters import adapter_for
 from .errors import UVCError
 from .models import param_count
-from .resource import RESOURCES, BlockParams, BlockShape, Skeleton, shape_macs
+from .resource import RESOURCES, BlockParams, BlockShape, LatencyModel, Skeleton, shape_macs
 
 
 def block_shape(block: nn.Module) -> BlockShape:
@@ -37,8 +37,12 @@ def macs(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> in
 
 
 def count(model: nn.Module, resource: str = "macs", input_size: tuple[int, int, int] | None = None) -> int:
-    """The model's total in `resource` (one of RESOURCES): what a budget in it is checked against."""
+    """The model's total in MACs or parameters: what a budget in it is checked against. (Latency is measured:
+    a plan's share of it comes from the table, `budget.plan_ratio`, a built model's from a timing.)"""
     check_resource(resource)
+    if resource == "latency":
+        raise UVCError("latency is not counted off a model: time it (uvc.latency.measured_ratio) or price its plan "
+                       "with a latency table (uvc.budget.plan_ratio)")
     return macs(model, input_size) if resource == "macs" else param_count(model)
 
 
@@ -57,14 +61,20 @@ def block_params_layout(block: nn.Module) -> BlockParams:
                        mlp_fixed=param_count(block.norm2) + param_count(block.ls2))
 
 
-def skeleton_of(model: nn.Module, input_size: tuple[int, int, int] | None = None, resource: str = "macs") -> Skeleton:
-    """The Skeleton of a dense or gated model (its blocks' full widths), its ratio measured in `resource`."""
+def skeleton_of(model: nn.Module, input_size: tuple[int, int, int] | None = None, resource: str = "macs",
+                latency: LatencyModel | None = None) -> Skeleton:
+    """The Skeleton of a dense or gated model (its blocks' full widths), its ratio measured in `resource`
+    (`latency`: the model's measured table, `uvc.latency.latency_model`)."""
     check_resource(resource)
     adapter = adapter_for(model)
     input_size = _input_size(model, input_size)
     blocks = list(adapter.blocks(model))
+    if resource == "latency" and (latency is None or len(latency.blocks) != len(blocks)):
+        raise UVCError("a latency budget needs this model's latency table (uvc.latency.latency_model, or "
+                       "CompressConfig.resource='latency', which builds it)")
     return Skeleton(tokens=adapter.tokens(model, input_size), dim=[b.attn.qkv.in_features for b in blocks],
                     heads=[b.attn.num_heads for b in blocks], head_dim=[b.attn.head_dim for b in blocks],
                     hidden=[b.mlp.fc1.out_features for b in blocks], fixed=adapter.fixed_macs(model, input_size),
                     layout=[block_params_layout(b) for b in blocks],
-                    fixed_params=param_count(model) - sum(param_count(b) for b in blocks), resource=resource)
+                    fixed_params=param_count(model) - sum(param_count(b) for b in blocks), resource=resource,
+                    latency=latency)

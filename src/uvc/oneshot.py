@@ -16,18 +16,19 @@ Either way `fit_to_budget` lands the plan in [budget - 0.01, budget].
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 
-from .budget import fit_to_budget, plan_of_counts, removal_costs, uniform_removal
+from .budget import fit_to_budget, plan_of_counts, plan_ratio, removal_costs, uniform_removal
 from .flops import count, skeleton_of
 from .compensate import DEFAULT_RIDGE, _images, compensate as _compensate
 from .errors import UVCError
 from .importance import GroupNorms, group_norms
 from .plan import LayerPlan
+from .resource import LatencyModel
 from .slim import slim
 from .adapters import adapter_for
 
@@ -96,7 +97,8 @@ def _global_start(skel, costs, budget: float) -> torch.Tensor:
     threshold goes, the threshold bisected to the budget. `fit_to_budget` from all-kept would find
     the same order one group at a time, which takes minutes on 12 blocks; from here it takes steps."""
     sizes, ones = skel.sizes(), torch.ones(skel.depth)
-    per_group = skel.group_costs()  # what one head, dimension slot or neuron costs in the budget's resource
+    # What one head, dimension slot or neuron costs in the budget's resource (a measured latency may be flat: > 0).
+    per_group = skel.group_costs().clamp(min=torch.finfo(torch.float64).tiny)
 
     def removed_at(t: float) -> torch.Tensor:
         r = torch.zeros_like(sizes)
@@ -118,14 +120,14 @@ def _global_start(skel, costs, budget: float) -> torch.Tensor:
 
 
 def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "uniform", input_size=None,
-                  multiple: int = 1, resource: str = "macs") -> list[LayerPlan]:
+                  multiple: int = 1, resource: str = "macs", latency: LatencyModel | None = None) -> list[LayerPlan]:
     """The plan for `budget` (a fraction of `resource`) from per-group importance `scores` (see `group_importance`),
     kept head and MLP widths at multiples of `multiple` (or whole)."""
     if allocation not in ALLOCATIONS:
         raise UVCError(f"allocation {allocation!r} is not one of {ALLOCATIONS}")
     if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise UVCError(f"budget {budget} is outside (0, 1]; it is the fraction of the dense model's MACs to keep, e.g. 0.5")
-    skel = skeleton_of(model, input_size, resource)
+    skel = skeleton_of(model, input_size, resource, latency)
     costs = removal_costs(scores)
     start = uniform_removal(skel, budget, multiple) if allocation == "uniform" else _global_start(skel, costs, budget)
     ones = torch.ones(skel.depth)
@@ -136,21 +138,32 @@ def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "un
 def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str = "activation",
              allocation: str = "global", compensate: bool = True, calibration_images: int = 1000,
              ridge: float = DEFAULT_RIDGE, input_size=None, multiple: int = 1,
-             resource: str = "macs") -> tuple[nn.Module, list[LayerPlan], dict]:
+             resource: str = "macs", latency: LatencyModel | None = None,
+             fit: Callable[[Callable[[float], list[LayerPlan]]], list[LayerPlan]] | None = None
+             ) -> tuple[nn.Module, list[LayerPlan], dict]:
     """Compress `model` to `budget` (a fraction of its `resource`, MACs by default) without training: (slimmed, plan, stats).
 
     `batches` gives calibration images (labels, if any, are ignored); the first
     `calibration_images` are used for activation importance and for compensation; kept head and MLP
     widths are multiples of `multiple` (or whole). The input model is not changed. Raises UVCError if
-    the slimmed model misses [budget - 0.01, budget].
+    the slimmed model misses [budget - 0.01, budget]. A latency budget needs the model's table `latency`;
+    `fit(plan_at)` (default: `plan_at(budget)`) may refit the plan at another budget (`latency.fit_measured`),
+    which the window then follows.
     """
     images = take_images(batches, calibration_images)
     scores = group_importance(model, importance, images)
-    plan = one_shot_plan(model, budget, scores, allocation, input_size, multiple, resource)
+    fitted = budget
+
+    def plan_at(target: float) -> list[LayerPlan]:
+        nonlocal fitted
+        fitted = target
+        return one_shot_plan(model, target, scores, allocation, input_size, multiple, resource, latency)
+    plan = fit(plan_at) if fit is not None else plan_at(budget)
     slimmed = slim(model, plan)
-    ratio = count(slimmed, resource, input_size) / count(model, resource, input_size)
-    if not budget - TOLERANCE <= ratio <= budget:
-        raise UVCError(f"one-shot plan reached R = {ratio:.4f}, outside [{budget - TOLERANCE:.3f}, {budget}]")
+    ratio = plan_ratio(skeleton_of(model, input_size, resource, latency), plan) if resource == "latency" \
+        else count(slimmed, resource, input_size) / count(model, resource, input_size)
+    if not fitted - TOLERANCE <= ratio <= fitted:
+        raise UVCError(f"one-shot plan reached R = {ratio:.4f}, outside [{fitted - TOLERANCE:.3f}, {fitted}]")
     stats = {"importance": importance, "allocation": allocation, "ratio": ratio, "images": sum(len(x) for x in images)}
     if compensate:
         stats["compensation"] = _compensate(model, slimmed, plan, images, ridge=ridge, max_images=calibration_images)

@@ -95,7 +95,11 @@ def write_report(report: dict, path: str | Path) -> None:
     speed = speed_text(report) + ("" if report["throughput"] is None else f" (batch {report['throughput_batch']})")
     fig.suptitle(f"uvc: {report['macs_dense'] / 1e6:.1f} M -> {report['macs'] / 1e6:.1f} M MACs "
                  f"({report['macs'] / report['macs_dense']:.3f}), {report['params_dense'] / 1e6:.2f} M -> "
-                 f"{report['params'] / 1e6:.2f} M parameters ({report['params'] / report['params_dense']:.3f}), {speed}")
+                 f"{report['params'] / 1e6:.2f} M parameters ({report['params'] / report['params_dense']:.3f}), {speed}"
+                 + ("" if report.get("latency_ratio_measured") is None else
+                    f":\nlatency {report['latency_ratio_measured']:.3f} of the dense model's, measured")
+                 + ("" if report.get("latency_ratio_predicted") is None else f" ({report['latency_ratio_predicted']:.3f} "
+                                                                              "predicted by the latency table)"))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)

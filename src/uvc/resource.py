@@ -19,6 +19,15 @@ Parameters, with the same keep values (a skipped half takes its LayerNorm and la
     mlp       = M'*(D + fc1_bias) + M'*D + D*fc2_bias + norm2 + ls2
     total     = fixed (embeddings, tokens, final norm, heads, a family's stem) + sum of blocks
 
+Latency, measured (`latency.py` builds the table on the run's device): per block, seconds of the
+attention half at a grid of kept heads x head widths and of the MLP half at a grid of widths, each
+half with its LayerNorm, layer scale and residual add (what skipping it saves), plus the fixed parts:
+
+    block     = keep_attn * bilinear(attention grid; H', d') + keep_mlp * linear(MLP grid; M')
+    total     = fixed (patch embedding, final norm, head, the forward's own overhead) + sum of blocks
+
+Piecewise linear between grid points, so R stays differentiable in the counts as the formulas are.
+
 A budget is a fraction of one of RESOURCES; `Skeleton.resource` says which one R measures. Another
 resource plugs in as a name in RESOURCES, a method of Skeleton giving its differentiable total, and
 a measure of a built model in `flops.count`.
@@ -30,7 +39,7 @@ from functools import cached_property
 
 import torch
 
-RESOURCES = {"macs": "MACs", "params": "parameters"}  # what a budget can be a fraction of, in words
+RESOURCES = {"macs": "MACs", "params": "parameters", "latency": "measured latency"}  # what a budget can be a fraction of, in words
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,68 @@ def block_params(dim, width, hidden, p: BlockParams, attn_keep=1.0, mlp_keep=1.0
     return attn_keep * attention_params(dim, width, p) + mlp_keep * mlp_params(dim, hidden, p)
 
 
+@dataclass(frozen=True)
+class HalfTimes:
+    """Seconds per batch of one block shape's halves on a grid of kept sizes (grids ascending, from 1 to full).
+
+    `attn[i][j]`: the attention half with `heads[i]` heads of width `head_dims[j]`; `mlp[k]`: the MLP half
+    with `hidden[k]` neurons. A skipped half costs nothing."""
+
+    heads: tuple[int, ...]
+    head_dims: tuple[int, ...]
+    attn: tuple[tuple[float, ...], ...]
+    hidden: tuple[int, ...]
+    mlp: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """A model's measured latency: the fixed parts and each block's `HalfTimes`, in seconds per batch."""
+
+    fixed: float
+    blocks: tuple[HalfTimes, ...]
+
+    def _grids(self, like: torch.Tensor, axis: str) -> torch.Tensor:
+        """[L, G] one grid per block, padded past its end (flat values there) to a common length."""
+        grids = [getattr(b, axis) for b in self.blocks]
+        size = max(2, *(len(g) for g in grids))  # a grid of one size (a single head) still needs a segment
+        return like.new_tensor([list(g) + [g[-1] + 1 + i for i in range(size - len(g))] for g in grids])
+
+    def _values(self, like: torch.Tensor, axis: str) -> torch.Tensor:
+        rows = [getattr(b, axis) for b in self.blocks]
+        if axis == "mlp":
+            size = max(2, *(len(r) for r in rows))
+            return like.new_tensor([list(r) + [r[-1]] * (size - len(r)) for r in rows])
+        h, d = max(2, *(len(r) for r in rows)), max(2, *(len(r[0]) for r in rows))
+        padded = [[list(row) + [row[-1]] * (d - len(row)) for row in r] for r in rows]
+        return like.new_tensor([r + [r[-1]] * (h - len(r)) for r in padded])
+
+    def attention(self, heads: torch.Tensor, head_dim: torch.Tensor) -> torch.Tensor:
+        """[L] seconds of each block's attention half at `heads` x `head_dim` kept, bilinear in both."""
+        i, t = _segment(heads, self._grids(heads, "heads"))
+        j, u = _segment(head_dim, self._grids(heads, "head_dims"))
+        table, rows = self._values(heads, "attn"), torch.arange(len(self.blocks), device=heads.device)
+
+        def corner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return table[rows, a, b]
+        return ((1 - t) * ((1 - u) * corner(i - 1, j - 1) + u * corner(i - 1, j))
+                + t * ((1 - u) * corner(i, j - 1) + u * corner(i, j)))
+
+    def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[L] seconds of each block's MLP half at `hidden` neurons kept, linear between grid points."""
+        k, t = _segment(hidden, self._grids(hidden, "hidden"))
+        table, rows = self._values(hidden, "mlp"), torch.arange(len(self.blocks), device=hidden.device)
+        return (1 - t) * table[rows, k - 1] + t * table[rows, k]
+
+
+def _segment(x: torch.Tensor, grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row, the grid segment [k - 1, k] holding x (on a grid point: the segment below it, so the
+    slope is what removing from there saves) and x's position t in it (differentiable in x)."""
+    k = torch.searchsorted(grids, x.detach()[:, None].contiguous()).squeeze(1).clamp(1, grids.shape[1] - 1)
+    lo, hi = grids.gather(1, (k - 1)[:, None]).squeeze(1), grids.gather(1, k[:, None]).squeeze(1)
+    return k, (x - lo) / (hi - lo)
+
+
 @dataclass
 class Skeleton:
     """The sizes that fix a ViT's MACs and parameters: token count, group counts per block, and what lies
@@ -141,6 +212,7 @@ class Skeleton:
     layout: list[BlockParams] = field(default_factory=list)  # per block, for `params`
     fixed_params: int = 0  # parameters outside the blocks
     resource: str = "macs"  # what `cost` and `ratio` measure: one of RESOURCES
+    latency: LatencyModel | None = None  # the measured table, for `latency`
 
     @property
     def depth(self) -> int:
@@ -168,14 +240,20 @@ class Skeleton:
         blocks = block_params(removed.new_tensor(self.dim), kept[:, 0] * kept[:, 1], kept[:, 2], layout, attn_keep, mlp_keep)
         return self.fixed_params + blocks.sum()
 
+    def seconds(self, removed: torch.Tensor, attn_keep: torch.Tensor, mlp_keep: torch.Tensor) -> torch.Tensor:
+        """Predicted seconds per batch with `removed` gone, from the latency table, as `macs`."""
+        kept = self.sizes(removed) - removed
+        blocks = attn_keep * self.latency.attention(kept[:, 0], kept[:, 1]) + mlp_keep * self.latency.mlp(kept[:, 2])
+        return self.latency.fixed + blocks.sum()
+
     def cost(self, removed: torch.Tensor, attn_keep: torch.Tensor, mlp_keep: torch.Tensor) -> torch.Tensor:
         """The total of `resource` with `removed` gone."""
-        return {"macs": self.macs, "params": self.params}[self.resource](removed, attn_keep, mlp_keep)
+        return {"macs": self.macs, "params": self.params, "latency": self.seconds}[self.resource](removed, attn_keep, mlp_keep)
 
     @property
-    def fixed_cost(self) -> int:
+    def fixed_cost(self) -> float:
         """What no removal or skip touches, in `resource`."""
-        return {"macs": self.fixed, "params": self.fixed_params}[self.resource]
+        return self.latency.fixed if self.resource == "latency" else {"macs": self.fixed, "params": self.fixed_params}[self.resource]
 
     @cached_property
     def dense_cost(self) -> float:
