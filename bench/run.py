@@ -199,12 +199,17 @@ def run_method(method: str, budget: float, seed: int, teacher, s: Settings, out:
     else:
         slimmed, plan = prune_baseline(method, teacher, budget, cfg, s)
         report = post_train(cfg, slimmed, plan, model=teacher, teacher=teacher, teacher_scores=teacher_scores)
-    return {"method": method, "budget": budget, "seed": seed, "epochs": list(training_epochs(s, method)),
+    return run_record(report, method, seed, training_epochs(s, method), time.perf_counter() - start, out)
+
+
+def run_record(report: dict, method: str, seed: int, epochs: tuple[float, float], seconds: float, out: Path) -> dict:
+    """What the results files keep of one run's report."""
+    return {"method": method, "budget": report["budget"], "seed": seed, "epochs": list(epochs),
             "ratio": report["ratio"], "macs": report["macs"], "macs_dense": report["macs_dense"],
             "top1": report["top1"], "top1_val": report["top1_val"], "top1_val_before_post": report["top1_val_after_search"],
             "top1_teacher": report["top1_teacher"], "top1_val_teacher": report["top1_val_teacher"],
-            "params": report["params"], "layers": report["layers"], "seconds": time.perf_counter() - start,
-            "out": os.path.relpath(out, ROOT)}
+            "search_gap": report.get("search_gap"), "params": report["params"], "layers": report["layers"],
+            "seconds": seconds, "out": os.path.relpath(out, ROOT)}
 
 
 def machine(threads: int) -> dict:

@@ -42,6 +42,15 @@ LABELS = {
     "uvc_searched": "UVC post-training the searched weights (--end searched)",
     "tp_taylor": "Torch-Pruning global Taylor + KD",
 }
+# bench/paper.py's configurations: uvc's default, the preset, and the preset with one switch set to uvc's default.
+PAPER_LABELS = {
+    "uvc": "uvc's default (UVC)",
+    "paper": "UVC as published (--preset paper)",
+    "paper_price": "preset, z a set price (uvc's dual) instead of dual ascent",
+    "paper_hard": "preset, deterministic gates instead of Gumbel-sigmoid",
+    "paper_rewind": "preset, the rewound end instead of the searched weights",
+    "paper_kd": "preset, uvc's KD weighting (alpha 0.5 per sample) instead of the reference's",
+}
 MAIN_METHODS = ("uvc", "control", "uniform", "tp_magnitude", "compensated", "oneshot")  # every seed
 ABLATIONS = ("uvc_skip", "uvc_norm", "uvc_compensated", "uvc_searched", "tp_taylor")  # seed 0 only
 BASELINES = ("uniform", "tp_magnitude", "compensated", "oneshot")  # what "UVC beats every baseline" means
@@ -442,6 +451,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "post-training is as long as UVC's search and post-training together.", ""]
     out += data_efficiency(plot_dir)
     out += tuning_section(plot_dir, s["search_epochs"], post_lrs(s))
+    out += paper_section(plot_dir / "paper.json")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(out))
 
@@ -555,3 +565,36 @@ def data_efficiency(folder: Path) -> list[str]:
                 table(["images", "method", "seeds", "R", "val before post", "val top-1", "test top-1",
                         "vs teacher (test, mean)", "seconds"], rows), ""]
     return out
+
+
+def paper_section(path: Path) -> list[str]:
+    """Section 7 from bench/paper.py: UVC as published beside uvc's default, and the ablation from the preset."""
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    headline = [x for x in r["runs"] if x["stage"] == "headline"]
+    groups: dict[tuple, list[dict]] = {}
+    for x in headline:
+        groups.setdefault((x["method"], x["budget"]), []).append(x)
+    gap = lambda xs: "-" if xs[0].get("search_gap") is None else f"{statistics.fmean(x['search_gap'] for x in xs):+.4f}"  # noqa: E731
+    rows = [[PAPER_LABELS[m], b, len(xs), f"{xs[0]['post_lr']:g}", f"{statistics.fmean(x['ratio'] for x in xs):.4f}", gap(xs),
+             fmt([x["top1_val_before_post"] for x in xs]), fmt([x["top1_val"] for x in xs]), fmt([x["top1"] for x in xs]),
+             f"{statistics.fmean(x['seconds'] for x in xs):.0f}"]
+            for (m, b), xs in sorted(groups.items(), key=lambda kv: (kv[0][1], list(PAPER_LABELS).index(kv[0][0])))]
+    tuning = [x for x in r["runs"] if x["stage"] == "tuning"]
+    sweep = "; ".join(f"B = {x['budget']}, lr {x['post_lr']:g}: {x['top1_val']:.2f}" for x in tuning)
+    teacher = headline[0] if headline else None
+    return ["## 7. UVC as published (`--preset paper`) beside uvc's default (issue 31)", "",
+            f"Command: `{r['command']}`, {r['date']} to {r.get('finished', 'unfinished')}, {r['machine']['threads']} "
+            f"thread(s), teacher {r['teacher']}"
+            + (f" ({teacher['top1_teacher']:.2f} % test, {teacher['top1_val_teacher']:.2f} % validation)" if teacher else "")
+            + f", load average {r['load_average_start'][0]:.1f}"
+            + (f" -> {r['load_average_end'][0]:.1f}" if "load_average_end" in r else "") + ". "
+            f"Equal training: {r['settings']['train_limit']} training images, {r['settings']['search_epochs']:g} search + "
+            f"{r['settings']['post_epochs']:g} post-training epochs for every row, the benchmark's data order and KD "
+            "teacher. The preset's post-training rate was chosen on validation (seed 0, every budget) from "
+            f"{', '.join(f'{lr:g}' for lr in r['post_lr_grid'])}, the grid UVC's rate was chosen from: {sweep}. "
+            "Rows below the preset change one switch of it back to uvc's default (seed 0). Search gap: where the "
+            "search itself ended, R - B, before the exact fit.", "",
+            table(["configuration", "B", "seeds", "post lr", "R", "search gap", "val before post", "val top-1", "test top-1",
+                   "seconds"], rows), ""]

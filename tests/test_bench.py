@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from itertools import islice
+from operator import attrgetter
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from conftest import fvcore_macs, small_vit, unfused
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import baselines
+import paper
 import run as bench
 import speed
 import summary
@@ -90,6 +92,24 @@ def test_pretrained_teacher_gets_its_own_settings_and_files():
     assert s.search_epochs + s.post_epochs == bench.FULL.search_epochs + bench.FULL.post_epochs
     folder, md = bench.places(quick=False, teacher="pretrained")
     assert (folder, md) != bench.places(quick=False) and md.name != "BENCHMARKS.md"  # never over the bundled tables
+
+
+def test_paper_variants_train_equally_and_differ_from_the_preset_by_their_switch_alone(tmp_path):
+    s = bench.FULL
+    cfgs = {v: paper.variant_config(s, v, 0.3, 1, 3e-5, tmp_path, read_test=True) for v in ("uvc", *paper.SWITCHES)}
+    default, preset = cfgs["uvc"], cfgs["paper"]
+    assert (preset.search.dual, preset.search.gates, preset.search.end, preset.kd.alpha) == ("ascent", "gumbel", "searched", 0.1)
+    assert (default.search.dual, default.search.gates, default.search.end) == ("price", "hard", "rewind")
+    for variant, cfg in cfgs.items():
+        assert cfg.search.schedule.epochs + cfg.post.epochs == s.search_epochs + s.post_epochs
+        assert cfg.data == default.data and cfg.seed == 1 and cfg.budget == 0.3 and cfg.post.lr == 3e-5
+        if variant != "uvc":
+            changed = {path for path in ("search.dual", "search.gates", "search.end", "kd.alpha", "kd.reduction")
+                       if attrgetter(path)(cfg) != attrgetter(path)(preset)}
+            assert changed == set(paper.SWITCHES[variant])
+    assert set(summary.PAPER_LABELS) == {"uvc", *paper.SWITCHES}
+    assert paper.best_rate([{"post_lr": 1e-4, "top1_val": 80.0}, {"post_lr": 1e-4, "top1_val": 92.0},
+                            {"post_lr": 1e-5, "top1_val": 86.0}, {"post_lr": 1e-5, "top1_val": 85.0}]) == 1e-4
 
 
 @pytest.mark.parametrize("budget", [0.3, 0.5])

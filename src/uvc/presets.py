@@ -60,12 +60,17 @@ def apply_preset(cfg, name: str):
     """Set every field of preset `name` on `cfg` (a config with nested dataclasses); returns `cfg`."""
     if name not in PRESETS:
         raise UVCError(f"preset {name!r} is not one of {', '.join(PRESETS)}")
-    for path, value in PRESETS[name].items():
+    return set_fields(cfg, PRESETS[name])
+
+
+def set_fields(cfg, changes: dict[str, object]):
+    """Set dotted fields ("search.dual", "kd.alpha") of `cfg` to their values; returns `cfg`."""
+    for path, value in changes.items():
         *owners, field = path.split(".")
         owner = cfg
         for o in owners:
             owner = getattr(owner, o)
         if not hasattr(owner, field):
-            raise AttributeError(f"preset {name!r} names {path}, which the config does not have")
+            raise AttributeError(f"{path} is not a field of the config")
         setattr(owner, field, value)
     return cfg
