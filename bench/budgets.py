@@ -9,32 +9,39 @@ Every run is `uvc compress` of the benchmark's teacher with `bench/run.py`'s con
 The latency table of each batch is measured once and passed to every run (`--latency-table`), so
 all runs at one batch price latency alike. Each report's measured latency ratio (dense and slimmed
 alternating, `throughput_rounds` rounds of 1 s) gives the speed-up; test top-1 is read once per run.
-Results: bench/results/budgets.json and BENCHMARKS.md's "Budgets" section (quick mode:
-runs/bench/quick/budgets.json only: a pipeline check never writes the benchmark's tables).
+Every model is timed against the teacher at every batch afterwards, so a MACs model (trained once: its
+plan does not depend on the batch) is compared at each batch with the latency model of that batch.
+Results: bench/results/budgets.json, rewritten after every run (run again to continue a killed sweep);
+`python bench/run.py --report-only` puts it in BENCHMARKS.md (quick mode: runs/bench/quick/budgets.json).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
-import statistics
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+import uvc
 from uvc.adapters import adapter_for
+from uvc.budget import plan_ratio
 from uvc.compress import Run, compress
-from uvc.io import atomic_write_text
-from uvc.latency import TABLE_FILE, LatencyConfig, table_for
+from uvc.flops import skeleton_of
+from uvc.latency import TABLE_FILE, LatencyConfig, latency_model, measured_ratio, table_for
+from uvc.plan import LayerPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
+from summary import budgets_section  # noqa: E402
 
 log = logging.getLogger("bench")
-BEGIN, END = "<!-- bench/budgets.py -->", "<!-- /bench/budgets.py -->"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +61,15 @@ QUICK = BudgetSettings(training=dataclasses.replace(bench.QUICK, train_limit=102
 
 
 def planned(s: BudgetSettings) -> list[dict]:
-    """Every run: MACs and each latency batch, for each skip mode, budget and seed (seed-major)."""
-    resources = [("macs", b) for b in s.batches] + [("latency", b) for b in s.batches]
+    """Every run, seed-major: one MACs run per skip mode and budget (its model does not depend on the batch; it is
+    timed at every batch afterwards) and one latency run per batch."""
+    resources = [("macs", s.batches[0])] + [("latency", b) for b in s.batches]
     return [{"resource": r, "batch": b, "skip": skip, "budget": budget, "seed": seed} for seed in range(s.seeds)
             for budget in s.budgets for skip in s.skips for r, b in resources]
+
+
+def run_name(entry: dict) -> str:
+    return f"{entry['resource']}-b{entry['batch']}-skip{entry['skip']}-B{entry['budget']}-s{entry['seed']}"
 
 
 def one_run(entry: dict, s: BudgetSettings, teacher, scores: dict, tables: dict[int, Path], out: Path) -> dict:
@@ -67,40 +79,30 @@ def one_run(entry: dict, s: BudgetSettings, teacher, scores: dict, tables: dict[
     cfg.latency = LatencyConfig(threads=s.threads, table=str(tables[entry["batch"]]))
     started = time.perf_counter()
     report = compress(cfg, model=teacher, teacher=teacher, teacher_scores=scores)
-    return {**entry, "top1": report["top1"], "top1_val": report["top1_val"], "ratio": report["ratio"],
-            "macs_ratio": report["macs_ratio"], "params_ratio": report["params_ratio"],
-            "latency_ratio_predicted": report["latency_ratio_predicted"],
-            "latency_ratio_measured": report["latency_ratio_measured"],
-            "latency_ratio_measured_range": report["latency_ratio_measured_range"],
-            "speedup": 1 / report["latency_ratio_measured"], "latency_fit": report["latency_fit"],
-            "seconds": time.perf_counter() - started}
-
-
-def summary(runs: list[dict]) -> list[str]:
-    """One table row per (resource, batch, skip, budget): mean +- std over seeds of test top-1 and measured speed-up."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["budget"], r["batch"], r["skip"], r["resource"]), []).append(r)
-    lines = ["| budget | batch | skip | resource | seeds | test top-1 | measured speed-up | MACs ratio | latency ratio (table) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for (budget, batch, skip, resource), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1], kv[0][2], kv[0][3])):
-        def spread(key):
-            values = [r[key] for r in rs]
-            return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
-        table = [r["latency_ratio_predicted"] for r in rs if r["latency_ratio_predicted"] is not None]
-        predicted = f"{statistics.mean(table):.3f}" if table else "n/a"
-        lines.append(f"| {budget} | {batch} | {skip} | {resource} | {len(rs)} | {spread('top1')} | {spread('speedup')}x | "
-                     f"{statistics.mean(r['macs_ratio'] for r in rs):.3f} | {predicted} |")
-    return lines
+    record = {**entry, "top1": report["top1"], "top1_val": report["top1_val"], "ratio": report["ratio"],
+              "macs_ratio": report["macs_ratio"], "params_ratio": report["params_ratio"], "latency_fit": report["latency_fit"],
+              "seconds": time.perf_counter() - started, "timed": {}}
+    for batch in s.batches:  # the measured speed-up at every batch, the same way for every run
+        timed = measured_ratio(teacher, uvc.load(out), adapter_for(teacher).input_size(teacher), torch.device("cpu"), batch,
+                               s.threads, rounds=s.rounds)
+        table = latency_model(json.loads(tables[batch].read_text()))
+        predicted = plan_ratio(skeleton_of(teacher, resource="latency", latency=table),
+                               [LayerPlan.from_dict(p) for p in report["plan"]])
+        record["timed"][str(batch)] = {"measured": timed["median"], "range": [timed["min"], timed["max"]],
+                                       "speedup": 1 / timed["median"], "predicted": predicted}
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="B = 0.5, one seed, small data, batch 64: a few minutes")
     bench.add_teacher_arg(p)
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (None: 3, or 1 with --quick)")
+    p.add_argument("--budgets", type=float, nargs="+", default=None, help="None: 0.5 and 0.3, or 0.5 with --quick")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     s = QUICK if args.quick else FULL
+    s = dataclasses.replace(s, seeds=args.seeds or s.seeds, budgets=tuple(args.budgets or s.budgets))
     torch.set_num_threads(s.threads)
     allocator = bench.steady_allocator()  # before any timing: bench/speed.py says why
     teacher = bench.load_teacher(args.teacher)
@@ -114,25 +116,30 @@ def main(argv: list[str] | None = None) -> int:
         tables[batch] = out_root / f"table-b{batch}" / TABLE_FILE
     scores = Run(bench.compress_config(s.training, s.budgets[0], out_root / "teacher", "uvc"), model=teacher,
                  teacher=teacher).score_teacher()
-    results = {"settings": dataclasses.asdict(s), "teacher": bench.teacher_label(args.teacher),
-               "machine": bench.machine(s.threads), "allocator": allocator, "teacher_scores": scores, "runs": []}
-    for i, entry in enumerate(planned(s), 1):
-        log.info("=== [%d/%d] %s", i, len(planned(s)), entry)
-        name = f"{entry['resource']}-b{entry['batch']}-skip{entry['skip']}-B{entry['budget']}-s{entry['seed']}"
-        results["runs"].append(one_run(entry, s, teacher, scores, tables, out_root / name))
-        bench.save(results, folder / "budgets.json")
+    path = folder / "budgets.json"
+    results = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
+               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "settings": json.loads(json.dumps(dataclasses.asdict(s))), "teacher": bench.teacher_label(args.teacher),
+               "machine": bench.machine(s.threads), "allocator": allocator, "teacher_scores": scores,
+               "load_average_start": os.getloadavg(), "runs": []}
+    if path.is_file():  # a killed sweep goes on with the runs it finished, if nothing it depends on changed
+        earlier = json.loads(path.read_text())
+        if {k: earlier.get(k) for k in ("settings", "teacher")} != {k: results[k] for k in ("settings", "teacher")}:
+            sys.exit(f"budgets: {path} holds runs of other settings or another teacher; move it away to start over")
+        results["runs"] = earlier["runs"]
+    done = {run_name(r) for r in results["runs"]}
+    todo = planned(s)
+    for i, entry in enumerate(todo, 1):
+        if run_name(entry) in done:
+            continue
+        log.info("=== [%d/%d] %s", i, len(todo), entry)
+        results["runs"].append(one_run(entry, s, teacher, scores, tables, out_root / run_name(entry)))
+        bench.save(results, path)
     results["seconds"] = time.perf_counter() - started
-    bench.save(results, folder / "budgets.json")
-    lines = summary(results["runs"])
-    print("\n".join(lines))
-    if not args.quick:
-        md = bench.ROOT / "BENCHMARKS.md"
-        text = md.read_text() if md.is_file() else ""
-        section = "\n".join([BEGIN, "## Budgets: MACs against measured latency (`bench/budgets.py`)", "",
-                             f"{results['machine']['cpu']}, {s.threads} threads, teacher {results['teacher']} "
-                             f"(test {scores['test']:.2f} %); {results['seconds'] / 60:.0f} min.", "", *lines, END]) + "\n"
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END) + 1:] if BEGIN in text else text + "\n" + section
-        atomic_write_text(md, text)
+    results["load_average_end"] = os.getloadavg()
+    results["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    bench.save(results, path)
+    print("\n".join(budgets_section(path)))
     return 0
 
 

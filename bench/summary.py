@@ -452,6 +452,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
     out += data_efficiency(plot_dir)
     out += tuning_section(plot_dir, s["search_epochs"], post_lrs(s))
     out += paper_section(plot_dir / "paper.json")
+    out += budgets_section(plot_dir / "budgets.json")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(out))
 
@@ -598,3 +599,33 @@ def paper_section(path: Path) -> list[str]:
             "search itself ended, R - B, before the exact fit.", "",
             table(["configuration", "B", "seeds", "post lr", "R", "search gap", "val before post", "val top-1", "test top-1",
                    "seconds"], rows), ""]
+
+
+def budgets_section(path: Path) -> list[str]:
+    """Section 8 from bench/budgets.py: MACs and latency budgets side by side, every model timed at every batch."""
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    groups: dict[tuple, list[dict]] = {}
+    for x in r["runs"]:
+        groups.setdefault((x["budget"], x["skip"], x["resource"], x["batch"]), []).append(x)
+    batches = sorted({int(b) for x in r["runs"] for b in x["timed"]}, reverse=True)
+    rows = []
+    for (budget, skip, resource, batch), xs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2], -kv[0][3])):
+        timed = [fmt([x["timed"][str(b)]["speedup"] for x in xs]) + "x" for b in batches]
+        predicted = [f"{statistics.fmean(x['timed'][str(b)]['predicted'] for x in xs):.3f}" for b in batches]
+        rows.append([budget, skip, "MACs" if resource == "macs" else f"latency at batch {batch}", len(xs),
+                     fmt([x["top1_val"] for x in xs]), fmt([x["top1"] for x in xs]),
+                     f"{statistics.fmean(x['macs_ratio'] for x in xs):.3f}", *timed, *predicted])
+    s, t = r["settings"], r["teacher_scores"]
+    return ["## 8. Budgets: MACs against measured latency (issue 30)", "",
+            f"Command: `{r['command']}`, {r['date']} to {r.get('finished', 'unfinished')}, {r['machine']['cpu']}, "
+            f"{s['threads']} threads, load average {r['load_average_start'][0]:.1f}"
+            + (f" -> {r['load_average_end'][0]:.1f}" if "load_average_end" in r else "") + f"; teacher {r['teacher']} "
+            f"({t['test']:.2f} % test, {t['val']:.2f} % validation). Every run is UVC at the benchmark's equal training "
+            f"({s['training']['train_limit']} images, {s['training']['search_epochs']:g} search + "
+            f"{s['training']['post_epochs']:g} post-training epochs); only the resource and the skip gates differ. Every "
+            f"model is timed against the teacher at every batch ({s['rounds']} alternating rounds of 1 s, median; "
+            "speed-up = 1 / measured latency ratio); \"table\" is the latency table's prediction of the ratio.", "",
+            table(["B", "skip", "budget in", "seeds", "val top-1", "test top-1", "MACs ratio",
+                   *[f"speed-up, batch {b}" for b in batches], *[f"table ratio, batch {b}" for b in batches]], rows), ""]

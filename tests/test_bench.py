@@ -25,6 +25,7 @@ from conftest import fvcore_macs, small_vit, unfused
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import baselines
+import budgets
 import paper
 import run as bench
 import speed
@@ -586,3 +587,19 @@ def test_pretrained_teacher_mapping_reproduces_transformers_dinov2():
         ours, theirs = model.forward_features(x), hf(pixel_values=x).last_hidden_state
     assert ours.shape == theirs.shape == (2, 65, 384)
     assert torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).min() > 0.999
+
+
+def test_budgets_train_a_macs_model_once_and_a_latency_model_per_batch_and_report_every_timing(tmp_path):
+    s = dataclasses.replace(budgets.FULL, seeds=2, budgets=(0.5,), skips=("none", "both"), batches=(64, 1))
+    plan = budgets.planned(s)
+    assert len(plan) == 2 * 2 * (1 + 2) and len({budgets.run_name(e) for e in plan}) == len(plan)
+    assert sum(e["resource"] == "macs" for e in plan) == 4  # one per seed and skip mode, whatever the batches
+    runs = [{**e, "top1": 80.0 + e["seed"], "top1_val": 81.0, "macs_ratio": 0.5,
+             "timed": {str(b): {"speedup": 1.5 + e["seed"], "predicted": 0.5} for b in s.batches}} for e in plan]
+    results = {"command": "python bench/budgets.py", "date": "2026-12-06", "machine": {"cpu": "test"},
+               "settings": json.loads(json.dumps(dataclasses.asdict(s))), "teacher": "bench/teacher",
+               "teacher_scores": {"test": 89.0, "val": 90.0}, "load_average_start": [1.0], "runs": runs}
+    (tmp_path / "budgets.json").write_text(json.dumps(results))
+    text = "\n".join(summary.budgets_section(tmp_path / "budgets.json"))
+    assert "speed-up, batch 64" in text and "speed-up, batch 1" in text and "latency at batch 1" in text
+    assert "80.50 ± 0.71" in text and "2.00 ± 0.71x" in text  # mean ± std over the two seeds
