@@ -9,6 +9,7 @@ with a single seed there is no spread, so nothing is decided ("not measured"). A
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from itertools import cycle
 from pathlib import Path
@@ -454,7 +455,14 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
     out += paper_section(plot_dir / "paper.json")
     out += budgets_section(plot_dir / "budgets.json")
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text("\n".join(out))
+    md_path.write_text("\n".join(out + kept_sections(md_path)))
+
+
+def kept_sections(md_path: Path) -> list[str]:
+    """Sections other scripts wrote into the file between `<!-- bench/NAME -->` and `<!-- /bench/NAME -->`
+    (bench/gpu.py's, measured on a machine this one may not have): kept when the tables are rewritten."""
+    text = md_path.read_text() if md_path.is_file() else ""
+    return [m.group(0) for m in re.finditer(r"<!-- (bench/[\w.]+) -->.*?<!-- /\1 -->", text, flags=re.S)]
 
 
 TUNING_VERDICTS = {1: "beats it", 0: "within spread", -1: "loses", None: "-"}

@@ -603,3 +603,11 @@ def test_budgets_train_a_macs_model_once_and_a_latency_model_per_batch_and_repor
     text = "\n".join(summary.budgets_section(tmp_path / "budgets.json"))
     assert "speed-up, batch 64" in text and "speed-up, batch 1" in text and "latency at batch 1" in text
     assert "80.50 ± 0.71" in text and "2.00 ± 0.71x" in text  # mean ± std over the two seeds
+
+
+def test_rewritten_tables_keep_the_sections_other_scripts_wrote(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    gpu = "<!-- bench/gpu.py -->\n## GPU\n| a | b |\n<!-- /bench/gpu.py -->"
+    md.write_text("# Benchmarks\nold tables\n\n" + gpu + "\n")
+    assert summary.kept_sections(md) == [gpu]
+    assert summary.kept_sections(tmp_path / "absent.md") == []
