@@ -269,12 +269,15 @@ class Run:
                           self.out) if distributed.is_main() else None
         return distributed.broadcast_from_main(table)
 
-    def _measured_ratio(self, slimmed: nn.Module) -> dict:
-        """The slimmed model's time over the dense one's at the latency batch and threads, timed on rank 0."""
+    def _time_against_dense(self, slimmed: nn.Module) -> dict:
+        """The slimmed model's time over the dense one's at the latency batch and threads (`latency.measured_ratio`)."""
         latency = self.cfg.latency
-        ratio = measured_ratio(self.dense, slimmed, self.input_size, self.device, latency.batch or self.cfg.throughput_batch,
-                               latency.threads, rounds=self.cfg.throughput_rounds) if distributed.is_main() else None
-        return distributed.broadcast_from_main(ratio)
+        return measured_ratio(self.dense, slimmed, self.input_size, self.device, latency.batch or self.cfg.throughput_batch,
+                              latency.threads, rounds=self.cfg.throughput_rounds)
+
+    def _measured_ratio(self, slimmed: nn.Module) -> dict:
+        """`_time_against_dense`, timed on rank 0 and shared with every rank (all ranks call it: the latency fit)."""
+        return distributed.broadcast_from_main(self._time_against_dense(slimmed) if distributed.is_main() else None)
 
     def _fit(self, plan_at) -> list[LayerPlan]:
         """`plan_at(budget)`; a latency budget refits it until the slimmed model's measured ratio agrees."""
@@ -644,7 +647,7 @@ class Run:
             return None
         log.info("saved the slimmed model; timing it against the dense model (%d alternating rounds of 1 s each; "
                  "--timing-rounds 0 skips this)", self.cfg.throughput_rounds)
-        return self._measured_ratio(model)
+        return self._time_against_dense(model)  # rank 0 alone writes the outputs: no collective here
 
     def _quality(self, model: nn.Module, top1: float | None, val_score: float) -> dict:
         """The report's figures of how good the result is: a classifier's top-1; a backbone's feature cosine to the
