@@ -55,7 +55,7 @@ def test_train_teacher_writes_a_loadable_teacher_and_continues_from_init(tmp_pat
         pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
     from uvc.teacher import TeacherConfig, train_teacher
 
-    data = DataConfig(train_limit=256, test_limit=256, batch_size=64)
+    data = DataConfig(train_limit=256, val_limit=256, test_limit=256, batch_size=64)
     first = train_teacher(TeacherConfig(out=str(tmp_path / "a"), schedule=Schedule(1, 2e-3, warmup_epochs=0.5), data=data))
     assert first["continues"] is None and len(first["history"]) == 1
     assert not (tmp_path / "a" / "teacher_checkpoint.safetensors").exists()
@@ -80,7 +80,7 @@ def test_train_teacher_with_a_convnet_tutor_records_it_and_resumes_past_it(tmp_p
         pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
     from uvc.teacher import ConvTutor, TeacherConfig, train_teacher
 
-    data = DataConfig(train_limit=256, test_limit=256, batch_size=64)
+    data = DataConfig(train_limit=256, val_limit=256, test_limit=256, batch_size=64)
     cfg = TeacherConfig(out=str(tmp_path / "t"), schedule=Schedule(1, 2e-3, warmup_epochs=0.5),
                         tutor=Schedule(2, 4e-3, warmup_epochs=0.5), data=data)
     result = train_teacher(cfg)

@@ -169,6 +169,10 @@ def fit_to_budget(skel: Skeleton, removed: torch.Tensor, attn: torch.Tensor, mlp
                 group = slice(int(removed[l, k]), n) if direction > 0 else slice(n, int(removed[l, k]))
                 yield float(costs[l][k][group].sum()) / delta, trial_ratio, trial
 
+    most = sizes - torch.minimum(torch.tensor(steps, dtype=sizes.dtype), sizes)  # every removable group removed
+    if ratio(torch.maximum(removed, most)) > budget:  # said at once, not after removing group by group
+        raise UVCError(f"cannot reach budget {budget}: the smallest model with these skip decisions has "
+                       f"R = {ratio(torch.maximum(removed, most)):.4f}")
     while ratio(removed) > budget:
         options = list(candidates(+1))
         if not options:
