@@ -20,8 +20,9 @@ data:
 demo: $(STAMP) data
 	$(VENV)/bin/uvc compress --out runs/demo
 
+# One worker per core (pytest-xdist): every test runs torch on one thread (tests/conftest.py).
 test: $(STAMP) data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 bench: $(STAMP) data
 	$(PY) bench/run.py
