@@ -288,8 +288,9 @@ def cmd_compress(a) -> int:
         raise UVCError(f"interrupted; the same command with --resume goes on from the last checkpoint in {cfg.out}") from None
     finally:
         distributed.shutdown()
-    print(f"R = {report['ratio']:.4f} of {report['macs_dense'] / 1e6:.2f} M MACs (budget {report['budget']}); "
-          f"{outcome(report)}; {speed_text(report)}")
+    dense = {"macs": f"{report['macs_dense'] / 1e6:.2f} M MACs", "params": f"{report['params_dense'] / 1e6:.2f} M parameters",
+             "latency": "the dense model's latency (its table)"}[report["resource"]]
+    print(f"R = {report['ratio']:.4f} of {dense} (budget {report['budget']}); {outcome(report)}; {speed_text(report)}")
     print(f"model, report.json and report.png in {cfg.out}")
     return 0
 

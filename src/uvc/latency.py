@@ -289,17 +289,17 @@ def fit_measured(plan_at: Callable[[float], list[LayerPlan]], skel: Skeleton, bu
     ratio (`measure(plan)`, a `measured_ratio`) lies outside [budget - tolerance, budget] by more than half
     its rounds' range (at most REFITS times; then the fit whose timing came closest). Returns the plan and
     what each fit predicted and measured."""
-    fitted, fits = budget, []
+    fitted, fits, plans = budget, [], []
     for attempt in range(REFITS + 1):
         try:
             plan = plan_at(fitted)
         except UVCError:
             if not fits:
                 raise
-            log.info("latency fit: budget %.4f is out of reach; keeping the previous fit", fitted)
-            plan_at(fits[-1]["fitted_budget"])
+            log.info("latency fit: budget %.4f is out of reach; keeping the previous fits", fitted)
             break
-        kept, measured = plan, measure(plan)
+        plans.append(plan)
+        measured = measure(plan)
         spread = (measured["max"] - measured["min"]) / 2
         fits.append({"fitted_budget": fitted, "predicted": plan_ratio(skel, plan), "measured": measured["median"],
                      "measured_min": measured["min"], "measured_max": measured["max"]})
@@ -314,8 +314,9 @@ def fit_measured(plan_at: Callable[[float], list[LayerPlan]], skel: Skeleton, bu
                         fits[-1]["predicted"])
         # A rescale by at most a quarter per refit: a timing disturbed by other load cannot drag the plan far.
         fitted = min(1.0, fitted * min(max((budget - tolerance / 2) / measured["median"], 0.75), 1.25))
-    best = min(fits, key=lambda f: f["miss"])  # timings are noisy: the fit whose timing came closest to the window
-    if best is not fits[-1]:
-        kept = plan_at(best["fitted_budget"])
+    # Timings are noisy: the fit whose timing came closest to the window, its plan as it was made (a search's
+    # final plan at the same budget need not repeat: the fit moves its state).
+    best = min(range(len(fits)), key=lambda i: fits[i]["miss"])
+    kept, best = plans[best], fits[best]
     return kept, {"fits": fits, **{k: best[k] for k in ("fitted_budget", "predicted", "measured", "measured_min",
                                                         "measured_max")}}
