@@ -12,7 +12,7 @@ from uvc.cli import main
 from uvc.flops import skeleton_of
 from uvc.importance import group_norms
 from uvc.latency import LatencyConfig, latency_model, load_table, table_for, table_key
-from uvc.oneshot import one_shot_plan
+from uvc.oneshot import one_shot, one_shot_plan
 from uvc.resource import HalfTimes, LatencyModel, Skeleton
 from uvc.search import Search, SearchConfig
 from uvc.gates import make_compressible
@@ -137,6 +137,15 @@ def test_every_plan_path_lands_in_the_window_of_the_tables_ratio(measured, budge
         ratios[f"search, skip {skip}"] = plan_ratio(skel, search.final_plan())
     for path, ratio in ratios.items():
         assert budget - 0.01 <= ratio <= budget, (path, ratio)
+
+
+def test_one_shot_checks_the_plan_a_fit_keeps_against_the_budget_it_was_made_for():
+    """fit_measured may keep an earlier fit than its last (the one whose timing came closest): the window then
+    follows that fit's budget, not the last one tried. (MACs here: the check is the same for any resource.)"""
+    model = tiny_vit().eval()
+    keep_first = lambda plan_at: [plan_at(0.85), plan_at(0.7)][0]  # noqa: E731
+    slimmed, plan, stats = one_shot(model, 0.85, [torch.randn(16, 1, 28, 28)], fit=keep_first)
+    assert 0.84 <= stats["ratio"] <= 0.85 and stats["ratio"] == pytest.approx(uvc.macs(slimmed) / uvc.macs(model))
 
 
 @pytest.mark.usefixtures("require_fmnist")

@@ -152,13 +152,14 @@ def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str
     """
     images = take_images(batches, calibration_images)
     scores = group_importance(model, importance, images)
-    fitted = budget
+    targets: dict[int, float] = {}  # the budget each plan was made for: `fit` may keep an earlier one than its last
 
     def plan_at(target: float) -> list[LayerPlan]:
-        nonlocal fitted
-        fitted = target
-        return one_shot_plan(model, target, scores, allocation, input_size, multiple, resource, latency)
+        made = one_shot_plan(model, target, scores, allocation, input_size, multiple, resource, latency)
+        targets[id(made)] = target
+        return made
     plan = fit(plan_at) if fit is not None else plan_at(budget)
+    fitted = targets[id(plan)]
     slimmed = slim(model, plan)
     ratio = plan_ratio(skeleton_of(model, input_size, resource, latency), plan) if resource == "latency" \
         else count(slimmed, resource, input_size) / count(model, resource, input_size)
