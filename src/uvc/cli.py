@@ -33,14 +33,9 @@ def _field(p: argparse.ArgumentParser, defaults, path: str, *flags: str, **kwarg
 
 def _config(cfg, args: argparse.Namespace):
     """`cfg` (a config with its defaults) with every field option's value copied into its field."""
-    for key, value in vars(args).items():
-        if key.startswith(FIELD):
-            *owners, name = key.removeprefix(FIELD).split(".")
-            owner = cfg
-            for o in owners:
-                owner = getattr(owner, o)
-            setattr(owner, name, value)
-    return cfg
+    from .presets import set_fields
+
+    return set_fields(cfg, {key.removeprefix(FIELD): value for key, value in vars(args).items() if key.startswith(FIELD)})
 
 
 def _data_options(p: argparse.ArgumentParser, cfg, recipe: bool = False) -> None:
