@@ -82,12 +82,12 @@ def one_run(entry: dict, s: BudgetSettings, teacher, scores: dict, tables: dict[
     record = {**entry, "top1": report["top1"], "top1_val": report["top1_val"], "ratio": report["ratio"],
               "macs_ratio": report["macs_ratio"], "params_ratio": report["params_ratio"], "latency_fit": report["latency_fit"],
               "seconds": time.perf_counter() - started, "timed": {}}
+    slimmed, plan = uvc.load(out), [LayerPlan.from_dict(p) for p in report["plan"]]
+    input_size = adapter_for(teacher).input_size(teacher)
     for batch in s.batches:  # the measured speed-up at every batch, the same way for every run
-        timed = measured_ratio(teacher, uvc.load(out), adapter_for(teacher).input_size(teacher), torch.device("cpu"), batch,
-                               s.threads, rounds=s.rounds)
+        timed = measured_ratio(teacher, slimmed, input_size, torch.device("cpu"), batch, s.threads, rounds=s.rounds)
         table = latency_model(json.loads(tables[batch].read_text()))
-        predicted = plan_ratio(skeleton_of(teacher, resource="latency", latency=table),
-                               [LayerPlan.from_dict(p) for p in report["plan"]])
+        predicted = plan_ratio(skeleton_of(teacher, resource="latency", latency=table), plan)
         record["timed"][str(batch)] = {"measured": timed["median"], "range": [timed["min"], timed["max"]],
                                        "speedup": 1 / timed["median"], "predicted": predicted}
     return record
