@@ -28,7 +28,7 @@ from .compensate import DEFAULT_RIDGE, _images, compensate as _compensate
 from .errors import UVCError
 from .importance import GroupNorms, group_norms
 from .plan import LayerPlan
-from .resource import LatencyModel
+from .resource import RESOURCES, LatencyModel
 from .slim import slim
 from .adapters import adapter_for
 
@@ -126,7 +126,8 @@ def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "un
     if allocation not in ALLOCATIONS:
         raise UVCError(f"allocation {allocation!r} is not one of {ALLOCATIONS}")
     if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise UVCError(f"budget {budget} is outside (0, 1]; it is the fraction of the dense model's MACs to keep, e.g. 0.5")
+        raise UVCError(f"budget {budget} is outside (0, 1]; it is the fraction of the dense model's "
+                       f"{RESOURCES.get(resource, resource)} to keep, e.g. 0.5")
     skel = skeleton_of(model, input_size, resource, latency)
     costs = removal_costs(scores)
     start = uniform_removal(skel, budget, multiple) if allocation == "uniform" else _global_start(skel, costs, budget)
