@@ -31,7 +31,7 @@ import torch
 
 import uvc
 from uvc.adapters import adapter_for
-from uvc.budget import plan_ratio
+from uvc.budget import plan_ratio, smallest_ratio
 from uvc.compress import Run, compress
 from uvc.flops import skeleton_of
 from uvc.latency import TABLE_FILE, LatencyConfig, latency_model, measured_ratio, table_for
@@ -73,6 +73,14 @@ def run_name(entry: dict) -> str:
 
 
 def one_run(entry: dict, s: BudgetSettings, teacher, scores: dict, tables: dict[int, Path], out: Path) -> dict:
+    """One run's record; a budget below what its mode can reach is recorded as such ("unreachable": the lowest R)."""
+    if entry["resource"] == "latency":
+        skeleton = skeleton_of(teacher, resource="latency", latency=latency_model(json.loads(tables[entry["batch"]].read_text())))
+        lowest = smallest_ratio(skeleton, prune=True, skip=entry["skip"] != "none")
+        if entry["budget"] < lowest:
+            log.info("unreachable: latency at batch %d cannot fall below %.3f of the dense model's with skip=%s",
+                     entry["batch"], lowest, entry["skip"])
+            return {**entry, "unreachable": lowest}
     cfg = bench.compress_config(s.training, entry["budget"], out, "uvc_skip" if entry["skip"] == "both" else "uvc",
                                 entry["seed"])
     cfg.resource, cfg.throughput_batch, cfg.throughput_rounds = entry["resource"], entry["batch"], s.rounds
@@ -122,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                "settings": json.loads(json.dumps(dataclasses.asdict(s))), "teacher": bench.teacher_label(args.teacher),
                "machine": bench.machine(s.threads), "allocator": allocator, "teacher_scores": scores,
                "load_average_start": os.getloadavg(), "runs": []}
-    if path.is_file():  # a killed sweep goes on with the runs it finished, if nothing it depends on changed
-        earlier = json.loads(path.read_text())
-        if {k: earlier.get(k) for k in ("settings", "teacher")} != {k: results[k] for k in ("settings", "teacher")}:
-            sys.exit(f"budgets: {path} holds runs of other settings or another teacher; move it away to start over")
-        results["runs"] = earlier["runs"]
+    results = bench.continue_sweep(path, results, ("settings", "teacher"))  # a killed sweep goes on
     done = {run_name(r) for r in results["runs"]}
     todo = planned(s)
     for i, entry in enumerate(todo, 1):

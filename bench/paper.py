@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from run import (POST_LRS, ROOT, add_teacher_arg, compress_config, load_teacher, machine, run_record, save,
+from run import (POST_LRS, ROOT, add_teacher_arg, compress_config, continue_sweep, load_teacher, machine, run_record, save,
                  settings_for, teacher_label, training_epochs)
 from summary import PAPER_LABELS
 from uvc.compress import CompressConfig, Run, compress
@@ -96,12 +96,7 @@ def main() -> int:
                "preset": {k: v for k, v in PRESETS["paper"].items()}, "switches": SWITCHES,
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(args.threads), "load_average_start": os.getloadavg(), "runs": []}
-    if path.is_file():
-        earlier = json.loads(path.read_text())
-        if {k: earlier.get(k) for k in ("teacher", "settings", "preset")} != {k: json.loads(json.dumps(results[k]))
-                                                                            for k in ("teacher", "settings", "preset")}:
-            sys.exit(f"paper: {os.path.relpath(path, ROOT)} holds runs of another teacher, settings or preset; move it away")
-        results["runs"] = earlier["runs"]
+    results = continue_sweep(path, results, ("teacher", "settings", "preset"))
     done = {(r["stage"], r["method"], r["budget"], r["seed"], r["post_lr"]) for r in results["runs"]}
     scores = Run(compress_config(s, budgets[0], runs_dir / "teacher", "uvc"), model=teacher, teacher=teacher).score_teacher()
 

@@ -267,6 +267,18 @@ def save(results: dict, path: Path) -> None:
     atomic_write_text(path, json.dumps(results, indent=1))
 
 
+def continue_sweep(path: Path, results: dict, same: tuple[str, ...]) -> dict:
+    """`results` holding the runs a killed sweep left in `path`, if the fields `same` agree (else one line and exit):
+    the sweep keeps its first date and lists each continuation's under "resumed"."""
+    if not path.is_file():
+        return results
+    earlier = json.loads(path.read_text())
+    if {k: earlier.get(k) for k in same} != json.loads(json.dumps({k: results[k] for k in same})):
+        sys.exit(f"bench: {os.path.relpath(path, ROOT)} holds runs of another {' or '.join(same)}; move it away to start over")
+    return {**results, "runs": earlier["runs"], "date": earlier["date"],
+            "resumed": [*earlier.get("resumed", []), results["date"]]}
+
+
 # "deit_budget" is the name DeiT-Small's single budget had before "deit_budgets".
 NOT_READ_BY_RUNS = {"seeds", "speed_batches", "speed_rounds", "deit_batches", "deit_budgets", "deit_budget",
                     "deit_width_multiples", "cost_steps"}

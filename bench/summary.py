@@ -69,6 +69,12 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f} (1 seed)"
 
 
+def fmt_times(values: list[float]) -> str:
+    """`fmt` of speed-ups: 1.98x (1 seed), 1.98 ± 0.02x."""
+    text = fmt(values)
+    return text.replace(" (1 seed)", "x (1 seed)") if text.endswith("(1 seed)") else text + "x"
+
+
 def compare(a: list[float], b: list[float]) -> int | None:
     """1 if a beats b, -1 if b beats a, 0 if neither does; None when either has fewer than 2 seeds.
 
@@ -617,12 +623,17 @@ def budgets_section(path: Path) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for x in r["runs"]:
         groups.setdefault((x["budget"], x["skip"], x["resource"], x["batch"]), []).append(x)
-    batches = sorted({int(b) for x in r["runs"] for b in x["timed"]}, reverse=True)
+    batches = sorted({int(b) for x in r["runs"] for b in x.get("timed", {})}, reverse=True)
     rows = []
     for (budget, skip, resource, batch), xs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2], -kv[0][3])):
-        timed = [fmt([x["timed"][str(b)]["speedup"] for x in xs]) + "x" for b in batches]
+        label = "MACs" if resource == "macs" else f"latency at batch {batch}"
+        if "unreachable" in xs[0]:
+            rows.append([budget, skip, label, 0, f"unreachable: the table's lowest ratio is {xs[0]['unreachable']:.3f}",
+                         *[""] * (2 + 2 * len(batches))])
+            continue
+        timed = [fmt_times([x["timed"][str(b)]["speedup"] for x in xs]) for b in batches]
         predicted = [f"{statistics.fmean(x['timed'][str(b)]['predicted'] for x in xs):.3f}" for b in batches]
-        rows.append([budget, skip, "MACs" if resource == "macs" else f"latency at batch {batch}", len(xs),
+        rows.append([budget, skip, label, len(xs),
                      fmt([x["top1_val"] for x in xs]), fmt([x["top1"] for x in xs]),
                      f"{statistics.fmean(x['macs_ratio'] for x in xs):.3f}", *timed, *predicted])
     s, t = r["settings"], r["teacher_scores"]
@@ -636,4 +647,66 @@ def budgets_section(path: Path) -> list[str]:
             f"model is timed against the teacher at every batch ({s['rounds']} alternating rounds of 1 s, median; "
             "speed-up = 1 / measured latency ratio); \"table\" is the latency table's prediction of the ratio.", "",
             table(["B", "skip", "budget in", "seeds", "val top-1", "test top-1", "MACs ratio",
-                   *[f"speed-up, batch {b}" for b in batches], *[f"table ratio, batch {b}" for b in batches]], rows), ""]
+                   *[f"speed-up, batch {b}" for b in batches], *[f"table ratio, batch {b}" for b in batches]], rows), "",
+            "Targets (issue 30, item 6): a latency budget's model is at least as fast as the target at its own batch, "
+            "and its test top-1 is no lower, beyond the larger standard deviation, than that of a MACs-budget model "
+            "(skip gates off, uvc's default) of the same measured speed, interpolated linearly in speed-up between "
+            "the MACs budgets run; outside their range there is no MACs model of that speed to compare with.", "",
+            table(["latency budget", "skip", "batch", "speed-up (target)", "test top-1",
+                   "MACs model of that speed, test top-1", "verdict"], budget_targets(groups)), "",
+            "Do skip gates pay (issue 30, item 5)? Validation top-1 of the same budget with the gates off and on "
+            "(`--skip both`); a side wins when the difference of the means exceeds the larger standard deviation.", "",
+            table(["budget in", "B", "skip none: val top-1", "skip both: val top-1", "winner"], skip_rows(groups)), ""]
+
+
+def skip_rows(groups: dict[tuple, list[dict]]) -> list[list]:
+    """Skip gates off against on, per resource, batch and budget, on validation."""
+    rows = []
+    for (budget, skip, resource, batch), off in sorted(groups.items(), key=lambda kv: (kv[0][2], -kv[0][3], -kv[0][0])):
+        on = groups.get((budget, "both", resource, batch))
+        if skip != "none" or on is None:
+            continue
+        label = "MACs" if resource == "macs" else f"latency at batch {batch}"
+        reachable = [fmt([x["top1_val"] for x in xs]) if "unreachable" not in xs[0] else "unreachable" for xs in (off, on)]
+        if "unreachable" in reachable:
+            winner = "skip both (the only one that reaches B)" if reachable[0] == "unreachable" else "skip none"
+        else:
+            verdict = compare([x["top1_val"] for x in off], [x["top1_val"] for x in on])
+            winner = {None: "not measured (1 seed)", 1: "skip none", -1: "skip both", 0: "neither"}[verdict]
+        rows.append([label, budget, *reachable, winner])
+    return rows
+
+
+SPEEDUP_TARGETS = {0.5: 1.9, 0.3: 3.0}  # issue 30: measured speed-up a latency budget B must give
+
+
+def budget_targets(groups: dict[tuple, list[dict]]) -> list[list]:
+    """One row per latency budget run: its speed-up at its batch against the target, and its test top-1
+    against the MACs line (skip off) at the same measured speed."""
+    rows = []
+    for (budget, skip, resource, batch), xs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], -kv[0][3])):
+        if resource != "latency" or "unreachable" in xs[0]:
+            continue
+        speed = [x["timed"][str(batch)]["speedup"] for x in xs]
+        top1 = [x["top1"] for x in xs]
+        line = sorted((statistics.fmean(y["timed"][str(batch)]["speedup"] for y in ys), [y["top1"] for y in ys])
+                      for (_, sk, res, _), ys in groups.items() if res == "macs" and sk == "none" and str(batch) in ys[0].get("timed", {}))
+        target = SPEEDUP_TARGETS.get(budget)
+        fast = target is None or statistics.fmean(speed) >= target
+        at = statistics.fmean(speed)
+        pair = next(((lo, hi) for lo, hi in zip(line, line[1:]) if lo[0] <= at <= hi[0]), None)
+        if pair is None:
+            reference = "none of that speed (MACs models: " + ", ".join(f"{v:.2f}x" for v, _ in line) + ")"
+            verdict = "speed met; accuracy not comparable" if fast else "**MISSED** (speed)"
+        else:
+            (v0, a0), (v1, a1) = pair
+            w = (at - v0) / (v1 - v0) if v1 > v0 else 0.0
+            ref_mean = (1 - w) * statistics.fmean(a0) + w * statistics.fmean(a1)
+            spread = max(mean_std(v)[1] or 0.0 for v in (a0, a1, top1))
+            reference = f"{ref_mean:.2f} (between {v0:.2f}x and {v1:.2f}x)"
+            accurate = statistics.fmean(top1) >= ref_mean - spread
+            verdict = "met" if fast and accurate else "**MISSED** (" + ", ".join(
+                w for w, bad in (("speed", not fast), ("accuracy", not accurate)) if bad) + ")"
+        rows.append([budget, skip, batch, fmt_times(speed) + (f" (>= {target}x)" if target else ""), fmt(top1),
+                     reference, verdict])
+    return rows

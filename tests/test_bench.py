@@ -611,3 +611,41 @@ def test_rewritten_tables_keep_the_sections_other_scripts_wrote(tmp_path):
     md.write_text("# Benchmarks\nold tables\n\n" + gpu + "\n")
     assert summary.kept_sections(md) == [gpu]
     assert summary.kept_sections(tmp_path / "absent.md") == []
+
+
+def test_budget_targets_compare_with_the_macs_line_at_equal_speed_and_skip_rows_name_the_only_reachable_side():
+    def runs(resource, batch, skip, budget, top1, speedup):
+        return [{"resource": resource, "batch": batch, "skip": skip, "budget": budget, "seed": i, "top1": t,
+                 "top1_val": t + 1.0, "timed": {str(batch): {"speedup": speedup}}} for i, t in enumerate(top1)]
+
+    groups = {
+        (0.5, "none", "macs", 64): runs("macs", 64, "none", 0.5, [89.8, 89.9], 1.6),
+        (0.3, "none", "macs", 64): runs("macs", 64, "none", 0.3, [89.4, 89.6], 2.4),
+        (0.5, "none", "latency", 64): runs("latency", 64, "none", 0.5, [89.0, 89.1], 2.0),  # 0.5 point under the line
+        (0.5, "both", "latency", 64): runs("latency", 64, "both", 0.5, [89.6, 89.8], 1.8),  # on it, but too slow
+        (0.3, "none", "latency", 64): runs("latency", 64, "none", 0.3, [88.0, 88.2], 3.3),  # faster than any MACs model
+        (0.3, "none", "latency", 1): [{"resource": "latency", "batch": 1, "skip": "none", "budget": 0.3, "seed": 0,
+                                       "unreachable": 0.505}],
+        (0.3, "both", "latency", 1): runs("latency", 1, "both", 0.3, [87.0, 87.5], 3.1),
+    }
+    rows = {(r[0], r[1], r[2]): r for r in summary.budget_targets(groups)}
+    assert (0.3, "none", 1) not in rows  # unreachable: nothing to judge
+    assert "89.67 (between 1.60x and 2.40x)" in rows[(0.5, "none", 64)][5]
+    assert rows[(0.5, "none", 64)][6] == "**MISSED** (accuracy)"
+    assert rows[(0.5, "both", 64)][6] == "**MISSED** (speed)"
+    assert rows[(0.3, "none", 64)][6] == "speed met; accuracy not comparable"
+    skip = {(r[0], r[1]): r for r in summary.skip_rows(groups)}
+    assert skip[("latency at batch 1", 0.3)][4] == "skip both (the only one that reaches B)"
+    assert skip[("latency at batch 64", 0.5)][4] == "skip both"  # 90.70 vs 90.05: a gap of 0.65 > the larger std 0.14
+
+
+def test_a_continued_sweep_keeps_its_runs_and_first_date_and_refuses_other_settings(tmp_path):
+    path = tmp_path / "sweep.json"
+    first = {"date": "2026-12-06", "settings": {"seeds": 3}, "runs": [{"seed": 0}]}
+    bench.save(first, path)
+    fresh = {"date": "2026-12-07", "settings": {"seeds": 3}, "runs": []}
+    assert bench.continue_sweep(tmp_path / "absent.json", fresh, ("settings",)) is fresh
+    resumed = bench.continue_sweep(path, fresh, ("settings",))
+    assert resumed["runs"] == [{"seed": 0}] and resumed["date"] == "2026-12-06" and resumed["resumed"] == ["2026-12-07"]
+    with pytest.raises(SystemExit, match="another settings"):
+        bench.continue_sweep(path, {**fresh, "settings": {"seeds": 5}}, ("settings",))
