@@ -5,7 +5,8 @@ import torch
 
 import uvc
 from uvc.adapters import adapter_for
-from uvc.budget import fit_to_budget, plan_of_counts, removal_costs, uniform_plan, uniform_removal
+from uvc.budget import (check_budget, fit_to_budget, plan_of_counts, removal_costs, smallest_ratio, uniform_plan,
+                        uniform_removal)
 from uvc.flops import skeleton_of
 from uvc.importance import group_norms
 
@@ -43,3 +44,14 @@ def test_a_budget_below_what_the_skips_allow_is_named():
     ones = torch.ones(skel.depth)
     with pytest.raises(uvc.UVCError, match="cannot reach budget"):
         fit_to_budget(skel, torch.zeros(skel.depth, 3), ones, ones, removal_costs([group_norms(b) for b in blocks]), 0.001)
+
+
+def test_a_budget_only_skipping_reaches_is_refused_with_the_skip_option_named():
+    skel = skeleton_of(timm.create_model("deit_tiny_patch16_224"))
+    pruned, skipped = smallest_ratio(skel, prune=True, skip=False), smallest_ratio(skel, prune=True, skip=True)
+    assert skipped < pruned
+    with pytest.raises(uvc.UVCError, match=r"ask for at least .*--skip both.*which reaches"):
+        check_budget((pruned + skipped) / 2, skel, prune=True, skip=False)
+    check_budget((pruned + skipped) / 2, skel, prune=True, skip=True)  # reachable: no error
+    with pytest.raises(uvc.UVCError, match=r"ask for at least [0-9.]+$"):  # below both: no skip advice
+        check_budget(skipped / 2, skel, prune=True, skip=False)
