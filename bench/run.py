@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 import uvc
 from uvc.adapters import adapter_for
@@ -40,7 +41,7 @@ from uvc.compress import CompressConfig, Run, compress, post_train
 from uvc.data import DataConfig, build_data
 from uvc.distill import KDConfig
 from uvc.errors import UVCError
-from uvc.io import atomic_write_text
+from uvc.io import DIGEST_KEY, atomic_write_text
 from uvc.oneshot import one_shot
 from uvc.search import SearchConfig
 
@@ -236,8 +237,13 @@ def add_teacher_arg(p: argparse.ArgumentParser) -> None:
 
 
 def teacher_label(name: str) -> str:
-    """How results files name a teacher: the folder as given, or BUNDLED_TEACHER."""
-    return BUNDLED_TEACHER if name == "bundled" else name
+    """How results files name a teacher: the folder as given, BUNDLED_TEACHER, or "pretrained" with the digest
+    of its weights, which change when bench/pretrained.py is run again with other settings: a sweep then
+    refuses to continue over the other teacher's runs."""
+    if name != "pretrained":
+        return BUNDLED_TEACHER if name == "bundled" else name
+    with safe_open(teacher_dir() / "model.safetensors", "pt") as f:
+        return f"pretrained {f.metadata()[DIGEST_KEY][:12]}"
 
 
 def load_teacher(name: str):

