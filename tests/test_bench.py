@@ -95,6 +95,19 @@ def test_pretrained_teacher_gets_its_own_settings_and_files():
     assert (folder, md) != bench.places(quick=False) and md.name != "BENCHMARKS.md"  # never over the bundled tables
 
 
+def test_the_pretrained_teacher_is_named_by_its_weights_so_a_rebuilt_one_is_another_teacher(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "teacher_dir", lambda: tmp_path)
+    model = tiny_vit()
+    uvc.save(model, tmp_path)
+    first = bench.teacher_label("pretrained")
+    assert first.startswith("pretrained ") and summary.teacher_note(first) == summary.TEACHER_NOTES["pretrained"]
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    uvc.save(model, tmp_path)
+    assert bench.teacher_label("pretrained") != first
+    assert bench.teacher_label("bundled") == summary.BUNDLED_TEACHER and bench.teacher_label("bench/teacher") == "bench/teacher"
+
+
 def test_paper_variants_train_equally_and_differ_from_the_preset_by_their_switch_alone(tmp_path):
     s = bench.FULL
     cfgs = {v: paper.variant_config(s, v, 0.3, 1, 3e-5, tmp_path, read_test=True) for v in ("uvc", *paper.SWITCHES)}
