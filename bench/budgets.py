@@ -101,12 +101,32 @@ def one_run(entry: dict, s: BudgetSettings, teacher, scores: dict, tables: dict[
     return record
 
 
+def retabled(results: dict, batches: list[int], teacher, tables: dict[int, Path], out_root: Path) -> dict:
+    """`results` after new tables at `batches`: their latency runs dropped (to run again), every other run's
+    prediction at those batches recomputed from the plan in its run folder (None where the folder is gone)."""
+    runs = [r for r in results["runs"] if not (r["resource"] == "latency" and r["batch"] in batches)]
+    for batch in batches:
+        skeleton = skeleton_of(teacher, resource="latency", latency=latency_model(json.loads(tables[batch].read_text())))
+        for r in runs:
+            if "timed" in r:
+                report = out_root / run_name(r) / "report.json"
+                plan = [LayerPlan.from_dict(p) for p in json.loads(report.read_text())["plan"]] if report.is_file() else None
+                r["timed"][str(batch)]["predicted"] = plan_ratio(skeleton, plan) if plan else None
+    log.info("new latency tables at batch %s: %d latency runs to run again", ", ".join(map(str, batches)),
+             len(results["runs"]) - len(runs))
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    return {**results, "runs": runs, "rebuilt_tables": [*results.get("rebuilt_tables", []), {"batches": batches, "date": date}]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="B = 0.5, one seed, small data, batch 64: a few minutes")
     bench.add_teacher_arg(p)
     p.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (None: 3, or 1 with --quick)")
     p.add_argument("--budgets", type=float, nargs="+", default=None, help="None: 0.5 and 0.3, or 0.5 with --quick")
+    p.add_argument("--rebuild-table", type=int, nargs="+", default=[], metavar="BATCH",
+                   help="measure the latency table at BATCH again (after a change in how tables are measured): the "
+                        "latency runs at BATCH run again, the other runs' predictions at BATCH are recomputed")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     s = QUICK if args.quick else FULL
@@ -120,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     input_size = adapter_for(teacher).input_size(teacher)
     tables = {}
     for batch in s.batches:  # one table per batch, shared by every run at that batch
+        if batch in args.rebuild_table:
+            (out_root / f"table-b{batch}" / TABLE_FILE).unlink(missing_ok=True)
         table_for(teacher, input_size, torch.device("cpu"), LatencyConfig(threads=s.threads), batch, out_root / f"table-b{batch}")
         tables[batch] = out_root / f"table-b{batch}" / TABLE_FILE
     scores = Run(bench.compress_config(s.training, s.budgets[0], out_root / "teacher", "uvc"), model=teacher,
@@ -131,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                "machine": bench.machine(s.threads), "allocator": allocator, "teacher_scores": scores,
                "load_average_start": os.getloadavg(), "runs": []}
     results = bench.continue_sweep(path, results, ("settings", "teacher"))  # a killed sweep goes on
+    if args.rebuild_table:
+        results = retabled(results, args.rebuild_table, teacher, tables, out_root)
+        bench.save(results, path)
     done = {run_name(r) for r in results["runs"]}
     todo = planned(s)
     for i, entry in enumerate(todo, 1):

@@ -635,12 +635,16 @@ def budgets_section(path: Path) -> list[str]:
     rows = []
     for (budget, skip, resource, batch), xs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2], -kv[0][3])):
         label = "MACs" if resource == "macs" else f"latency at batch {batch}"
-        if "unreachable" in xs[0]:
-            rows.append([budget, skip, label, 0, f"unreachable: the table's lowest ratio is {xs[0]['unreachable']:.3f}",
+        lowest = [x["unreachable"] for x in xs if "unreachable" in x]
+        xs = reached(xs)
+        if not xs:
+            rows.append([budget, skip, label, 0, f"unreachable: the table's lowest ratio is {min(lowest):.3f}",
                          *[""] * (2 + 2 * len(batches))])
             continue
+        if lowest:
+            label += f" ({len(lowest)} seed{'s' if len(lowest) > 1 else ''} unreachable: lowest ratio {min(lowest):.3f})"
         timed = [fmt_times([x["timed"][str(b)]["speedup"] for x in xs]) for b in batches]
-        predicted = [f"{statistics.fmean(x['timed'][str(b)]['predicted'] for x in xs):.3f}" for b in batches]
+        predicted = [mean_of([x["timed"][str(b)]["predicted"] for x in xs]) for b in batches]
         rows.append([budget, skip, label, len(xs),
                      fmt([x["top1_val"] for x in xs]), fmt([x["top1"] for x in xs]),
                      f"{statistics.fmean(x['macs_ratio'] for x in xs):.3f}", *timed, *predicted])
@@ -648,7 +652,11 @@ def budgets_section(path: Path) -> list[str]:
     return ["## 8. Budgets: MACs against measured latency (issue 30)", "",
             f"Command: `{r['command']}`, {r['date']} to {r.get('finished', 'unfinished')}, {r['machine']['cpu']}, "
             f"{s['threads']} threads, load average {r['load_average_start'][0]:.1f}"
-            + (f" -> {r['load_average_end'][0]:.1f}" if "load_average_end" in r else "") + f"; teacher {r['teacher']} "
+            + (f" -> {r['load_average_end'][0]:.1f}" if "load_average_end" in r else "")
+            + (f"; continued {', '.join(r['resumed'])}" if r.get("resumed") else "")
+            + "".join(f"; latency table at batch {', '.join(map(str, t['batches']))} measured again {t['date']} and its "
+                      "latency runs run again (`--rebuild-table`)" for t in r.get("rebuilt_tables", []))
+            + f"; teacher {r['teacher']} "
             f"({t['test']:.2f} % test, {t['val']:.2f} % validation). Every run is UVC at the benchmark's equal training "
             f"({s['training']['train_limit']} images, {s['training']['search_epochs']:g} search + "
             f"{s['training']['post_epochs']:g} post-training epochs); only the resource and the skip gates differ. Every "
@@ -675,10 +683,13 @@ def skip_rows(groups: dict[tuple, list[dict]]) -> list[list]:
         if skip != "none" or on is None:
             continue
         label = "MACs" if resource == "macs" else f"latency at batch {batch}"
-        reachable = [fmt([x["top1_val"] for x in xs]) if "unreachable" not in xs[0] else "unreachable" for xs in (off, on)]
+        off, on = reached(off), reached(on)
+        reachable = [fmt([x["top1_val"] for x in xs]) if xs else "unreachable" for xs in (off, on)]
         if "unreachable" in reachable:
             winner = "skip both (the only one that reaches B)" if reachable[0] == "unreachable" else "skip none"
         else:
+            if len(off) != len(on):
+                reachable[0] += f" ({len(off)} seeds reached B)"
             verdict = compare([x["top1_val"] for x in off], [x["top1_val"] for x in on])
             winner = {None: "not measured (1 seed)", 1: "skip none", -1: "skip both", 0: "neither"}[verdict]
         rows.append([label, budget, *reachable, winner])
@@ -688,17 +699,31 @@ def skip_rows(groups: dict[tuple, list[dict]]) -> list[list]:
 SPEEDUP_TARGETS = {0.5: 1.9, 0.3: 3.0}  # issue 30: measured speed-up a latency budget B must give
 
 
+def reached(runs: list[dict]) -> list[dict]:
+    """The runs of a budget that their mode could reach (a latency table's floor can lie above B)."""
+    return [x for x in runs if "unreachable" not in x]
+
+
+def mean_of(values: list[float | None]) -> str:
+    """The mean of the values known (a prediction is None where its run's plan was lost), or "n/a"."""
+    known = [v for v in values if v is not None]
+    return f"{statistics.fmean(known):.3f}" + (f" ({len(known)} of {len(values)})" if len(known) < len(values) else "") \
+        if known else "n/a"
+
+
 def budget_targets(groups: dict[tuple, list[dict]]) -> list[list]:
     """One row per latency budget run: its speed-up at its batch against the target, and its test top-1
     against the MACs line (skip off) at the same measured speed."""
     rows = []
     for (budget, skip, resource, batch), xs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], -kv[0][3])):
-        if resource != "latency" or "unreachable" in xs[0]:
+        xs = reached(xs)
+        if resource != "latency" or not xs:
             continue
         speed = [x["timed"][str(batch)]["speedup"] for x in xs]
         top1 = [x["top1"] for x in xs]
         line = sorted((statistics.fmean(y["timed"][str(batch)]["speedup"] for y in ys), [y["top1"] for y in ys])
-                      for (_, sk, res, _), ys in groups.items() if res == "macs" and sk == "none" and str(batch) in ys[0].get("timed", {}))
+                      for (_, sk, res, _), ys in groups.items() if res == "macs" and sk == "none"
+                      and str(batch) in ys[0].get("timed", {}))
         target = SPEEDUP_TARGETS.get(budget)
         fast = target is None or statistics.fmean(speed) >= target
         at = statistics.fmean(speed)

@@ -662,3 +662,29 @@ def test_a_continued_sweep_keeps_its_runs_and_first_date_and_refuses_other_setti
     assert resumed["runs"] == [{"seed": 0}] and resumed["date"] == "2026-12-06" and resumed["resumed"] == ["2026-12-07"]
     with pytest.raises(SystemExit, match="another settings"):
         bench.continue_sweep(path, {**fresh, "settings": {"seeds": 5}}, ("settings",))
+
+
+def test_a_rebuilt_table_reruns_its_latency_runs_and_repredicts_the_others_from_their_plans(tmp_path):
+    from uvc.flops import skeleton_of
+    from uvc.latency import TABLE_FILE, LatencyConfig, latency_model, table_for
+
+    teacher = tiny_vit().eval()
+    table_for(teacher, (1, 28, 28), torch.device("cpu"), LatencyConfig(threads=1, rounds=1, seconds=0.01), 1, tmp_path / "t")
+    plan = uvc.budget.uniform_plan(teacher, 0.5)
+
+    def entry(resource, batch, seed):
+        return {"resource": resource, "batch": batch, "skip": "none", "budget": 0.5, "seed": seed,
+                "timed": {"1": {"predicted": 0.9}, "64": {"predicted": 0.8}}}
+
+    runs = [entry("macs", 64, 0), entry("macs", 64, 1), entry("latency", 64, 0), entry("latency", 1, 0)]
+    kept = tmp_path / "runs" / budgets.run_name(runs[0])
+    kept.mkdir(parents=True)
+    (kept / "report.json").write_text(json.dumps({"plan": [p.to_dict() for p in plan]}))
+    out = budgets.retabled({"runs": runs}, [1], teacher, {1: tmp_path / "t" / TABLE_FILE}, tmp_path / "runs")
+    assert [budgets.run_name(r) for r in out["runs"]] == [budgets.run_name(r) for r in runs[:3]]  # batch 1's latency run goes
+    table = latency_model(json.loads((tmp_path / "t" / TABLE_FILE).read_text()))
+    expected = uvc.budget.plan_ratio(skeleton_of(teacher, resource="latency", latency=table), plan)
+    assert out["runs"][0]["timed"]["1"]["predicted"] == expected != 0.9  # from its plan and the new table
+    assert out["runs"][1]["timed"]["1"]["predicted"] is None  # its folder is gone: no prediction, not a stale one
+    assert out["runs"][2]["timed"]["64"]["predicted"] == 0.8 and out["rebuilt_tables"][0]["batches"] == [1]
+    assert summary.mean_of([0.5, None]) == "0.500 (1 of 2)" and summary.mean_of([None]) == "n/a"
