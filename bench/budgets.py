@@ -2,6 +2,7 @@
 
     python bench/budgets.py           # B = 0.5 / 0.3, 3 seeds, skip gates off and on, latency at batch 64 and 1 (2 threads)
     python bench/budgets.py --quick   # B = 0.5, one seed, small data, batch 64 only: the pipeline (a few minutes)
+    python bench/budgets.py --rebuild-table 1   # after a change in how tables are measured: batch 1's runs again
 
 Every run is `uvc compress` of the benchmark's teacher with `bench/run.py`'s configuration of UVC
 (`compress_config`: the same data, epochs, KD and post-training rate), differing only in `resource`
@@ -10,7 +11,8 @@ The latency table of each batch is measured once and passed to every run (`--lat
 all runs at one batch price latency alike. Each report's measured latency ratio (dense and slimmed
 alternating, `throughput_rounds` rounds of 1 s) gives the speed-up; test top-1 is read once per run.
 Every model is timed against the teacher at every batch afterwards, so a MACs model (trained once: its
-plan does not depend on the batch) is compared at each batch with the latency model of that batch.
+plan does not depend on the batch) is compared at each batch with the latency model of that batch; MACs
+runs at lower budgets (`macs_line`) extend the MACs models' speed to the latency models'.
 Results: bench/results/budgets.json, rewritten after every run (run again to continue a killed sweep);
 `python bench/run.py --report-only` puts it in BENCHMARKS.md (quick mode: runs/bench/quick/budgets.json).
 """
@@ -53,9 +55,13 @@ class BudgetSettings:
     skips: tuple[str, ...]
     threads: int = 2
     rounds: int = 5  # alternating rounds of the final timing and of a latency budget's checks
+    macs_line: tuple[float, ...] = ()  # more MACs budgets (skip gates off), so that the MACs models reach the
+    # latency models' speed: the targets compare accuracy at equal measured speed
 
 
-FULL = BudgetSettings(training=bench.FULL, budgets=(0.5, 0.3), seeds=3, batches=(64, 1), skips=("none", "both"))
+FULL = BudgetSettings(training=bench.FULL, budgets=(0.5, 0.3), seeds=3, batches=(64, 1), skips=("none", "both"),
+                      macs_line=(0.2,))
+GROWS = ("budgets", "seeds", "batches", "skips", "macs_line")  # settings a continued sweep may extend
 QUICK = BudgetSettings(training=dataclasses.replace(bench.QUICK, train_limit=1024, val_limit=500, test_limit=1000),
                        budgets=(0.5,), seeds=1, batches=(64,), skips=("none",), rounds=2)
 
@@ -64,8 +70,10 @@ def planned(s: BudgetSettings) -> list[dict]:
     """Every run, seed-major: one MACs run per skip mode and budget (its model does not depend on the batch; it is
     timed at every batch afterwards) and one latency run per batch."""
     resources = [("macs", s.batches[0])] + [("latency", b) for b in s.batches]
-    return [{"resource": r, "batch": b, "skip": skip, "budget": budget, "seed": seed} for seed in range(s.seeds)
+    main = [{"resource": r, "batch": b, "skip": skip, "budget": budget, "seed": seed} for seed in range(s.seeds)
             for budget in s.budgets for skip in s.skips for r, b in resources]
+    return main + [{"resource": "macs", "batch": s.batches[0], "skip": "none", "budget": budget, "seed": seed}
+                   for seed in range(s.seeds) for budget in s.macs_line]
 
 
 def run_name(entry: dict) -> str:
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                "settings": json.loads(json.dumps(dataclasses.asdict(s))), "teacher": bench.teacher_label(args.teacher),
                "machine": bench.machine(s.threads), "allocator": allocator, "teacher_scores": scores,
                "load_average_start": os.getloadavg(), "runs": []}
-    results = bench.continue_sweep(path, results, ("settings", "teacher"))  # a killed sweep goes on
+    results = bench.continue_sweep(path, results, ("settings", "teacher"), GROWS)  # a killed sweep goes on
     if args.rebuild_table:
         results = retabled(results, args.rebuild_table, teacher, tables, out_root)
         bench.save(results, path)

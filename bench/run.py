@@ -273,13 +273,21 @@ def save(results: dict, path: Path) -> None:
     atomic_write_text(path, json.dumps(results, indent=1))
 
 
-def continue_sweep(path: Path, results: dict, same: tuple[str, ...]) -> dict:
-    """`results` holding the runs a killed sweep left in `path`, if the fields `same` agree (else one line and exit):
-    the sweep keeps its first date and lists each continuation's under "resumed"."""
+def continue_sweep(path: Path, results: dict, same: tuple[str, ...], grows: tuple[str, ...] = ()) -> dict:
+    """`results` holding the runs a killed sweep left in `path`, if the fields `same` agree (else one line and exit),
+    but for the keys `grows` of a `settings` among them, which only add runs: the sweep keeps its first date and
+    lists each continuation's under "resumed"."""
     if not path.is_file():
         return results
     earlier = json.loads(path.read_text())
-    if {k: earlier.get(k) for k in same} != json.loads(json.dumps({k: results[k] for k in same})):
+
+    def fixed(r: dict) -> dict:
+        out = json.loads(json.dumps({k: r.get(k) for k in same}))
+        if isinstance(out.get("settings"), dict):
+            out["settings"] = {k: v for k, v in out["settings"].items() if k not in grows}
+        return out
+
+    if fixed(earlier) != fixed(results):
         sys.exit(f"bench: {os.path.relpath(path, ROOT)} holds runs of another {' or '.join(same)}; move it away to start over")
     return {**results, "runs": earlier["runs"], "date": earlier["date"],
             "resumed": [*earlier.get("resumed", []), results["date"]]}

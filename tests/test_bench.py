@@ -603,9 +603,11 @@ def test_pretrained_teacher_mapping_reproduces_transformers_dinov2():
 
 
 def test_budgets_train_a_macs_model_once_and_a_latency_model_per_batch_and_report_every_timing(tmp_path):
-    s = dataclasses.replace(budgets.FULL, seeds=2, budgets=(0.5,), skips=("none", "both"), batches=(64, 1))
+    s = dataclasses.replace(budgets.FULL, seeds=2, budgets=(0.5,), skips=("none", "both"), batches=(64, 1), macs_line=())
     plan = budgets.planned(s)
     assert len(plan) == 2 * 2 * (1 + 2) and len({budgets.run_name(e) for e in plan}) == len(plan)
+    line = budgets.planned(dataclasses.replace(s, macs_line=(0.2,)))[len(plan):]  # after the main runs: MACs, gates off
+    assert [(e["resource"], e["skip"], e["budget"], e["seed"]) for e in line] == [("macs", "none", 0.2, 0), ("macs", "none", 0.2, 1)]
     assert sum(e["resource"] == "macs" for e in plan) == 4  # one per seed and skip mode, whatever the batches
     runs = [{**e, "top1": 80.0 + e["seed"], "top1_val": 81.0, "macs_ratio": 0.5,
              "timed": {str(b): {"speedup": 1.5 + e["seed"], "predicted": 0.5} for b in s.batches}} for e in plan]
@@ -662,6 +664,8 @@ def test_a_continued_sweep_keeps_its_runs_and_first_date_and_refuses_other_setti
     assert resumed["runs"] == [{"seed": 0}] and resumed["date"] == "2026-12-06" and resumed["resumed"] == ["2026-12-07"]
     with pytest.raises(SystemExit, match="another settings"):
         bench.continue_sweep(path, {**fresh, "settings": {"seeds": 5}}, ("settings",))
+    grown = bench.continue_sweep(path, {**fresh, "settings": {"seeds": 5}}, ("settings",), grows=("seeds",))
+    assert grown["runs"] == [{"seed": 0}] and grown["settings"] == {"seeds": 5}  # more seeds only add runs
 
 
 def test_a_rebuilt_table_reruns_its_latency_runs_and_repredicts_the_others_from_their_plans(tmp_path):
