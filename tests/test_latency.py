@@ -49,6 +49,23 @@ def test_table_has_one_entry_per_block_shape_and_grids_from_one_to_full(measured
     assert 0.3 < latency.predicted_dense_seconds(table) / table["dense_measured"] < 3
 
 
+def test_a_half_is_timed_as_a_chain_of_its_cuts_from_distinct_blocks_up_to_the_byte_cap(monkeypatch):
+    model = tiny_vit().eval()
+    blocks = list(model.blocks)
+    chain, copies = latency._chain(blocks, dict(attn=False, mlp=True, hidden=100))
+    assert copies == len(chain) == 4  # the tiny ViT's four blocks are far below the cap
+    assert [m.mlp.fc1.weight.data_ptr() for m in chain] != [chain[0].mlp.fc1.weight.data_ptr()] * 4  # own weights
+    assert all(m.mlp.fc1.out_features == 100 and m.config()["heads"] == 0 for m in chain)
+    x = torch.randn(2, 17, 64)
+    with torch.no_grad():  # the chain runs the cut halves one after the other
+        expected = x
+        for m in chain:
+            expected = m(expected)
+        assert torch.equal(chain(x), expected)
+    monkeypatch.setattr(latency, "CHAIN_BYTES", 1)  # a cap below one half's weights: that half alone
+    assert latency._chain(blocks, dict(attn=True, mlp=False, heads=1, head_dim=8))[1] == 1
+
+
 def test_cached_table_is_reused_only_for_the_same_key(measured, monkeypatch):
     model, table, out = measured
     built = []

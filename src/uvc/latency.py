@@ -6,7 +6,9 @@ attention at short token counts, the per-operation overhead. The table times the
 model will run (device, dtype, batch, threads): each distinct block shape's attention half at a
 grid of kept heads x head widths and its MLP half at a grid of widths, each half as a slimmed block
 that runs that half alone (its norm, layer scale and residual add included: exactly what skipping
-it saves), and the model with every block removed (patch embedding, final norm, head). Every entry
+it saves), and the model with every block removed (patch embedding, final norm, head). Each half is
+timed as a chain of that half slimmed out of consecutive blocks, each with its own weights, so that
+weights stream through the caches as in the whole model (`_chain`). Every entry
 is timed in the same alternating rounds (`engine.alternating_rates`) and its median kept; the times
 are made increasing along each axis, so that timing noise never makes a narrower half look
 slower (and rise at least a little with every step, `_increasing`). `resource.LatencyModel` interpolates them, piecewise linearly, for the search.
@@ -49,6 +51,7 @@ TABLE_FORMAT = "uvc-latency/1"
 TABLE_FILE = "latency_table.json"  # the cache in a run's output folder
 MAX_TABLE_BYTES = 4 << 20
 MAX_GRID = 64
+CHAIN_BYTES = 64 << 20  # a timed chain of halves holds at least this much weight (beyond the caches), or every block
 REFITS = 2  # refits at a rescaled budget after the first fit's timing
 
 
@@ -116,12 +119,12 @@ def measure_table(model: nn.Module, input_size, device: torch.device, batch: int
     adapter = adapter_for(model)
     blocks = list(adapter.blocks(model))
     tokens, dtype = adapter.tokens(model, input_size), model_dtype(model)
+    configs = [slim_block(b, _half_plan(b, True, True)).config() for b in blocks]
     shapes, index = [], []  # distinct block shapes, and each block's entry in them
-    runs: dict[str, Callable[[], None]] = {}
+    timed: dict[str, tuple[nn.Module, torch.Tensor, int]] = {}  # entry: (module, input, halves it chains)
     with cpu_threads(threads) as used:
         key = table_key(model, input_size, device, batch, used)
-        for l, block in enumerate(blocks):
-            config = slim_block(block, _half_plan(block, True, True)).config()
+        for l, config in enumerate(configs):
             if config in [s["config"] for s in shapes]:
                 index.append([s["config"] for s in shapes].index(config))
                 continue
@@ -129,22 +132,23 @@ def measure_table(model: nn.Module, input_size, device: torch.device, batch: int
             x = torch.randn(batch, tokens, config["dim"], device=device, dtype=dtype)
             entry = {"config": config, "sizes": key["model"]["blocks"][l], "heads": grid(config["heads"], 5),
                      "head_dims": grid(config["head_dim"], 5), "hidden": grid(config["hidden"], 7)}
+            alike = [b for b, c in zip(blocks, configs) if c == config]
             for h in entry["heads"]:
                 for d in entry["head_dims"]:
-                    half = slim_block(block, _half_plan(block, True, False, heads=h, head_dim=d))
-                    runs[f"{len(shapes)} attn {h} {d}"] = inference_runner(half, x, device)
+                    timed[f"{len(shapes)} attn {h} {d}"] = (*_chain(alike, dict(attn=True, mlp=False, heads=h, head_dim=d)), x)
             for m in entry["hidden"]:
-                runs[f"{len(shapes)} mlp {m}"] = inference_runner(slim_block(block, _half_plan(block, False, True, hidden=m)), x, device)
+                timed[f"{len(shapes)} mlp {m}"] = (*_chain(alike, dict(attn=False, mlp=True, hidden=m)), x)
             shapes.append(entry)
         images = torch.randn(batch, *input_size, device=device, dtype=dtype)
         skipped = [LayerPlan([], [], [], attn=False, mlp=False)] * len(blocks)
-        runs["fixed"] = inference_runner(slim(model, skipped), images, device)
-        runs["dense"] = inference_runner(model, images, device)
+        timed["fixed"] = (slim(model, skipped), 1, images)
+        timed["dense"] = (model, 1, images)
         log.info("building the latency table: %d entries (%d block shape%s), %d alternating rounds of %.2f s each on %s, "
-                 "batch %d, %s threads", len(runs), len(shapes), "" if len(shapes) == 1 else "s", rounds, seconds,
+                 "batch %d, %s threads", len(timed), len(shapes), "" if len(shapes) == 1 else "s", rounds, seconds,
                  key["device"], batch, used)
-        rates = alternating_rates(runs, batch, rounds, seconds)
-    time_of = {name: batch / r["median"] for name, r in rates.items()}
+        rates = alternating_rates({name: inference_runner(module, inputs, device) for name, (module, _, inputs) in timed.items()},
+                                  batch, rounds, seconds)
+    time_of = {name: batch / r["median"] / timed[name][1] for name, r in rates.items()}
     for s, entry in enumerate(shapes):
         attn = [[time_of[f"{s} attn {h} {d}"] for d in entry["head_dims"]] for h in entry["heads"]]
         attn = _increasing(torch.tensor(attn, dtype=torch.float64), entry["heads"], dim=0)
@@ -159,6 +163,20 @@ def measure_table(model: nn.Module, input_size, device: torch.device, batch: int
     log.info("latency table built in %.1f s: the dense model's predicted time is %.3g s per batch of %d, measured %.3g s "
              "(%.2f of it)", table["build_seconds"], predicted, batch, table["dense_measured"], predicted / table["dense_measured"])
     return table
+
+
+def _chain(alike: list[nn.Module], half: dict) -> tuple[nn.Module, int]:
+    """(the half `half` of `_half_plan` slimmed out of consecutive blocks of one shape, how many): timed as
+    a chain, each with its own weights, so that the weights stream through the caches as they do in the
+    whole model (one half timed alone keeps its weights in cache, and at batch 1 narrowing it then looks
+    to save less than it does in the model). The chain stops once its weights exceed `CHAIN_BYTES`, which bounds the table's memory."""
+    chain, size = [], 0
+    for block in alike:
+        chain.append(slim_block(block, _half_plan(block, **half)))
+        size += sum(p.numel() * p.element_size() for p in chain[-1].parameters())
+        if size >= CHAIN_BYTES:
+            break
+    return nn.Sequential(*chain), len(chain)
 
 
 def _increasing(times: torch.Tensor, sizes: list[int], dim: int) -> torch.Tensor:
