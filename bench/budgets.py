@@ -80,11 +80,15 @@ def run_name(entry: dict) -> str:
     return f"{entry['resource']}-b{entry['batch']}-skip{entry['skip']}-B{entry['budget']}-s{entry['seed']}"
 
 
+def latency_skeleton(teacher, table: Path):
+    """The teacher's resource skeleton priced by the latency table in the file `table`."""
+    return skeleton_of(teacher, resource="latency", latency=latency_model(json.loads(table.read_text())))
+
+
 def one_run(entry: dict, s: BudgetSettings, teacher, scores: dict, tables: dict[int, Path], out: Path) -> dict:
     """One run's record; a budget below what its mode can reach is recorded as such ("unreachable": the lowest R)."""
     if entry["resource"] == "latency":
-        skeleton = skeleton_of(teacher, resource="latency", latency=latency_model(json.loads(tables[entry["batch"]].read_text())))
-        lowest = smallest_ratio(skeleton, prune=True, skip=entry["skip"] != "none")
+        lowest = smallest_ratio(latency_skeleton(teacher, tables[entry["batch"]]), prune=True, skip=entry["skip"] != "none")
         if entry["budget"] < lowest:
             log.info("unreachable: latency at batch %d cannot fall below %.3f of the dense model's with skip=%s",
                      entry["batch"], lowest, entry["skip"])
@@ -102,8 +106,7 @@ def one_run(entry: dict, s: BudgetSettings, teacher, scores: dict, tables: dict[
     input_size = adapter_for(teacher).input_size(teacher)
     for batch in s.batches:  # the measured speed-up at every batch, the same way for every run
         timed = measured_ratio(teacher, slimmed, input_size, torch.device("cpu"), batch, s.threads, rounds=s.rounds)
-        table = latency_model(json.loads(tables[batch].read_text()))
-        predicted = plan_ratio(skeleton_of(teacher, resource="latency", latency=table), plan)
+        predicted = plan_ratio(latency_skeleton(teacher, tables[batch]), plan)
         record["timed"][str(batch)] = {"measured": timed["median"], "range": [timed["min"], timed["max"]],
                                        "speedup": 1 / timed["median"], "predicted": predicted}
     return record
@@ -114,7 +117,7 @@ def retabled(results: dict, batches: list[int], teacher, tables: dict[int, Path]
     prediction at those batches recomputed from the plan in its run folder (None where the folder is gone)."""
     runs = [r for r in results["runs"] if not (r["resource"] == "latency" and r["batch"] in batches)]
     for batch in batches:
-        skeleton = skeleton_of(teacher, resource="latency", latency=latency_model(json.loads(tables[batch].read_text())))
+        skeleton = latency_skeleton(teacher, tables[batch])
         for r in runs:
             if "timed" in r:
                 report = out_root / run_name(r) / "report.json"

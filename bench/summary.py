@@ -724,9 +724,8 @@ def budget_targets(groups: dict[tuple, list[dict]]) -> list[list]:
         line = sorted((statistics.fmean(y["timed"][str(batch)]["speedup"] for y in ys), [y["top1"] for y in ys])
                       for (_, sk, res, _), ys in groups.items() if res == "macs" and sk == "none"
                       and str(batch) in ys[0].get("timed", {}))
-        target = SPEEDUP_TARGETS.get(budget)
-        fast = target is None or statistics.fmean(speed) >= target
-        at = statistics.fmean(speed)
+        target, at = SPEEDUP_TARGETS.get(budget), statistics.fmean(speed)
+        fast = target is None or at >= target
         pair = next(((lo, hi) for lo, hi in zip(line, line[1:]) if lo[0] <= at <= hi[0]), None)
         if pair is None and line and at > line[-1][0]:  # faster than every MACs model: the fastest is the
             pair = (line[-1], line[-1])  # conservative reference (a MACs model of equal speed would be less accurate)
@@ -742,7 +741,7 @@ def budget_targets(groups: dict[tuple, list[dict]]) -> list[list]:
                                               f"(the fastest MACs model, {v0:.2f}x: slower)")
             accurate = statistics.fmean(top1) >= ref_mean - spread
             verdict = "met" if fast and accurate else "**MISSED** (" + ", ".join(
-                w for w, bad in (("speed", not fast), ("accuracy", not accurate)) if bad) + ")"
+                what for what, bad in (("speed", not fast), ("accuracy", not accurate)) if bad) + ")"
         rows.append([budget, skip, batch, fmt_times(speed) + (f" (>= {target}x)" if target else ""), fmt(top1),
                      reference, verdict])
     return rows

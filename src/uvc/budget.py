@@ -41,9 +41,10 @@ def check_budget(budget: float, skel: Skeleton, prune: bool, skip: bool) -> None
         what = "pruning and skipping" if prune and skip else "pruning alone" if prune else "skipping alone" if skip else "nothing (pruning and skipping both off)"
         fix = "turn pruning or skip gates on (SearchConfig(skip='both'), --skip both)" if not (prune or skip) \
             else f"ask for at least {math.ceil(low * 1000) / 1000}"
-        if prune and not skip and budget >= smallest_ratio(skel, prune, True):
+        with_skips = smallest_ratio(skel, prune, True)
+        if prune and not skip and budget >= with_skips:
             fix += (f", or let blocks be skipped too (--skip both, SearchConfig(skip='both')), which reaches "
-                    f"R = {smallest_ratio(skel, prune, True):.4f}")
+                    f"R = {with_skips:.4f}")
         raise UVCError(f"budget {budget} is below the smallest model reachable with {what} (R = {low:.4f}); {fix}")
 
 

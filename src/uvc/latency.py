@@ -121,7 +121,7 @@ def measure_table(model: nn.Module, input_size, device: torch.device, batch: int
     tokens, dtype = adapter.tokens(model, input_size), model_dtype(model)
     configs = [slim_block(b, _half_plan(b, True, True)).config() for b in blocks]
     shapes, index = [], []  # distinct block shapes, and each block's entry in them
-    timed: dict[str, tuple[nn.Module, torch.Tensor, int]] = {}  # entry: (module, input, halves it chains)
+    timed: dict[str, tuple[nn.Module, int, torch.Tensor]] = {}  # entry: (module, halves it chains, its input)
     with cpu_threads(threads) as used:
         key = table_key(model, input_size, device, batch, used)
         for l, config in enumerate(configs):
