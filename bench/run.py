@@ -81,7 +81,7 @@ class Settings:
     search_warmup_epochs: float
     post_epochs: float
     taylor_batches: int
-    calibration_images: int  # unlabeled training images for the compensated baseline
+    calibration_images: int  # unlabeled training images for least squares: one-shot, compensated, the rewound end
     speed_batches: tuple[int, ...]  # teacher against UVC's slimmed models
     speed_rounds: int
     deit_batches: tuple[int, ...]
@@ -157,7 +157,7 @@ def compress_config(s: Settings, budget: float, out: Path, method: str, seed: in
     post = dataclasses.replace(defaults.post, epochs=training_epochs(s, method)[1], lr=s.post_lrs[method])
     data = DataConfig(train_limit=s.train_limit, val_limit=s.val_limit, test_limit=s.test_limit, batch_size=s.batch_size)
     return CompressConfig(budget=budget, out=str(out), device="cpu", seed=seed, data=data, search=search, post=post,
-                          kd=KDConfig(), eval_during_search=False, test_at_end=read_test,
+                          kd=KDConfig(), calibration_images=s.calibration_images, eval_during_search=False, test_at_end=read_test,
                           throughput_rounds=1, throughput_batch=8,  # speed is measured apart, in section 2
                           overwrite=True)  # the benchmark owns its run folders; its --resume reuses finished ones
 

@@ -61,8 +61,10 @@ BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 def parse_search_set(pairs: list[str]) -> dict[str, bool | int | float | str]:
     """`--search-set` KEY=VALUE pairs as SearchConfig fields, each VALUE read as its field's default's type;
-    refused before any work if a key is not a field, a value does not read, or the result does not validate."""
+    refused before any work if a key is not a field, a value does not read, or the result does not validate.
+    `lr` is the search schedule's rate (per 128 images), the one field of `schedule` a sweep varies."""
     defaults = {f.name: getattr(SearchConfig(), f.name) for f in dataclasses.fields(SearchConfig) if f.name != "schedule"}
+    defaults["lr"] = SearchConfig().schedule.lr
     changes: dict[str, bool | int | float | str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -74,7 +76,7 @@ def parse_search_set(pairs: list[str]) -> dict[str, bool | int | float | str]:
         except (KeyError, ValueError):
             raise SystemExit(f"tune: --search-set {pair}: {key} takes a value of type {kind.__name__}") from None
     try:
-        dataclasses.replace(SearchConfig(), **changes).validate()
+        with_search_set(SearchConfig(), changes).validate()
     except UVCError as e:
         raise SystemExit(f"tune: --search-set {' '.join(pairs)}: {e}") from e
     return changes
@@ -86,8 +88,16 @@ def tuning_config(base: Settings, budget: float, seed: int, search_epochs: float
     `search_set` changes on top; test stays unread."""
     cfg = compress_config(split_settings(base, search_epochs), budget, out, "uvc", seed, read_test=False)
     cfg.search.fade_epochs = SearchConfig().fade_epochs * search_epochs / base.search_epochs
-    cfg.search = dataclasses.replace(cfg.search, **(search_set or {}))
+    cfg.search = with_search_set(cfg.search, search_set or {})
     return cfg
+
+
+def with_search_set(search: SearchConfig, changes: dict) -> SearchConfig:
+    """`search` with `--search-set` changes: `lr` sets the schedule's rate, every other key its own field."""
+    fields = {k: v for k, v in changes.items() if k != "lr"}
+    if "lr" in changes:
+        fields["schedule"] = dataclasses.replace(search.schedule, lr=changes["lr"])
+    return dataclasses.replace(search, **fields)
 
 
 def tuning_run(teacher, base: Settings, method: str, budget: float, seed: int, search_epochs: float,

@@ -216,7 +216,9 @@ def test_search_changes_apply_to_uvc_alone_and_bad_ones_are_refused_before_any_w
     assert cfg.search.fade_epochs == SearchConfig().fade_epochs  # what is not changed stays the benchmark's
     assert tune.tuning_config(bench.FULL, 0.5, 0, 1.0, tmp_path, {"fade_epochs": 0.0}).search.fade_epochs == 0.0
     assert tune.parse_search_set(["prune=false", "width_multiple=8"]) == {"prune": False, "width_multiple": 8}
-    for bad, message in ((["y_lr"], "KEY=VALUE"), (["schedule=1"], "KEY=VALUE"), (["nonsense=1"], "KEY=VALUE"),
+    slow = tune.tuning_config(bench.FULL, 0.5, 0, 1.0, tmp_path, tune.parse_search_set(["lr=1e-5"])).search
+    assert slow.schedule.lr == 1e-5 and slow.schedule.epochs == cfg.search.schedule.epochs  # the rate alone changes
+    for bad, message in ((["y_lr"], "KEY=VALUE"), (["lr=-1"], "learning rate"), (["schedule=1"], "KEY=VALUE"), (["nonsense=1"], "KEY=VALUE"),
                          (["importance=random"], "importance"), (["prune=maybe"], "prune takes a value of type bool"),
                          (["width_multiple=1.5"], "width_multiple takes a value of type int")):
         with pytest.raises(SystemExit, match=message):
@@ -693,3 +695,16 @@ def test_a_rebuilt_table_reruns_its_latency_runs_and_repredicts_the_others_from_
     assert out["runs"][1]["timed"]["1"]["predicted"] is None  # its folder is gone: no prediction, not a stale one
     assert out["runs"][2]["timed"]["64"]["predicted"] == 0.8 and out["rebuilt_tables"][0]["batches"] == [1]
     assert summary.mean_of([0.5, None]) == "0.500 (1 of 2)" and summary.mean_of([None]) == "n/a"
+
+
+def test_the_ridge_sweep_reports_how_far_the_refit_moved_the_weights():
+    import oneshot as oneshot_bench
+
+    slimmed = tiny_vit()
+    refitted = copy.deepcopy(slimmed)
+    with torch.no_grad():
+        refitted.blocks[1].mlp.fc2.weight.mul_(3.0)  # a refit that tripled one layer
+        refitted.blocks[0].attn.proj.weight.mul_(0.5)
+        refitted.blocks[0].attn.qkv.weight.mul_(10.0)  # not a refitted layer: not counted
+    assert oneshot_bench.weight_growth(slimmed, refitted) == pytest.approx(3.0, rel=1e-5)
+    assert oneshot_bench.weight_growth(slimmed, copy.deepcopy(slimmed)) == pytest.approx(1.0)
