@@ -211,7 +211,7 @@ def run_record(report: dict, method: str, seed: int, epochs: tuple[float, float]
             "ratio": report["ratio"], "macs": report["macs"], "macs_dense": report["macs_dense"],
             "top1": report["top1"], "top1_val": report["top1_val"], "top1_val_before_post": report["top1_val_after_search"],
             "top1_teacher": report["top1_teacher"], "top1_val_teacher": report["top1_val_teacher"],
-            "search_gap": report.get("search_gap"), "params": report["params"], "layers": report["layers"],
+            "search_gap": report.get("search_gap"), "kept_epoch": report.get("kept_epoch"), "params": report["params"], "layers": report["layers"],
             "seconds": seconds, "out": os.path.relpath(out, ROOT)}
 
 

@@ -111,14 +111,14 @@ def tuning_run(teacher, base: Settings, method: str, budget: float, seed: int, s
         cfg = tuning_config(base, budget, seed, search_epochs, out, search_set)
         report = compress(cfg, model=teacher, teacher=teacher, teacher_scores={"test": None, "val": teacher_val})
         search_epochs, post_epochs = cfg.search.schedule.epochs, cfg.post.epochs
-        ratio, val, val_before = report["ratio"], report["top1_val"], report["top1_val_after_search"]
+        ratio, val, val_before, kept = report["ratio"], report["top1_val"], report["top1_val_after_search"], report["kept_epoch"]
     else:
         record = run_method(method, budget, seed, teacher, base, out, {"test": None, "val": teacher_val}, read_test=False)
         (search_epochs, post_epochs), ratio = record["epochs"], record["ratio"]
-        val, val_before = record["top1_val"], record["top1_val_before_post"]
+        val, val_before, kept = record["top1_val"], record["top1_val_before_post"], record["kept_epoch"]
     return {"method": method, "budget": budget, "seed": seed, "search_epochs": search_epochs, "post_epochs": post_epochs,
             "post_lr": base.post_lrs[method], "search_set": search_set or {}, "ratio": ratio, "top1_val": val, "top1_val_before_post": val_before,
-            "seconds": time.perf_counter() - started}
+            "kept_epoch": kept, "seconds": time.perf_counter() - started}
 
 
 def main() -> int:

@@ -66,6 +66,7 @@ def test_the_command_line_only_copies_values_into_the_api_config():
     assert (cfg.kd.kind, cfg.search.prune, cfg.search.skip, cfg.data.batch_size, cfg.img_size) == ("none", False, "both", 64, 112)
     cfg = config("--timing-rounds", "0", "--kd", "features", "--num-classes", "0")
     assert (cfg.throughput_rounds, cfg.kd.kind, cfg.num_classes) == (0, "features", 0)
+    assert CompressConfig().keep_best and config("--keep-last") == CompressConfig(keep_best=False)
 
 
 def test_macs_and_info_count_at_another_image_size(capsys):

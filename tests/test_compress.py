@@ -12,7 +12,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import uvc
-from uvc.compress import CompressConfig, Run, _warn_if_random, compress
+from uvc.compress import CompressConfig, Run, _warn_if_random, compress, post_train
+from uvc.models import default_teacher_dir
 from uvc.data import DataConfig
 from uvc.engine import LR_BATCH, Schedule, make_optimizer
 from uvc.compensate import compensate
@@ -341,5 +342,29 @@ def test_an_image_folder_val_split_is_read_once_per_model_and_reported_as_both_s
     cfg.data = DataConfig(data=str(tmp_path / "folder"), batch_size=8, eval_batch_size=8, workers=0, mixup=0, cutmix=0, reprob=0)
     cfg.search.schedule, cfg.eval_during_search = Schedule(1, 3e-4), False
     report = compress(cfg, model=model)
-    assert read.count("val teacher") == read.count("val final") == 1 and not any(d.startswith("test") for d in read)
+    # the delivered model's validation figure is the one measured at its epoch's end (keep_best): not read again
+    assert read.count("val teacher") == 1 and "val final" not in read and not any(d.startswith("test") for d in read)
     assert report["top1"] == report["top1_val"] and report["top1_teacher"] == report["top1_val_teacher"]
+
+
+def test_post_training_delivers_the_best_model_on_validation_and_keep_last_the_last(tmp_path):
+    """The bundled teacher post-trained at a rate that wrecks it: keep_best delivers the slimmed model before
+    post-training, bit for bit; keep_best=False (--keep-last) delivers the wreck."""
+    import copy
+
+    model = uvc.load(default_teacher_dir())
+    plan = uvc.budget.uniform_plan(model, 0.5)
+    slimmed = uvc.slim(model, plan)
+    reports = {}
+    for keep_best in (True, False):
+        cfg = tiny_config(tmp_path / str(keep_best))
+        cfg.post, cfg.keep_best = Schedule(2, 0.05), keep_best
+        reports[keep_best] = post_train(cfg, copy.deepcopy(slimmed), plan, model=copy.deepcopy(model), teacher=model)
+    kept, last = reports[True], reports[False]
+    post_scores = [e["top1_val"] for e in last["evals"] if e["phase"] == "post"]
+    assert len(post_scores) == 2 and max(post_scores) < last["top1_val_after_search"] - 5  # post-training wrecked it
+    assert last["kept_epoch"] is None and last["top1_val"] == post_scores[-1]
+    assert kept["kept_epoch"] == 0 and kept["top1_val"] == kept["top1_val_after_search"]
+    delivered = uvc.load(tmp_path / "True").state_dict()
+    assert all(torch.equal(delivered[k], v) for k, v in slimmed.state_dict().items())
+    assert kept["top1"] > last["top1"]  # the test split reads the model delivered

@@ -167,6 +167,9 @@ def _compress_options(p: argparse.ArgumentParser, preset: str | None = None) -> 
            help="unlabeled training images for --one-shot, --start compensate and --end rewind")
     _field(p, c, "search.prune", "--no-prune", action="store_false", default=argparse.SUPPRESS,
            help="ablation: skipping only (with --skip both, block or halves); pruning is on without it")
+    _field(p, c, "keep_best", "--keep-last", action="store_false", default=argparse.SUPPRESS,
+           help="deliver the last post-training epoch's model; without it, the best on validation of the slimmed model "
+                "and each post-training epoch")
     _field(p, c, "kd.kind", "--no-kd", action="store_const", const="none", default=argparse.SUPPRESS,
            help="ablation: labels only, the same as --kd none")
     _field(p, c, "seed", "--seed", type=int, help="random seed")

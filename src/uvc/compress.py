@@ -97,8 +97,12 @@ class CompressConfig:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    # KD post-training of the slimmed model; epochs None: 2 after a search, none after one-shot (`post_training`)
-    post: Schedule = field(default_factory=lambda: Schedule(epochs=None, lr=1e-4, weight_decay=0.05, warmup_epochs=0.1))
+    # KD post-training of the slimmed model; epochs None: 2 after a search, none after one-shot (`post_training`).
+    # 1e-5, not the search's 1e-4: at 1e-4 a pretrained DINOv2-S/14 lost 45-58 points in 32 steps (BENCHMARKS.md)
+    post: Schedule = field(default_factory=lambda: Schedule(epochs=None, lr=1e-5, weight_decay=0.05, warmup_epochs=0.1))
+    # deliver the best on validation of the slimmed model before post-training and each post-training epoch's end
+    # (timm's model_best): post-training can only add; a least-squares refit is often better than any epoch after it
+    keep_best: bool = True
     one_shot: bool = False  # no search: rank groups, fit the plan, compensate by least squares, slim; then `post`
     calibration_images: int = 1000  # unlabeled training images for compensation (one-shot, the compensated start, the rewound end)
     seed: int = 0
@@ -171,6 +175,7 @@ class RunState:
     probe_val_teacher: float | None = None  # a backbone's linear probe on the teacher's features (labelled data only)
     plan: list[dict] | None = None
     latency_fit: dict | None = None  # a latency budget's fits: predicted and measured ratios (latency.fit_measured)
+    best: dict | None = None  # keep_best: {"epoch", "score"} of the best model so far (epoch 0: before post-training)
 
 
 def _rng_states() -> dict:
@@ -244,6 +249,7 @@ class Run:
                                                         cfg.data.batch_size)
         self.slimmed: nn.Module | None = None
         self.train_slimmed: nn.Module | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None  # keep_best: the weights of `state.best`, on the CPU
         self.state = RunState(budget=cfg.budget, dense_macs=self.dense_macs)
         self.settings = {**flat_settings(asdict(cfg), RESULT_NEUTRAL), "weights of the model": tensor_digest(student.state_dict()),
                          "weights of the teacher": tensor_digest(self.teacher.state_dict())}
@@ -318,7 +324,7 @@ class Run:
             if self.state.phase == "search":
                 state.update(student=self.student.state_dict(), search=self.search.state_dict())
             else:
-                state.update(arch=arch_of(self.slimmed), slimmed=self.slimmed.state_dict())
+                state.update(arch=arch_of(self.slimmed), slimmed=self.slimmed.state_dict(), best=self.best_weights)
             save_checkpoint(self.out / CHECKPOINT, state)
         distributed.barrier()
 
@@ -342,6 +348,7 @@ class Run:
                 check_arch(path, state["arch"], path, {k: tuple(v.shape) for k, v in state["slimmed"].items()})
                 self._start_post_training(build_from_arch(state["arch"]).to(self.device, self.dtype))
                 self.slimmed.load_state_dict(state["slimmed"])
+                self.best_weights = state.get("best")
             self.optimizer.load_state_dict(state["optimizer"])
             _set_rng_states(state["rng"])
         self.state = run
@@ -387,6 +394,16 @@ class Run:
         score = self._val_score(model, f"val {phase}")
         self.state.evals.append({"phase": phase, "epoch": epoch, self._score_key(): score, "R": ratio})
         log.info("%s epoch %.2f: validation %s at R = %.3f", phase, epoch, self._score_text(score), ratio)
+        if phase == "post":
+            self._keep_if_best(epoch, score)
+
+    def _keep_if_best(self, epoch: float, score: float) -> None:
+        """keep_best: hold a CPU copy of the slimmed model's weights when they score at least the best so far (a tie
+        goes to the later, trained model). Every rank takes the same decision: the score is over all ranks."""
+        if not self.cfg.keep_best or (self.state.best is not None and score < self.state.best["score"]):
+            return
+        self.state.best = {"epoch": epoch, "score": score}
+        self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.slimmed.state_dict().items()}
 
     def _val_score(self, model: nn.Module, desc: str) -> float:
         """A classifier's validation top-1; a backbone's mean cosine of its pooled feature to the teacher's."""
@@ -532,6 +549,7 @@ class Run:
         self.state.first_epoch = -(-self.state.step // self.steps_per_epoch)
         self.state.phase, self.state.step = "post", 0
         self._start_post_training(slimmed)
+        self._keep_if_best(0.0, score)
         self.checkpoint()
 
     def score_teacher(self) -> dict[str, float | None]:
@@ -590,10 +608,19 @@ class Run:
         if hasattr(model, "set_distilled_training"):
             model.set_distilled_training(False)
         # Every rank evaluates its shard; the test split is read here, once (or never: `test_at_end`).
-        top1_val = self._val_score(model, "val final")
+        top1_val = self._restore_best() if self.state.best is not None else self._val_score(model, "val final")
         top1 = None if self.backbone else self._test_score(model, top1_val, "test final")
         report = self._write_outputs(model, top1, top1_val, seconds) if distributed.is_main() else None
         return distributed.broadcast_from_main(report)
+
+    def _restore_best(self) -> float:
+        """keep_best: load the best weights into the slimmed model; returns their validation score (already measured)."""
+        best, last = self.state.best, self.state.evals[-1] if self.post_steps else None
+        self.slimmed.load_state_dict(self.best_weights)
+        if last is not None and best["epoch"] < last["epoch"]:
+            log.info("kept the model of post-training epoch %g (0: before it), validation %s; the last epoch scored %s",
+                     best["epoch"], self._score_text(best["score"]), self._score_text(last[self._score_key()]))
+        return best["score"]
 
     def _write_outputs(self, model: nn.Module, top1: float | None, top1_val: float, seconds: float) -> dict:
         """Rank 0's part of the end: throughput, the saved model, report.json and report.png."""
@@ -609,7 +636,7 @@ class Run:
             "macs_dense": self.dense_macs, "macs": slim_macs, "macs_ratio": slim_macs / self.dense_macs,
             "params_dense": params_dense, "params": params, "params_ratio": params / params_dense,
             "top1_teacher": s.top1_teacher, "top1_val_teacher": s.top1_val_teacher, **self._quality(model, top1, top1_val),
-            "search_ratio": s.search_ratio,
+            "search_ratio": s.search_ratio, "kept_epoch": s.best and s.best["epoch"],
             "search_gap": None if s.search_ratio is None else s.search_ratio - self.cfg.budget,
             "latency_ratio_measured": timed and timed["median"],
             "latency_ratio_measured_range": timed and [timed["min"], timed["max"]],
