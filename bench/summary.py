@@ -212,6 +212,26 @@ def findings(results: dict) -> list[str]:
 
 
 # ---- tables and plots ------------------------------------------------------------------------
+KEEP_BEST_SINCE = "2026-12-07"  # the code from which a run delivers its best model on validation (CompressConfig.keep_best)
+
+
+def delivered_note(runs: list[dict]) -> list[str]:
+    """Marks runs from before keep_best as stale where it matters: they report the last post-training epoch's model,
+    not the best on validation that `uvc compress` now delivers. The first of two post-training epochs was not
+    recorded, so the count of runs that would change is a lower bound."""
+    old = [x for x in runs if "kept_epoch" not in x]
+    if not old:
+        return []
+    known = [x for x in old if x.get("top1_val_before_post") is not None]
+    fell = [x["top1_val_before_post"] - x["top1_val"] for x in known if x["top1_val"] < x["top1_val_before_post"]]
+    where = (f"at least {len(fell)} of them, where validation top-1 fell during post-training (by up to "
+             f"{max(fell):.2f} point)" if fell else "none of them by the validation figures recorded" if known
+             else "how many, the runs did not record (no validation figure before post-training)")
+    return [f"**Stale in one respect:** these {len(old)} runs predate `keep_best` ({KEEP_BEST_SINCE}) and report the "
+            "model of the last post-training epoch; `uvc compress` now delivers the best on validation of the slimmed "
+            f"model and each post-training epoch's end. That would change the model delivered in {where}; not re-run.", ""]
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -363,7 +383,8 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "One method beats another only when the difference of their mean test top-1 exceeds the larger of their "
             "standard deviations over seeds (sample std); with one seed nothing is decided. A UVC row outside its "
             f"budget window [B - {R_TOLERANCE}, B] cannot meet a target.", "",
-            table(["target", "measured", "verdict"], [list(t) for t in targets(results)]), ""]
+            table(["target", "measured", "verdict"], [list(t) for t in targets(results)]), "",
+            *delivered_note(results["accuracy"])]
     lines = findings(results)
     if lines:
         out += ["## What the search adds", "",
@@ -534,7 +555,7 @@ def tuning_section(folder: Path, default_search: float, default_lrs: dict[str, f
            f"Commands: {commands}; last run {r['date']}, {r['machine']['threads']} thread(s); teacher: {r['teacher']}. "
            "Every method as in section 1 with the same 2 epochs in all; UVC's warm-up and fade scaled with its search's "
            "length; no run read the test split. The benchmark runs each method at its best rate here.", "",
-           tuning_table(r, default_search, default_lrs), ""]
+           tuning_table(r, default_search, default_lrs), "", *delivered_note(r["runs"])]
     for lr in sorted({x["post_lr"] for x in r["runs"]}, reverse=True):
         change = [x["top1_val"] - x["top1_val_before_post"] for x in r["runs"] if x["method"] == "uvc" and x["post_lr"] == lr
                   and not x.get("search_set")]
@@ -586,7 +607,7 @@ def data_efficiency(folder: Path) -> list[str]:
                 "mean ± std; 2 epochs of training for every method (UVC 1 search + 1 post-training, the others 2 of "
                 "post-training) over only the first N training images; validation and test as above.", "",
                 table(["images", "method", "seeds", "R", "val before post", "val top-1", "test top-1",
-                        "vs teacher (test, mean)", "seconds"], rows), ""]
+                        "vs teacher (test, mean)", "seconds"], rows), "", *delivered_note(r["runs"])]
     return out
 
 
@@ -620,7 +641,7 @@ def paper_section(path: Path) -> list[str]:
             "Rows below the preset change one switch of it back to uvc's default (seed 0). Search gap: where the "
             "search itself ended, R - B, before the exact fit.", "",
             table(["configuration", "B", "seeds", "post lr", "R", "search gap", "val before post", "val top-1", "test top-1",
-                   "seconds"], rows), ""]
+                   "seconds"], rows), "", *delivered_note(r["runs"])]
 
 
 def budgets_section(path: Path) -> list[str]:
@@ -672,7 +693,8 @@ def budgets_section(path: Path) -> list[str]:
                    "MACs model of that speed, test top-1", "verdict"], budget_targets(groups)), "",
             "Do skip gates pay (issue 30, item 5)? Validation top-1 of the same budget with the gates off and on "
             "(`--skip both`); a side wins when the difference of the means exceeds the larger standard deviation.", "",
-            table(["budget in", "B", "skip none: val top-1", "skip both: val top-1", "winner"], skip_rows(groups)), ""]
+            table(["budget in", "B", "skip none: val top-1", "skip both: val top-1", "winner"], skip_rows(groups)), "",
+            *delivered_note(r["runs"])]
 
 
 def skip_rows(groups: dict[tuple, list[dict]]) -> list[list]:

@@ -708,3 +708,27 @@ def test_the_ridge_sweep_reports_how_far_the_refit_moved_the_weights():
         refitted.blocks[0].attn.qkv.weight.mul_(10.0)  # not a refitted layer: not counted
     assert oneshot_bench.weight_growth(slimmed, refitted) == pytest.approx(3.0, rel=1e-5)
     assert oneshot_bench.weight_growth(slimmed, copy.deepcopy(slimmed)) == pytest.approx(1.0)
+
+
+def test_runs_from_before_keep_best_are_marked_stale_with_how_many_would_change():
+    old = [{"top1_val_before_post": 90.5, "top1_val": 90.2}, {"top1_val_before_post": 90.0, "top1_val": 90.4}]
+    note = " ".join(summary.delivered_note(old))
+    assert "these 2 runs predate `keep_best`" in note and "at least 1 of them" in note and "up to 0.30 point" in note
+    assert "did not record" in " ".join(summary.delivered_note([{"top1_val": 90.0}]))
+    assert summary.delivered_note([{**old[0], "kept_epoch": 0.0}]) == []  # a run with keep_best is current
+
+
+def test_sharpness_post_trains_the_dense_model_against_itself_and_moves_it_at_random(fmnist_available):
+    if not fmnist_available:
+        pytest.skip("Fashion-MNIST is missing")
+    import sharpness
+    from uvc.data import build_data
+
+    model = tiny_vit().requires_grad_(False)
+    x = torch.randn(8, 1, 28, 28)
+    assert sharpness.random_move(model, x, 0.0)["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert sharpness.random_move(model, x, 0.05)["kl"] > 1e-4
+    data = build_data(DataConfig(train_limit=64, val_limit=32, batch_size=32, augment=False))
+    run = sharpness.self_distillation(model, data, 1e-3, 32)
+    assert len(run["losses"]) == 2 and 0 <= run["top1_val"] <= 100
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), tiny_vit().parameters()))  # the teacher is not trained
