@@ -70,7 +70,7 @@ def parse_search_set(pairs: list[str]) -> dict[str, bool | int | float | str]:
         key, sep, value = pair.partition("=")
         if not sep or key not in defaults:
             raise SystemExit(f"tune: --search-set takes KEY=VALUE with KEY one of {', '.join(sorted(defaults))}; got {pair!r}")
-        kind = float if defaults[key] is None else type(defaults[key])  # ratio_lr: None (from the travel) or a rate
+        kind = type(defaults[key])
         try:
             changes[key] = BOOLEANS[value.lower()] if kind is bool else kind(value)
         except (KeyError, ValueError):

@@ -237,13 +237,12 @@ class Run:
         self.dtype = model_dtype(self.student)
         self.train_student = distributed.wrap(self.student, self.device)
         self.dense = student
+        self.search = Search(self.student, cfg.budget, cfg.search, self.skel)
         self.steps_per_epoch = len(self.data.train)
         if self.steps_per_epoch == 0:
             raise UVCError("the training set is smaller than one batch; lower --batch-size or use more data")
         self.search_steps = max(1, cfg.search.schedule.steps(self.steps_per_epoch))
         self.warmup_steps = round(cfg.search.warmup_epochs * self.steps_per_epoch)
-        self.search = Search(self.student, cfg.budget, cfg.search, self.skel,
-                             allocation_steps=self.search_steps - self.warmup_steps)
         self.fade_steps = cfg.search.fade_steps(self.steps_per_epoch)
         self.post_steps = cfg.post.steps(self.steps_per_epoch)
         self.optimizer, self.scheduler = make_optimizer(self.student, cfg.search.schedule, self.steps_per_epoch,

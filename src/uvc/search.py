@@ -79,11 +79,7 @@ class SearchConfig:
     width_multiple: int = 1  # kept head and MLP widths at multiples of this (8 suits GPU kernels), one-shot's too
     frozen: bool = False  # the benchmark's control: train the masked start plan, but move no count, gate or dual
     importance_decay: float = 0.9  # moving average of the mask gradients' magnitudes
-    # How far each ratio may move per allocation step (times its imbalance, in [-1, 1]). None: `ratio_travel`
-    # spread over the search's allocation steps, so a short search (few images) can reach the plans a long one
-    # reaches; 0.8 over the benchmark's 40 steps is 0.02 a step (docs/method.md, "Learning rates").
-    ratio_lr: float | None = None
-    ratio_travel: float = 0.8
+    ratio_lr: float = 0.02
     gate_lr: float = 0.1  # a margin starts at 1: ten steps under the strongest pressure skip a half
     z_lr: float = 1.0  # skipping alone: z *= exp(z_lr * (R - B)) per step; dual="ascent": z += z_lr * (R - B)
     z_step_clip: float = 0.5
@@ -116,8 +112,6 @@ class SearchConfig:
             raise UVCError(f"search warm-up and fade epochs must be >= 0, got {self.warmup_epochs} and {self.fade_epochs}")
         if self.width_multiple < 1:
             raise UVCError(f"width multiple must be >= 1, got {self.width_multiple}")
-        if (self.ratio_lr is not None and self.ratio_lr < 0) or self.ratio_travel < 0:
-            raise UVCError(f"the ratio step and travel must be >= 0, got {self.ratio_lr} and {self.ratio_travel}")
         if not 0 <= self.importance_decay < 1:
             raise UVCError(f"importance decay must be in [0, 1), got {self.importance_decay}")
         if self.dual not in DUALS:
@@ -157,11 +151,9 @@ class Search(nn.Module):
     The state lives on the blocks' device, in their dtype (float32 for half types), and `.to()` moves it.
     """
 
-    def __init__(self, model: nn.Module, budget: float, cfg: SearchConfig, skeleton: Skeleton, allocation_steps: int = 1):
+    def __init__(self, model: nn.Module, budget: float, cfg: SearchConfig, skeleton: Skeleton):
         super().__init__()
         self.cfg, self.budget, self.skel = cfg, budget, skeleton
-        # the ratios' step: cfg.ratio_lr, or cfg.ratio_travel over the `allocation_steps` the search will take
-        self.ratio_lr = cfg.ratio_lr if cfg.ratio_lr is not None else cfg.ratio_travel / max(1, allocation_steps)
         self._blocks: tuple[GatedBlock, ...] = tuple(gated_blocks(model))  # a tuple: not registered as submodules
         weight = self._blocks[0].attn.qkv.weight if self._blocks else torch.zeros(())
         like = torch.zeros((), device=weight.device, dtype=_state_dtype(weight))
@@ -369,7 +361,7 @@ class Search(nn.Module):
                 self._lagrangian_ratio_step(d_ratio)
             elif self.cfg.prune:
                 g_ratio = _imbalance(self.sizes * self.next_cost, -self.z * d_ratio)
-                self.ratios.copy_(self._onto_budget(self.ratios - self.ratio_lr * g_ratio))
+                self.ratios.copy_(self._onto_budget(self.ratios - self.cfg.ratio_lr * g_ratio))
 
     def _lagrangian_ratio_step(self, d_ratio: torch.Tensor) -> None:
         """ratio -= ratio_lr * dL/dratio, kept in [0, (size - 1) / size]: no projection onto the budget.
@@ -380,7 +372,7 @@ class Search(nn.Module):
         grad = self.y * self.sizes * self.next_norm + self.z * d_ratio
         grad = grad / grad.abs().max().clamp(min=1.0)
         upper = (self.sizes - 1) / self.sizes
-        self.ratios.copy_(torch.minimum(torch.clamp(self.ratios - self.ratio_lr * grad, min=0.0), upper))
+        self.ratios.copy_(torch.minimum(torch.clamp(self.ratios - self.cfg.ratio_lr * grad, min=0.0), upper))
 
     def _lagrangian_gate_step(self, d_keep: torch.Tensor) -> None:
         """Momentum SGD on the gate logits: the task gradient through the last Gumbel samples plus
