@@ -107,8 +107,8 @@ FULL = Settings(budgets=(0.3, 0.5), seeds=5, train_limit=6400, val_limit=None, t
 # The pretrained teacher (bench/pretrained.py: DINOv2-S/14 at 98 px, 1.10 G MACs, 12x bench/teacher's per
 # image) on 2 CPU cores. At 112 px and 2,000 images a UVC run took ~10 min (2026-12-05); at 98 px the tokens fall
 # from 65 to 50, and 1,000 training images (the smaller few-images case) halve the steps; evaluated on
-# 1,000 validation and 2,000 test images. Measured 2026-12-07 on one thread beside another job: a UVC run 7-10 min
-# (170 s of it the rewound end's refit on 1,000 images), a --one-shot + KD run 6-11 min.
+# 1,000 validation and 2,000 test images. Measured 2026-12-07 on one thread beside another job: a UVC run 7-10 min,
+# a --one-shot + KD run 6-11 min; the rewound end's refit took 170 s on 1,000 images, 81 s on the 500 used since.
 PRETRAINED = Settings(budgets=(0.3, 0.5), seeds=3, train_limit=1000, val_limit=1000, test_limit=2000, batch_size=64,
                       search_epochs=1.0, search_warmup_epochs=0.2, post_epochs=1.0, taylor_batches=4,
                       calibration_images=500, speed_batches=(1, 64), speed_rounds=5, deit_batches=(1, 64), cost_steps=8)
