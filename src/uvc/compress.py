@@ -98,7 +98,7 @@ class CompressConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     # KD post-training of the slimmed model; epochs None: 2 after a search, none after one-shot (`post_training`).
-    # 1e-5, not the search's 1e-4: at 1e-4 a pretrained DINOv2-S/14 lost 45-58 points in 32 steps (BENCHMARKS.md)
+    # 1e-5, not the search's 1e-4: at 1e-4 a pretrained DINOv2-S/14 lost 46-55 points in 16-32 steps (docs/method.md)
     post: Schedule = field(default_factory=lambda: Schedule(epochs=None, lr=1e-5, weight_decay=0.05, warmup_epochs=0.1))
     # deliver the best on validation of the slimmed model before post-training and each post-training epoch's end
     # (timm's model_best): post-training can only add; a least-squares refit is often better than any epoch after it
