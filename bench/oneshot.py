@@ -105,7 +105,8 @@ def main() -> None:
     def measure(model) -> dict:
         return {"val": evaluate(model, data.val, cpu), "test": evaluate(model, data.test, cpu)}
 
-    results = {"teacher": {"val": evaluate(teacher, data.val, cpu)} if args.sweep_only else measure(teacher), "teacher_model": teacher_label(args.teacher),
+    teacher_scores = {"val": evaluate(teacher, data.val, cpu)} if args.sweep_only else measure(teacher)  # test unread
+    results = {"teacher": teacher_scores, "teacher_model": teacher_label(args.teacher),
                "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "calibration_images": args.calibration, "ridge": DEFAULT_RIDGE, "defaults": one_shot_defaults(),
