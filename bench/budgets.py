@@ -99,7 +99,8 @@ def one_run(entry: dict, s: BudgetSettings, teacher, scores: dict, tables: dict[
     cfg.latency = LatencyConfig(threads=s.threads, table=str(tables[entry["batch"]]))
     started = time.perf_counter()
     report = compress(cfg, model=teacher, teacher=teacher, teacher_scores=scores)
-    record = {**entry, "top1": report["top1"], "top1_val": report["top1_val"], "ratio": report["ratio"],
+    record = {**entry, "top1": report["top1"], "top1_val": report["top1_val"], "kept_epoch": report["kept_epoch"],
+              "top1_val_before_post": report["top1_val_after_search"], "ratio": report["ratio"],
               "macs_ratio": report["macs_ratio"], "params_ratio": report["params_ratio"], "latency_fit": report["latency_fit"],
               "seconds": time.perf_counter() - started, "timed": {}}
     slimmed, plan = uvc.load(out), [LayerPlan.from_dict(p) for p in report["plan"]]
