@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from uvc.data import DataConfig, build_data
 from uvc.adapters import adapter_for
 from uvc.distill import KDConfig, distillation_loss
-from uvc.engine import Schedule, evaluate, make_optimizer, optimizer_step
+from uvc.engine import evaluate, make_optimizer, optimizer_step
 from uvc.compress import CompressConfig
 
 from run import add_teacher_arg, load_teacher, machine, settings_for, teacher_label
@@ -39,15 +40,15 @@ RATES = (1e-4, 1e-5, 1e-6)  # per 128 images, as uvc states them
 def self_distillation(teacher, data, lr: float, batch: int) -> dict:
     """One epoch of uvc's post-training of the dense teacher against itself: each step's loss, then validation."""
     student = copy.deepcopy(teacher).requires_grad_(True)
-    schedule = CompressConfig().post
-    optimizer, scheduler = make_optimizer(student, Schedule(epochs=1.0, lr=lr, weight_decay=schedule.weight_decay,
-                                                            warmup_epochs=schedule.warmup_epochs), len(data.train), batch)
+    schedule = dataclasses.replace(CompressConfig().post, epochs=1.0, lr=lr)  # uvc's post-training, one epoch at `lr`
+    optimizer, scheduler = make_optimizer(student, schedule, len(data.train), batch)
     losses = []
     student.train()
     for step, (x, y) in enumerate(data.train):
         with torch.no_grad():
             target = teacher(x)
-        losses.append(optimizer_step(distillation_loss(student(x), y, target, KDConfig()), optimizer, scheduler, step, "bench"))
+        loss = distillation_loss(student(x), y, target, KDConfig())
+        losses.append(optimizer_step(loss, optimizer, scheduler, step, "bench", clip_grad=schedule.clip_grad))
     return {"lr": lr, "losses": losses, "top1_val": evaluate(student.eval(), data.val, torch.device("cpu"))}
 
 
