@@ -54,7 +54,7 @@ from .plan import LayerPlan
 from .resource import Skeleton
 
 SKIP_MODES = ("both", "block", "halves", "none")
-IMPORTANCE = ("taylor", "fisher", "norm")
+IMPORTANCE = ("taylor", "norm")
 STARTS = ("fade", "compensate")
 ENDS = ("searched", "rewind")
 DUALS = ("price", "ascent")
@@ -75,8 +75,7 @@ class SearchConfig:
     # squares ("rewind"), or the searched weights slimmed ("searched", the paper's way); docs/method.md compares them
     prune: bool = True
     skip: str = "none"  # which skip gates exist: block, halves (attention / MLP), both, or none (see docs/method.md)
-    importance: str = "taylor"  # which groups are removed first: "taylor" (|dL/dmask|, the loss's first-order
-    # sensitivity), "fisher" ((dL/dmask)^2, its second-order change near a minimum) or "norm" (the weights)
+    importance: str = "taylor"  # which groups are removed first: "taylor" (the loss's sensitivity) or "norm" (weights)
     width_multiple: int = 1  # kept head and MLP widths at multiples of this (8 suits GPU kernels), one-shot's too
     frozen: bool = False  # the benchmark's control: train the masked start plan, but move no count, gate or dual
     importance_decay: float = 0.9  # moving average of the mask gradients' magnitudes
@@ -209,7 +208,7 @@ class Search(nn.Module):
 
     def _uses_taylor(self) -> bool:
         """Taylor ranks groups once it has been measured; the frozen control never measures it."""
-        return self.cfg.importance != "norm" and not self.cfg.frozen and int(self.step_count) > 0
+        return self.cfg.importance == "taylor" and not self.cfg.frozen and int(self.step_count) > 0
 
     def importance(self, l: int) -> GroupNorms:
         """Block l's group importance in the configured sense: Taylor estimates or weight norms."""
@@ -281,18 +280,12 @@ class Search(nn.Module):
     # ---- 3. importance ---------------------------------------------------------------------
     @torch.no_grad()
     def record_importance(self) -> None:
-        """Moving averages of the probe gradients' magnitudes: the Taylor estimate of each group's and gate's cost.
-
-        With importance="fisher" the squares instead. Removing a group moves its mask by -1, so the loss
-        changes by -g + H/2. Where the student sits at the teacher's optimum (distilling a pretrained model)
-        g averages to zero and |g| measures only the batch's noise; E[g^2], the empirical Fisher, estimates
-        the curvature term H that is then what removal costs."""
+        """Moving averages of the probe gradients' magnitudes: the Taylor estimate of each group's and gate's cost."""
         decay = self.cfg.importance_decay if int(self.step_count) > 0 else 0.0  # the first step sets them
-        power = 2 if self.cfg.importance == "fisher" else 1
 
         def update(estimate: torch.Tensor, grad: torch.Tensor | None) -> None:
             if grad is not None:
-                estimate.mul_(decay).add_((1 - decay) * grad.to(estimate).abs().pow(power))
+                estimate.mul_(decay).add_((1 - decay) * grad.to(estimate).abs())
 
         for l, block in enumerate(self._blocks):
             attn, mlp = block.probes or (None, None)
