@@ -36,3 +36,26 @@ def test_skip_only_meets_the_budget_by_skipping_the_least_kept_gates():
     ratio = uvc.macs(uvc.slim(model, plan)) / uvc.macs(model)
     assert 0.49 <= ratio <= 0.5
     assert sum(not (p.attn or p.mlp) for p in plan) >= 2
+
+
+def test_taylor_importance_is_the_moving_average_of_the_mask_gradients_magnitudes():
+    model = tiny_gated(depth=2)
+    search = Search(model, 0.5, SearchConfig(skip="both"), skeleton_of(model))
+    grads = []
+    for seed in (1, 2):
+        model.zero_grad()
+        search.mark_groups(fade=0.5, probe=True)
+        search.set_gates(fade=0.5, probe=True)
+        torch.manual_seed(seed)
+        model(torch.randn(4, 1, 28, 28)).logsumexp(1).sum().backward()
+        block = model.blocks[1]
+        grads.append((block.probes[0].grad.clone(), block.probes[1].grad.clone(), search._keep_probe.grad[1].clone()))
+        search.record_importance()
+    decay = search.cfg.importance_decay
+    expected = [decay * a.abs() + (1 - decay) * b.abs() for a, b in zip(*grads)]
+    assert grads[0][0].abs().sum() > 0 and grads[0][2].abs().sum() > 0
+    torch.testing.assert_close(search.taylor_attn1, expected[0])
+    torch.testing.assert_close(search.taylor_mlp1, expected[1])
+    keep = grads[0][2], grads[1][2]  # a block's estimate reads both halves' gradients together
+    block_gate = decay * keep[0].sum().abs() + (1 - decay) * keep[1].sum().abs()
+    torch.testing.assert_close(search.taylor_keep[1, 0], block_gate)
