@@ -10,6 +10,7 @@ import uvc
 import uvc.budget
 from uvc.cli import _config, build_parser, main
 from uvc.compress import CompressConfig
+from uvc.search import SearchConfig
 
 from conftest import small_vit
 
@@ -67,6 +68,7 @@ def test_the_command_line_only_copies_values_into_the_api_config():
     cfg = config("--timing-rounds", "0", "--kd", "features", "--num-classes", "0")
     assert (cfg.throughput_rounds, cfg.kd.kind, cfg.num_classes) == (0, "features", 0)
     assert CompressConfig().keep_best and config("--keep-last") == CompressConfig(keep_best=False)
+    assert config("--init", "activation", "--importance", "norm").search == SearchConfig(init="activation", importance="norm")
 
 
 def test_macs_and_info_count_at_another_image_size(capsys):

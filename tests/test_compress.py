@@ -16,7 +16,9 @@ from uvc.compress import CompressConfig, Run, _warn_if_random, compress, post_tr
 from uvc.models import default_teacher_dir
 from uvc.data import DataConfig
 from uvc.engine import LR_BATCH, Schedule, make_optimizer
+from uvc.budget import plan_counts
 from uvc.compensate import compensate
+from uvc.oneshot import one_shot
 from uvc.gates import gated_blocks, set_plan
 from uvc.search import SearchConfig
 
@@ -244,6 +246,24 @@ def test_a_compensated_start_cuts_the_start_plan_at_step_0_and_refits_what_reads
     assert error(expected) < 0.5 * error(plain_cut)
     report = compress(tiny_config(tmp_path / "full", 0.5, start="compensate"), model=tiny_vit())
     assert 0.49 <= report["ratio"] <= 0.5
+
+
+def test_activation_init_and_ranking_start_the_search_at_one_shots_plan(tmp_path):
+    """init="activation": before the first step the search's counts are the widths `one_shot` chooses on the
+    same calibration images, not the uniform plan's; importance="activation" ranks the groups as it does too,
+    so the start plan is one-shot's, group for group. Either run lands in the budget window."""
+    dense = tiny_vit()
+    for importance in ("taylor", "activation"):
+        run = Run(tiny_config(tmp_path / importance, 0.5, init="activation", importance=importance), model=dense)
+        _, expected, _ = one_shot(dense, 0.5, (x for x, _ in run.data.calibration), calibration_images=run.cfg.calibration_images)
+        uniform = plan_counts(run.skel, run.search.current_plan())[0]
+        assert not torch.equal(uniform, plan_counts(run.skel, expected)[0])
+        run._activation_scores()
+        torch.testing.assert_close(plan_counts(run.skel, run.search.current_plan())[0], plan_counts(run.skel, expected)[0])
+        assert (run.search.current_plan() == expected) == (importance == "activation")
+        report = compress(tiny_config(tmp_path / f"{importance}_run", 0.5, init="activation", importance=importance),
+                          model=tiny_vit())
+        assert 0.49 <= report["ratio"] <= 0.5
 
 
 def test_a_rewound_end_post_trains_the_input_weights_at_the_searched_plan_refitted(tmp_path):

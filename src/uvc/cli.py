@@ -96,7 +96,7 @@ def _compress_options(p: argparse.ArgumentParser, preset: str | None = None) -> 
     from .engine import LR_BATCH
     from .presets import PRESETS
     from .resource import RESOURCES
-    from .search import DUALS, ENDS, GATE_KINDS, SKIP_MODES, STARTS
+    from .search import DUALS, ENDS, GATE_KINDS, IMPORTANCE, INITS, SKIP_MODES, STARTS
 
     c = CompressConfig.from_preset(preset) if preset else CompressConfig()
     p.add_argument("--preset", choices=tuple(PRESETS), default=preset,
@@ -150,6 +150,12 @@ def _compress_options(p: argparse.ArgumentParser, preset: str | None = None) -> 
     _field(p, c, "search.start", "--start", choices=STARTS,
            help="how the search leaves the dense model: fade (the start plan's groups fade out) or compensate "
                 "(cut at once, what reads them refitted by least squares on --calibration-images)")
+    _field(p, c, "search.init", "--init", choices=INITS,
+           help="the plan the search starts from: uniform (one keep fraction everywhere) or activation (--one-shot's "
+                "allocation on --calibration-images)")
+    _field(p, c, "search.importance", "--importance", choices=IMPORTANCE,
+           help="what ranks the groups inside each block: taylor (the loss's sensitivity, measured during the search), "
+                "activation (weight norm x mean squared activation on --calibration-images) or norm (weight norms)")
     _field(p, c, "search.end", "--end", choices=ENDS,
            help="what post-training starts from: rewind (the input weights slimmed at the searched plan, "
                 "refitted by least squares on --calibration-images) or searched (the searched weights slimmed)")
@@ -164,7 +170,8 @@ def _compress_options(p: argparse.ArgumentParser, preset: str | None = None) -> 
            help="clip the weights' gradient norm to this during the search (0: off)")
     _field(p, c, "post.clip_grad", "--post-clip-grad", type=float, help="the same for post-training")
     _field(p, c, "calibration_images", "--calibration-images", type=int,
-           help="unlabeled training images for --one-shot, --start compensate and --end rewind")
+           help="unlabeled training images for --one-shot, --init and --importance activation, --start compensate and "
+                "--end rewind")
     _field(p, c, "search.prune", "--no-prune", action="store_false", default=argparse.SUPPRESS,
            help="ablation: skipping only (with --skip both, block or halves); pruning is on without it")
     _field(p, c, "keep_best", "--keep-last", action="store_false", default=argparse.SUPPRESS,

@@ -43,7 +43,7 @@ from .gates import make_compressible
 from .io import atomic_write_text, tensor_digest
 from .latency import LatencyConfig, fit_measured, latency_model, measured_ratio, table_for
 from .models import DEFAULT_TEACHER, default_teacher_dir, load_model, param_count, save
-from .oneshot import one_shot
+from .oneshot import group_importance, one_shot, one_shot_plan, take_images
 from .plan import LayerPlan
 from .preprocess import LABEL_NAMES
 from .presets import apply_preset
@@ -104,7 +104,7 @@ class CompressConfig:
     # (timm's model_best): post-training can only add; a least-squares refit is often better than any epoch after it
     keep_best: bool = True
     one_shot: bool = False  # no search: rank groups, fit the plan, compensate by least squares, slim; then `post`
-    calibration_images: int = 1000  # unlabeled training images for compensation (one-shot, the compensated start, the rewound end)
+    calibration_images: int = 1000  # unlabeled training images for compensation (one-shot, the activation init, the compensated start, the rewound end)
     seed: int = 0
     device: str = "auto"
     resume: bool = False
@@ -511,6 +511,21 @@ class Run:
         """The unlabeled, unaugmented calibration images on this run's device and dtype (labels dropped)."""
         return (x.to(self.device, self.dtype) for x, _ in self.data.calibration)
 
+    def _activation_scores(self) -> None:
+        """Score every group by weight norm x mean squared activation of the input model on the calibration
+        images, as one-shot does; init="activation" starts the counts at one-shot's plan from them, and
+        importance="activation" ranks the groups by them for the whole search."""
+        started, dense, search = time.time(), self._input_copy().eval(), self.cfg.search
+        images = take_images(self._calibration(), self.cfg.calibration_images)
+        scores = group_importance(dense, "activation", images)
+        if search.init == "activation":
+            self.search.start_from(one_shot_plan(dense, self.cfg.budget, scores, "global", self.input_size,
+                                                 search.width_multiple, self.cfg.resource, self.skel.latency))
+        if search.importance == "activation":
+            self.search.rank_by(scores)
+        log.info("activation scores of every group on %d images in %.1f s (init %s, importance %s)",
+                 sum(len(x) for x in images), time.time() - started, search.init, search.importance)
+
     def _compensated_start(self) -> None:
         """Cut the start plan at once and refit what reads the cut groups, before the first step."""
         stats = compensate_masked(self.student, self.search.current_plan(), self._calibration(),
@@ -595,6 +610,8 @@ class Run:
         if self.state.phase == "search" and self.cfg.one_shot:
             self._one_shot()
         elif self.state.phase == "search":
+            if self.state.step == 0 and "activation" in (self.cfg.search.init, self.cfg.search.importance):
+                self._activation_scores()
             if self.state.step == 0 and self.cfg.search.start == "compensate":
                 self._compensated_start()
             self._set_distilled_training(self.student)

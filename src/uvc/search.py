@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .budget import fit_to_budget, plan_of_counts, removal_costs, uniform_removal
+from .budget import fit_to_budget, plan_counts, plan_of_counts, removal_costs, uniform_removal
 from .engine import Schedule
 from .errors import UVCError
 from .gates import GatedBlock, gated_blocks
@@ -54,8 +54,9 @@ from .plan import LayerPlan
 from .resource import Skeleton
 
 SKIP_MODES = ("both", "block", "halves", "none")
-IMPORTANCE = ("taylor", "norm")
+IMPORTANCE = ("taylor", "activation", "norm")
 STARTS = ("fade", "compensate")
+INITS = ("uniform", "activation")
 ENDS = ("searched", "rewind")
 DUALS = ("price", "ascent")
 GATE_KINDS = ("hard", "gumbel")
@@ -71,11 +72,14 @@ class SearchConfig:
     warmup_epochs: float = 0.2  # the Taylor estimates settle before the counts, the gates and the duals move
     fade_epochs: float = 0.5  # marked groups and skipped halves fade from 1 to 0 over this many epochs (0: at once)
     start: str = "fade"  # "compensate": cut the start plan at once, its proj / fc2 refitted by least squares (no fade)
+    init: str = "uniform"  # the start plan: the same keep fraction everywhere, or "activation": one-shot's global
+    # allocation by weight norm x mean squared activation on the calibration images (`Search.start_from`)
     end: str = "rewind"  # post-train the input model's weights slimmed at the searched plan and refitted by least
     # squares ("rewind"), or the searched weights slimmed ("searched", the paper's way); docs/method.md compares them
     prune: bool = True
     skip: str = "none"  # which skip gates exist: block, halves (attention / MLP), both, or none (see docs/method.md)
-    importance: str = "taylor"  # which groups are removed first: "taylor" (the loss's sensitivity) or "norm" (weights)
+    importance: str = "taylor"  # which groups are removed first: "taylor" (the loss's sensitivity), "activation"
+    # (one-shot's: weight norm x mean squared activation of the input model on the calibration images) or "norm" (weights)
     width_multiple: int = 1  # kept head and MLP widths at multiples of this (8 suits GPU kernels), one-shot's too
     frozen: bool = False  # the benchmark's control: train the masked start plan, but move no count, gate or dual
     importance_decay: float = 0.9  # moving average of the mask gradients' magnitudes
@@ -104,6 +108,8 @@ class SearchConfig:
             raise UVCError(f"skip mode {self.skip!r} is not one of {', '.join(SKIP_MODES)}")
         if self.start not in STARTS:
             raise UVCError(f"search start {self.start!r} is not one of {', '.join(STARTS)}")
+        if self.init not in INITS:
+            raise UVCError(f"search init {self.init!r} is not one of {', '.join(INITS)}")
         if self.end not in ENDS:
             raise UVCError(f"search end {self.end!r} is not one of {', '.join(ENDS)}")
         if self.importance not in IMPORTANCE:
@@ -176,12 +182,29 @@ class Search(nn.Module):
             self.register_buffer(f"taylor_attn{l}", torch.zeros_like(block.dim_mask, dtype=like.dtype))
             self.register_buffer(f"taylor_mlp{l}", torch.zeros_like(block.neuron_mask, dtype=like.dtype))
         self.register_buffer("taylor_keep", torch.zeros_like(self.gate_margin))
+        if cfg.importance == "activation":  # set once by `rank_by` before the first step; saved with the search
+            for l, block in enumerate(self._blocks):
+                self.register_buffer(f"activation_attn{l}", torch.zeros_like(block.dim_mask, dtype=like.dtype))
+                self.register_buffer(f"activation_mlp{l}", torch.zeros_like(block.neuron_mask, dtype=like.dtype))
         # Recomputed from the weights and the estimates at every mark_groups, so not saved.
         self.register_buffer("phi", torch.zeros_like(self.y), persistent=False)
         self.register_buffer("next_norm", torch.zeros_like(self.y), persistent=False)
         self.register_buffer("next_cost", torch.zeros_like(self.y), persistent=False)
         self._keep_probe: torch.Tensor | None = None
         self._gate_logits: torch.Tensor | None = None  # gates="gumbel": the leaf the sampled gates were drawn from
+
+    @torch.no_grad()
+    def start_from(self, plan: list[LayerPlan]) -> None:
+        """Start the counts at `plan`'s widths instead of the uniform plan's (before the first step)."""
+        removed, _, _ = plan_counts(self.skel, plan)
+        self.ratios.copy_(removed.to(self.ratios) / self.sizes)
+
+    @torch.no_grad()
+    def rank_by(self, scores: list[GroupNorms]) -> None:
+        """importance="activation": the per-group scores (`oneshot.group_importance`) that rank every block's groups."""
+        for l, score in enumerate(scores):
+            getattr(self, f"activation_attn{l}").copy_(score.dims)
+            getattr(self, f"activation_mlp{l}").copy_(score.neurons)
 
     # ---- decisions -------------------------------------------------------------------------
     def removed(self) -> torch.Tensor:
@@ -211,8 +234,12 @@ class Search(nn.Module):
         return self.cfg.importance == "taylor" and not self.cfg.frozen and int(self.step_count) > 0
 
     def importance(self, l: int) -> GroupNorms:
-        """Block l's group importance in the configured sense: Taylor estimates or weight norms."""
-        return self._taylor(l) if self._uses_taylor() else group_norms(self._blocks[l])
+        """Block l's group importance in the configured sense: Taylor estimates, activation scores or weight norms."""
+        if self._uses_taylor():
+            return self._taylor(l)
+        if self.cfg.importance == "activation":  # measured before the first step: the frozen control ranks by it too
+            return GroupNorms(dims=getattr(self, f"activation_attn{l}"), neurons=getattr(self, f"activation_mlp{l}"))
+        return group_norms(self._blocks[l])
 
     # ---- 1. masks and gates ----------------------------------------------------------------
     @torch.no_grad()
@@ -514,4 +541,4 @@ def _in_removal_order(rank: GroupNorms, values: GroupNorms) -> list[torch.Tensor
             values.neurons[rank.neurons.argsort()]]
 
 
-__all__ = ["SearchConfig", "Search", "fade_at", "ste_round", "SKIP_MODES", "IMPORTANCE", "STARTS", "DUALS", "GATE_KINDS"]
+__all__ = ["SearchConfig", "Search", "fade_at", "ste_round", "SKIP_MODES", "IMPORTANCE", "STARTS", "INITS", "DUALS", "GATE_KINDS"]
