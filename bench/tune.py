@@ -102,23 +102,27 @@ def with_search_set(search: SearchConfig, changes: dict) -> SearchConfig:
 
 def tuning_run(teacher, base: Settings, method: str, budget: float, seed: int, search_epochs: float,
                teacher_val: float, out: Path, search_set: dict | None = None) -> dict:
-    """One run of the sweep, validation figures only: UVC at `search_epochs` with the `search_set` changes, any
-    other method as the benchmark runs it (`search_epochs` and `search_set` are then ignored), each at its
-    rate in `base`."""
+    """One run of the sweep, validation figures only: UVC at `search_epochs` with the `search_set` changes, its
+    frozen-search control the same way (it differs from UVC by `frozen` alone), any other method as the
+    benchmark runs it (`search_epochs` and `search_set` are then ignored), each at its rate in `base`."""
     started = time.perf_counter()
-    search_set = search_set if method == "uvc" else {}
-    if method == "uvc":
+    searched = method in ("uvc", "control")
+    search_set, search = search_set if searched else {}, None
+    if searched:
         cfg = tuning_config(base, budget, seed, search_epochs, out, search_set)
+        cfg.search.frozen = method == "control"
         report = compress(cfg, model=teacher, teacher=teacher, teacher_scores={"test": None, "val": teacher_val})
         search_epochs, post_epochs = cfg.search.schedule.epochs, cfg.post.epochs
         ratio, val, val_before, kept = report["ratio"], report["top1_val"], report["top1_val_after_search"], report["kept_epoch"]
+        # Every field as run, not only the changes: a later change of SearchConfig's defaults leaves the record readable.
+        search = {k: v for k, v in dataclasses.asdict(cfg.search).items() if k != "schedule"} | {"lr": cfg.search.schedule.lr}
     else:
         record = run_method(method, budget, seed, teacher, base, out, {"test": None, "val": teacher_val}, read_test=False)
         (search_epochs, post_epochs), ratio = record["epochs"], record["ratio"]
         val, val_before, kept = record["top1_val"], record["top1_val_before_post"], record["kept_epoch"]
     return {"method": method, "budget": budget, "seed": seed, "search_epochs": search_epochs, "post_epochs": post_epochs,
             "post_lr": base.post_lrs[method], "search_set": search_set or {}, "ratio": ratio, "top1_val": val, "top1_val_before_post": val_before,
-            "kept_epoch": kept, "seconds": time.perf_counter() - started}
+            "kept_epoch": kept, "search": search, "seconds": time.perf_counter() - started}
 
 
 def main() -> int:
@@ -130,9 +134,11 @@ def main() -> int:
     p.add_argument("--post-lrs", type=float, nargs="+", default=[FULL.post_lrs["uvc"]],
                    help="post-training rates per 128 images to try, each for every method (default: UVC's in the benchmark)")
     p.add_argument("--methods", nargs="+", default=["uvc"], choices=list(LABELS),
-                   help="methods to run at each rate; only UVC takes --search-epochs (default: uvc)")
+                   help="methods to run at each rate; only UVC and its control take --search-epochs and --search-set "
+                        "(default: uvc)")
     p.add_argument("--search-set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="SearchConfig changes for UVC's runs, e.g. y_init=0 y_lr=0 (no proximal shrink) or fade_epochs=0")
+                   help="SearchConfig changes for UVC's and its control's runs, e.g. y_init=0 y_lr=0 (no proximal shrink) "
+                        "or fade_epochs=0")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=None,
@@ -171,13 +177,14 @@ def main() -> int:
             for lr in args.post_lrs:
                 base = at_post_lr(settings, lr)
                 for method in args.methods:
-                    for search in args.search_epochs if method == "uvc" else [training_epochs(settings, method)[0]]:
-                        changes = set_key if method == "uvc" else ()
+                    searched = method in ("uvc", "control")  # the control takes UVC's split and changes
+                    for search in args.search_epochs if searched else [training_epochs(settings, method)[0]]:
+                        changes = set_key if searched else ()
                         if (method, budget, seed, search, lr, changes) in done:
                             continue
                         log.info("=== %s at B = %.2f, seed %d, post-training rate %g%s%s", LABELS[method], budget, seed,
                                  lr, f", search {search:g} + post-training {TOTAL_EPOCHS - search:g} epochs"
-                                 if method == "uvc" else "", f", {dict(changes)}" if changes else "")
+                                 if searched else "", f", {dict(changes)}" if changes else "")
                         out = (ROOT / "runs" / "bench" / args.name /
                                f"{method}-b{budget}-search{search:g}-lr{lr:g}{set_name if changes else ''}-s{seed}")
                         results["runs"].append(tuning_run(teacher, base, method, budget, seed, search, teacher_val, out,

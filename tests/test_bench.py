@@ -233,6 +233,11 @@ def test_a_tuning_run_reports_validation_only(tmp_path, fmnist_available):
     assert uvc_run["search_epochs"] == 0.5 and uvc_run["search_epochs"] + uvc_run["post_epochs"] == TINY.search_epochs + TINY.post_epochs
     rival = tune.tuning_run(tiny_vit(), base, "uniform", 0.5, 0, 0.5, 50.0, tmp_path / "uniform")
     assert (rival["search_epochs"], rival["post_epochs"]) == (0.0, TINY.search_epochs + TINY.post_epochs)  # as benchmarked
+    defaults = SearchConfig()  # a UVC run records every search field as it ran, so a later change of defaults reads right
+    assert (uvc_run["search"]["init"], uvc_run["search"]["ratio_lr"]) == (defaults.init, defaults.ratio_lr) and rival["search"] is None
+    control = tune.tuning_run(tiny_vit(), base, "control", 0.5, 0, 0.5, 50.0, tmp_path / "control", {"init": "activation"})
+    assert control["search"]["frozen"] and not uvc_run["search"]["frozen"]  # the control takes UVC's changes
+    assert (control["search"]["init"], control["search_set"], control["search_epochs"]) == ("activation", {"init": "activation"}, 0.5)
     for record, folder in ((uvc_run, "uvc"), (rival, "uniform")):
         assert summary.in_window(record["ratio"], 0.5) and 0 <= record["top1_val"] <= 100 and record["post_lr"] == 3e-5
         report = json.loads((tmp_path / folder / "report.json").read_text())
