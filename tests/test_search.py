@@ -5,6 +5,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import uvc
 from uvc.flops import skeleton_of
+from uvc.importance import GroupNorms, group_norms
 from uvc.search import Search, SearchConfig
 
 
@@ -59,3 +60,20 @@ def test_taylor_importance_is_the_moving_average_of_the_mask_gradients_magnitude
     keep = grads[0][2], grads[1][2]  # a block's estimate reads both halves' gradients together
     block_gate = decay * keep[0].sum().abs() + (1 - decay) * keep[1].sum().abs()
     torch.testing.assert_close(search.taylor_keep[1, 0], block_gate)
+
+
+def test_activation_ranking_uses_the_scores_it_was_given_and_weight_norms_until_then():
+    model = tiny_gated(depth=2)
+    search = Search(model, 0.5, SearchConfig(importance="activation"), skeleton_of(model))
+    norms = group_norms(model.blocks[1])
+    torch.testing.assert_close(search.importance(1).neurons, norms.neurons)
+    scores = [GroupNorms(dims=torch.rand_like(group_norms(b).dims), neurons=torch.rand_like(group_norms(b).neurons))
+              for b in model.blocks]
+    search.rank_by(scores)
+    torch.testing.assert_close(search.importance(1).dims, scores[1].dims)
+    search.mark_groups()
+    kept = model.blocks[1].neuron_mask > 0
+    assert scores[1].neurons[kept].min() >= scores[1].neurons[~kept].max()  # the lowest-scored neurons went
+    restored = Search(model, 0.5, SearchConfig(importance="activation"), skeleton_of(model))
+    restored.load_state_dict(search.state_dict())  # a resumed run ranks by the same scores
+    torch.testing.assert_close(restored.importance(1).neurons, scores[1].neurons)

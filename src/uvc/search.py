@@ -183,6 +183,7 @@ class Search(nn.Module):
             self.register_buffer(f"taylor_mlp{l}", torch.zeros_like(block.neuron_mask, dtype=like.dtype))
         self.register_buffer("taylor_keep", torch.zeros_like(self.gate_margin))
         if cfg.importance == "activation":  # set once by `rank_by` before the first step; saved with the search
+            self.register_buffer("activation_ranked", torch.tensor(False, device=like.device))
             for l, block in enumerate(self._blocks):
                 self.register_buffer(f"activation_attn{l}", torch.zeros_like(block.dim_mask, dtype=like.dtype))
                 self.register_buffer(f"activation_mlp{l}", torch.zeros_like(block.neuron_mask, dtype=like.dtype))
@@ -205,6 +206,7 @@ class Search(nn.Module):
         for l, score in enumerate(scores):
             getattr(self, f"activation_attn{l}").copy_(score.dims)
             getattr(self, f"activation_mlp{l}").copy_(score.neurons)
+        self.activation_ranked.fill_(True)
 
     # ---- decisions -------------------------------------------------------------------------
     def removed(self) -> torch.Tensor:
@@ -237,7 +239,7 @@ class Search(nn.Module):
         """Block l's group importance in the configured sense: Taylor estimates, activation scores or weight norms."""
         if self._uses_taylor():
             return self._taylor(l)
-        if self.cfg.importance == "activation":  # measured before the first step: the frozen control ranks by it too
+        if self.cfg.importance == "activation" and bool(self.activation_ranked):  # the frozen control ranks by it too
             return GroupNorms(dims=getattr(self, f"activation_attn{l}"), neurons=getattr(self, f"activation_mlp{l}"))
         return group_norms(self._blocks[l])
 
