@@ -92,6 +92,8 @@ def test_image_folder_through_timm(tmp_path):
     assert data.num_classes == 3 and data.input_size == (3, 32, 32)
     x, y = next(iter(data.test))
     assert x.shape == (4, 3, 32, 32) and y.max() < 3
+    first, again = (torch.cat([labels for _, labels in data.calibration]) for _ in range(2))
+    assert torch.equal(first, again) and not torch.equal(first, first.sort().values)  # shuffled, the same every pass
     with pytest.raises(uvc.UVCError, match="no val/ folder"):
         (tmp_path / "val").rename(tmp_path / "validation")
         build_data(DataConfig(data=str(tmp_path)))

@@ -527,9 +527,11 @@ def build_image_folder(cfg: DataConfig, recipe: dict, seed: int, preprocessing: 
     train = EpochLoader(train_set, per_process_batch(cfg.batch_size, world), cfg.workers, seed, rank, world)
     val.transform = create_transform(input_size, is_training=False, **transform)
     plain_train.transform = val.transform
-    # A fixed shuffle: the folder lists images class by class, and calibration takes the first ones.
-    calibration = torch.utils.data.DataLoader(plain_train, batch_size=cfg.eval_batch_size, shuffle=True,
-                                              generator=torch.Generator().manual_seed(0), num_workers=cfg.workers)
+    # A fixed shuffle, the same on every pass: the folder lists images class by class, and calibration takes the
+    # first ones, more than once in a run (the activation scores, the refits), and again after a resume.
+    order = torch.randperm(len(plain_train), generator=torch.Generator().manual_seed(0)).tolist()
+    calibration = torch.utils.data.DataLoader(torch.utils.data.Subset(plain_train, order), batch_size=cfg.eval_batch_size,
+                                              num_workers=cfg.workers)
     test = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(rank, len(val), world)),
                                        batch_size=-(-cfg.eval_batch_size // world), num_workers=cfg.workers,
                                        generator=torch.Generator())  # evaluating leaves the global RNG alone
