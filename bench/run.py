@@ -151,7 +151,7 @@ def compress_config(s: Settings, budget: float, out: Path, method: str, seed: in
     search = SearchConfig(
         schedule=dataclasses.replace(defaults.search.schedule, epochs=s.search_epochs),
         warmup_epochs=s.search_warmup_epochs, frozen=method == "control",
-        skip="both" if method == "uvc_skip" else "none", importance="norm" if method == "uvc_norm" else "taylor",
+        skip="both" if method == "uvc_skip" else "none", importance="norm" if method == "uvc_norm" else defaults.search.importance,
         start="compensate" if method == "uvc_compensated" else "fade",
         end="searched" if method == "uvc_searched" else defaults.search.end)
     post = dataclasses.replace(defaults.post, epochs=training_epochs(s, method)[1], lr=s.post_lrs[method])

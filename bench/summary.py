@@ -40,7 +40,7 @@ def teacher_note(label: str) -> str:
 
 LABELS = {
     "uvc": "UVC",
-    "control": "control: uniform plan, frozen search",
+    "control": "control: the start plan, frozen search",
     "uniform": "uniform plan + KD",
     "tp_magnitude": "Torch-Pruning global magnitude + KD",
     "compensated": "one-shot uniform plan + LS compensation + KD",
@@ -135,7 +135,7 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
     rows = []
     for budget in TARGET_BUDGETS:
         uvc_runs, control = acc.get(("uvc", budget)), acc.get(("control", budget))
-        name = f"UVC beats the control (uniform plan, frozen search, same training) at B = {budget}"
+        name = f"UVC beats the control (the start plan, frozen search, same training) at B = {budget}"
         if not (uvc_runs and control):
             rows.append((name, f"B = {budget} not run in this mode", _verdict(None)))
         else:
@@ -199,7 +199,7 @@ def findings(results: dict) -> list[str]:
         if outcome is None:
             lines.append(f"- B = {budget}: one seed only, so whether the search helps is not measured ({versus}).")
         elif outcome == 1:
-            lines.append(f"- B = {budget}: the search helps: UVC beats the control, which trains the uniform plan "
+            lines.append(f"- B = {budget}: the search helps: UVC beats the control, which trains the search's start plan "
                          f"with the same masked KD for the same epochs ({versus}).")
         else:
             worse = " (the control is better)" if outcome == -1 else ""
@@ -230,6 +230,34 @@ def delivered_note(runs: list[dict]) -> list[str]:
     return [f"**Stale in one respect:** these {len(old)} runs predate `keep_best` ({KEEP_BEST_SINCE}) and report the "
             "model of the last post-training epoch; `uvc compress` now delivers the best on validation of the slimmed "
             f"model and each post-training epoch's end. That would change the model delivered in {where}; not re-run.", ""]
+
+
+ACTIVATION_START_SINCE = "2026-12-07"  # the defaults from which the search starts at one-shot's plan, ranked by activations
+START_SWEEPS = ("tune_keepbest_default", "tune_keepbest_activation")  # bench/tune.py: the old and the new start, 3 seeds
+START_VERDICTS = {1: "the new start wins", 0: "within spread", -1: "the old start wins", None: "undecided"}
+
+
+def start_note(folder: Path, run_date: str) -> list[str]:
+    """Marks the UVC and control runs of a results file written before ACTIVATION_START_SINCE as run at the previous
+    start and ranking, with the two on this teacher's validation split where bench/tune.py compared them."""
+    if run_date[:10] >= ACTIVATION_START_SINCE:
+        return []
+    runs = {name: json.loads((folder / f"{name}.json").read_text())["runs"] for name in START_SWEEPS
+            if (folder / f"{name}.json").is_file()}
+    compared = ""
+    if len(runs) == len(START_SWEEPS):
+        rows = []
+        for budget in sorted({r["budget"] for r in runs[START_SWEEPS[0]]}):
+            old, new = ([r["top1_val"] for r in runs[name] if r["budget"] == budget and r["method"] == "uvc"]
+                        for name in START_SWEEPS)
+            rows.append(f"B = {budget}: {fmt(old)} before, {fmt(new)} now ({START_VERDICTS[compare(new, old)]})")
+        compared = (f" On this teacher's validation split (bench/tune.py, `{START_SWEEPS[0]}.json` and "
+                    f"`{START_SWEEPS[1]}.json`): " + "; ".join(rows) + ". docs/method.md (\"Where the search stands\") "
+                    "gives the pretrained teacher's figures, which decided the default.")
+    return [f"**Stale in another respect:** every UVC and control run in this file predates the defaults of {ACTIVATION_START_SINCE}: "
+            "their search started at the uniform plan and ranked groups by Taylor estimates (now `--init uniform "
+            "--importance taylor`); `uvc compress` now starts it at `--one-shot`'s plan and ranks by activation scores."
+            + compared, ""]
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -384,11 +412,11 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "standard deviations over seeds (sample std); with one seed nothing is decided. A UVC row outside its "
             f"budget window [B - {R_TOLERANCE}, B] cannot meet a target.", "",
             table(["target", "measured", "verdict"], [list(t) for t in targets(results)]), "",
-            *delivered_note(results["accuracy"])]
+            *delivered_note(results["accuracy"]), *start_note(plot_dir, results["date"])]
     lines = findings(results)
     if lines:
         out += ["## What the search adds", "",
-                "The control trains the uniform plan (the search's starting point) with the same masked KD for the "
+                "The control trains the search's start plan (see the note above for which) with the same masked KD for the "
                 "search's epochs, ratios and gates frozen, then goes through the same fit, slimming and post-training. "
                 "UVC differs from it by the search alone.", "", *lines, ""]
     out += ["## 1. Accuracy at equal MACs and equal training (Fashion-MNIST)", "",
@@ -455,18 +483,18 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
                        [["UVC search step (`Run.search_step`)", f"{cost['search_s']:.3f}", f"{cost['ratio']:.2f}"],
                         ["plain KD step of the dense model", f"{cost['plain_s']:.3f}", "1.00"]]), ""]
     out += ["## How the methods are built", "",
-            "- **UVC**: `uvc.compress` with the default search (Taylor-priced width allocation, marked groups fading "
-            "out over half the search, skip gates off, soft KD), then the exact fit to the budget; the *teacher's* "
+            "- **UVC**: `uvc.compress` with the default search as it was when the runs were made (the note above says "
+            "which start plan and ranking; Taylor-priced width allocation, marked groups fading out over half the search, skip gates off, soft KD), then the exact fit to the budget; the *teacher's* "
             "weights are slimmed at the searched plan and each `proj` / `fc2` refitted by least squares on the "
             "calibration images (`end=\"rewind\"`), then post-training. Its ablations flip one switch each: "
             "`skip=\"both\"` (block and half skip gates priced on the same scale as width), `importance=\"norm\"` "
             "(groups ranked by weight norms; the costs stay Taylor), `start=\"compensate\"` (the start plan cut at "
             "step 0, each `proj` / `fc2` that reads it refitted by least squares on the calibration images, instead "
             "of the fade) and `end=\"searched\"` (the searched weights slimmed and post-trained, as in the paper).",
-            "- **control**: the same `uvc.compress` with `SearchConfig(frozen=True)`: the search starts at the uniform "
+            "- **control**: the same `uvc.compress` with `SearchConfig(frozen=True)`: the search starts at its start "
             "plan, its groups fade out on the same schedule, and only the weights train, through the same masks and KD, "
             "for the search's epochs; no ratio, gate or dual moves. Same fit, rewound slimming and post-training as "
-            "UVC, so the control is the uniform plan refitted and post-trained for the post-training epochs alone.",
+            "UVC, so the control is the start plan refitted and post-trained for the post-training epochs alone.",
             "- **uniform**: `uvc.budget.uniform_plan` keeps the same fraction of head dimensions and MLP neurons in "
             "every block (R <= B); the kept ones have the largest squared weight norms (output-projection columns, "
             "fc2 columns: the importance UVC uses). Then `uvc.slim` and post-training.",

@@ -146,13 +146,14 @@ def test_every_method_trains_equally_long_with_the_same_data_optimizer_and_kd(tm
         assert cfgs[baseline].post.epochs == uvc_cfg.search.schedule.epochs + uvc_cfg.post.epochs
     assert uvc_cfg.data.train_limit == s.train_limit and uvc_cfg.data.val_limit == s.val_limit
     assert (uvc_cfg.search.frozen, uvc_cfg.search.skip, uvc_cfg.search.prune) == (False, "none", True)
-    assert uvc_cfg.search.importance == "taylor"
+    assert (uvc_cfg.search.importance, uvc_cfg.search.init) == (SearchConfig().importance, SearchConfig().init)
     control = cfgs["control"].search
     assert (control.frozen, control.skip, control.prune) == (True, "none", True)
     assert control.schedule == uvc_cfg.search.schedule and control.warmup_epochs == uvc_cfg.search.warmup_epochs
     assert cfgs["uvc_skip"].search.skip == "both" and not cfgs["uvc_skip"].search.frozen
     assert cfgs["uvc_norm"].search.importance == "norm" and cfgs["uvc_norm"].search.skip == "none"
     assert cfgs["uvc_compensated"].search.start == "compensate" and uvc_cfg.search.start == control.start == "fade"
+    assert control.init == uvc_cfg.search.init and control.importance == uvc_cfg.search.importance  # the same start plan
     assert cfgs["uvc_searched"].search.end == "searched" and uvc_cfg.search.end == control.end == "rewind"
 
 
@@ -737,3 +738,19 @@ def test_sharpness_post_trains_the_dense_model_against_itself_and_moves_it_at_ra
     run = sharpness.self_distillation(model, data, 1e-3, 32)
     assert len(run["losses"]) == 2 and 0 <= run["top1_val"] <= 100
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), tiny_vit().parameters()))  # the teacher is not trained
+
+
+def test_runs_from_before_the_activation_start_are_marked_with_both_starts_on_validation(tmp_path):
+    def sweep(name, b05, b03):
+        runs = [{"method": "uvc", "budget": b, "seed": i, "top1_val": v} for b, vals in ((0.5, b05), (0.3, b03))
+                for i, v in enumerate(vals)]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"runs": runs}))
+
+    assert summary.start_note(tmp_path, "2026-12-08T10:00:00+00:00") == []  # run at the current defaults
+    old_only = " ".join(summary.start_note(tmp_path, "2026-11-26T22:19:57+00:00"))
+    assert "uniform plan" in old_only and "before," not in old_only  # no comparison without both sweeps
+    sweep("tune_keepbest_default", [90.7, 90.8, 90.75], [90.8, 90.5, 90.4])
+    sweep("tune_keepbest_activation", [90.7, 90.75, 90.8], [90.2, 90.1, 90.0])
+    note = " ".join(summary.start_note(tmp_path, "2026-11-26T22:19:57+00:00"))
+    assert "B = 0.3: 90.57 ± 0.21 before, 90.10 ± 0.10 now (the old start wins)" in note
+    assert "B = 0.5: 90.75 ± 0.05 before, 90.75 ± 0.05 now (within spread)" in note

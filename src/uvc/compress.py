@@ -518,7 +518,7 @@ class Run:
         started, dense, search = time.time(), self._input_copy().eval(), self.cfg.search
         images = take_images(self._calibration(), self.cfg.calibration_images)
         scores = group_importance(dense, "activation", images)
-        if search.init == "activation":
+        if search.init == "activation" and search.prune:  # skipping alone starts with every width whole
             self.search.start_from(one_shot_plan(dense, self.cfg.budget, scores, "global", self.input_size,
                                                  search.width_multiple, self.cfg.resource, self.skel.latency))
         if search.importance == "activation":

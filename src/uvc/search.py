@@ -17,13 +17,19 @@ the relative imbalance of the two, (cost - saving) / (cost + saving): a half is 
 z * (its MACs) outweighs its Taylor cost for long enough, and width goes where the next group costs
 the least per MAC.
 
+Before the first step (`compress` does this), one pass of the input model over the calibration images
+scores every group as one-shot does (weight norm x mean squared activation): by default the counts start
+at one-shot's plan (`init="activation"`, `start_from`) and the groups are ranked by those scores
+(`importance="activation"`, `rank_by`); with `init="uniform"` they start at the same keep fraction
+everywhere, with `importance="taylor"` the Taylor estimates rank them too.
+
 One iteration, in the order `compress` calls the methods:
 1. `mark_groups`      masks from the current counts, the least important groups first; groups marked for
                       removal sit at `fade` (1 -> 0 over `fade_epochs`: the start is gradual, not a cut;
                       with `start="compensate"` they are cut at once, after a least-squares refit)
    `set_gates`        the hard keep decisions (skipped parts also at `fade`); probes for the gradients
 2. (the weights take an optimizer step on task + KD: the training loop's job)
-3. `record_importance` Taylor moving averages from the probes' gradients
+3. `record_importance` Taylor moving averages from the probes' gradients (the costs; with importance="taylor" the ranking too)
 4. `proximal_shrink`  the y * Phi term's proximal step on the weights: marked groups shrink by 1 / (1 + 2 lr y)
 5. `allocation_step`  counts and margins: one projected step against (Taylor cost - z * dR) / (cost + z * dR)
 6. `dual_step`        y += lr_y * Phi (projected on >= 0);  z = the price of a MAC the counts' balance implies
@@ -72,14 +78,14 @@ class SearchConfig:
     warmup_epochs: float = 0.2  # the Taylor estimates settle before the counts, the gates and the duals move
     fade_epochs: float = 0.5  # marked groups and skipped halves fade from 1 to 0 over this many epochs (0: at once)
     start: str = "fade"  # "compensate": cut the start plan at once, its proj / fc2 refitted by least squares (no fade)
-    init: str = "uniform"  # the start plan: the same keep fraction everywhere, or "activation": one-shot's global
-    # allocation by weight norm x mean squared activation on the calibration images (`Search.start_from`)
+    init: str = "activation"  # the start plan: one-shot's global allocation by weight norm x mean squared activation
+    # on the calibration images (`Search.start_from`), or "uniform": the same keep fraction everywhere (docs/method.md)
     end: str = "rewind"  # post-train the input model's weights slimmed at the searched plan and refitted by least
     # squares ("rewind"), or the searched weights slimmed ("searched", the paper's way); docs/method.md compares them
     prune: bool = True
     skip: str = "none"  # which skip gates exist: block, halves (attention / MLP), both, or none (see docs/method.md)
-    importance: str = "taylor"  # which groups are removed first: "taylor" (the loss's sensitivity), "activation"
-    # (one-shot's: weight norm x mean squared activation of the input model on the calibration images) or "norm" (weights)
+    importance: str = "activation"  # which groups are removed first: "activation" (one-shot's: weight norm x mean
+    # squared activation of the input model on the calibration images), "taylor" (the loss's sensitivity) or "norm"
     width_multiple: int = 1  # kept head and MLP widths at multiples of this (8 suits GPU kernels), one-shot's too
     frozen: bool = False  # the benchmark's control: train the masked start plan, but move no count, gate or dual
     importance_decay: float = 0.9  # moving average of the mask gradients' magnitudes
