@@ -104,7 +104,8 @@ class CompressConfig:
     # (timm's model_best): post-training can only add; a least-squares refit is often better than any epoch after it
     keep_best: bool = True
     one_shot: bool = False  # no search: rank groups, fit the plan, compensate by least squares, slim; then `post`
-    calibration_images: int = 1000  # unlabeled training images for compensation (one-shot, the activation init, the compensated start, the rewound end)
+    # unlabeled training images: the activation scores, one-shot, the compensated start and the rewound end's refit
+    calibration_images: int = 1000
     seed: int = 0
     device: str = "auto"
     resume: bool = False
