@@ -45,6 +45,7 @@ from uvc.search import SearchConfig
 
 log = logging.getLogger("bench")
 TOTAL_EPOCHS = FULL.search_epochs + FULL.post_epochs  # what every method trains in the benchmark
+SEARCH_SET_METHODS = ("uvc", "control")  # take --search-epochs and --search-set: the control differs from UVC by `frozen`
 
 
 def split_settings(base: Settings, search_epochs: float) -> Settings:
@@ -106,7 +107,7 @@ def tuning_run(teacher, base: Settings, method: str, budget: float, seed: int, s
     frozen-search control the same way (it differs from UVC by `frozen` alone), any other method as the
     benchmark runs it (`search_epochs` and `search_set` are then ignored), each at its rate in `base`."""
     started = time.perf_counter()
-    searched = method in ("uvc", "control")
+    searched = method in SEARCH_SET_METHODS
     search_set, search = search_set if searched else {}, None
     if searched:
         cfg = tuning_config(base, budget, seed, search_epochs, out, search_set)
@@ -177,7 +178,7 @@ def main() -> int:
             for lr in args.post_lrs:
                 base = at_post_lr(settings, lr)
                 for method in args.methods:
-                    searched = method in ("uvc", "control")  # the control takes UVC's split and changes
+                    searched = method in SEARCH_SET_METHODS
                     for search in args.search_epochs if searched else [training_epochs(settings, method)[0]]:
                         changes = set_key if searched else ()
                         if (method, budget, seed, search, lr, changes) in done:

@@ -513,16 +513,21 @@ class Run:
         return (x.to(self.device, self.dtype) for x, _ in self.data.calibration)
 
     def _activation_scores(self) -> None:
-        """Score every group by weight norm x mean squared activation of the input model on the calibration
-        images, as one-shot does; init="activation" starts the counts at one-shot's plan from them, and
-        importance="activation" ranks the groups by them for the whole search."""
-        started, dense, search = time.time(), self._input_copy().eval(), self.cfg.search
+        """Before the first step, score every group by weight norm x mean squared activation of the input model on
+        the calibration images, as one-shot does, where the search uses them: init="activation" starts the counts
+        at one-shot's plan from them, importance="activation" ranks the groups by them for the whole search."""
+        search = self.cfg.search
+        # Skipping alone starts with every width whole, so only the ranking can use the scores.
+        starts_there, ranks = search.init == "activation" and search.prune, search.importance == "activation"
+        if not (starts_there or ranks):
+            return
+        started, dense = time.time(), self._input_copy().eval()
         images = take_images(self._calibration(), self.cfg.calibration_images)
         scores = group_importance(dense, "activation", images)
-        if search.init == "activation" and search.prune:  # skipping alone starts with every width whole
+        if starts_there:
             self.search.start_from(one_shot_plan(dense, self.cfg.budget, scores, "global", self.input_size,
                                                  search.width_multiple, self.cfg.resource, self.skel.latency))
-        if search.importance == "activation":
+        if ranks:
             self.search.rank_by(scores)
         log.info("activation scores of every group on %d images in %.1f s (init %s, importance %s)",
                  sum(len(x) for x in images), time.time() - started, search.init, search.importance)
@@ -611,7 +616,7 @@ class Run:
         if self.state.phase == "search" and self.cfg.one_shot:
             self._one_shot()
         elif self.state.phase == "search":
-            if self.state.step == 0 and "activation" in (self.cfg.search.init, self.cfg.search.importance):
+            if self.state.step == 0:
                 self._activation_scores()
             if self.state.step == 0 and self.cfg.search.start == "compensate":
                 self._compensated_start()
