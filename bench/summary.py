@@ -232,15 +232,16 @@ def delivered_note(runs: list[dict]) -> list[str]:
             f"model and each post-training epoch's end. That would change the model delivered in {where}; not re-run.", ""]
 
 
-ACTIVATION_START_SINCE = "2026-12-07"  # the defaults from which the search starts at one-shot's plan, ranked by activations
+# When the defaults changed (commit ad5f70d) to start the search at one-shot's plan and rank by activations.
+ACTIVATION_START_SINCE = "2026-12-07T10:24:51+00:00"
 START_SWEEPS = ("tune_keepbest_default", "tune_keepbest_activation")  # bench/tune.py: the old and the new start, 3 seeds
 START_VERDICTS = {1: "the new start wins", 0: "within spread", -1: "the old start wins", None: "undecided"}
 
 
-def start_note(folder: Path, run_date: str) -> list[str]:
-    """Marks the UVC and control runs of a results file written before ACTIVATION_START_SINCE as run at the previous
-    start and ranking, with the two on this teacher's validation split where bench/tune.py compared them."""
-    if run_date[:10] >= ACTIVATION_START_SINCE:
+def start_note(folder: Path, run_date: str, which: str = "every UVC and control run in this file") -> list[str]:
+    """Marks `which` runs of a results file begun before ACTIVATION_START_SINCE as run at the previous start and
+    ranking, with the two on this teacher's validation split where bench/tune.py compared them."""
+    if run_date >= ACTIVATION_START_SINCE:  # ISO 8601 in UTC, as every results file writes its date
         return []
     runs = {name: json.loads((folder / f"{name}.json").read_text())["runs"] for name in START_SWEEPS
             if (folder / f"{name}.json").is_file()}
@@ -254,7 +255,7 @@ def start_note(folder: Path, run_date: str) -> list[str]:
         compared = (f" On this teacher's validation split (bench/tune.py, `{START_SWEEPS[0]}.json` and "
                     f"`{START_SWEEPS[1]}.json`): " + "; ".join(rows) + ". docs/method.md (\"Where the search stands\") "
                     "gives the pretrained teacher's figures, which decided the default.")
-    return [f"**Stale in another respect:** every UVC and control run in this file predates the defaults of {ACTIVATION_START_SINCE}: "
+    return [f"**Stale in another respect:** {which} predates the defaults of {ACTIVATION_START_SINCE[:10]}: "
             "their search started at the uniform plan and ranked groups by Taylor estimates (now `--init uniform "
             "--importance taylor`); `uvc compress` now starts it at `--one-shot`'s plan and ranks by activation scores."
             + compared, ""]
@@ -583,7 +584,8 @@ def tuning_section(folder: Path, default_search: float, default_lrs: dict[str, f
            f"Commands: {commands}; last run {r['date']}, {r['machine']['threads']} thread(s); teacher: {r['teacher']}. "
            "Every method as in section 1 with the same 2 epochs in all; UVC's warm-up and fade scaled with its search's "
            "length; no run read the test split. The benchmark runs each method at its best rate here.", "",
-           tuning_table(r, default_search, default_lrs), "", *delivered_note(r["runs"])]
+           tuning_table(r, default_search, default_lrs), "", *delivered_note(r["runs"]),
+           *start_note(folder, r["date"], "every UVC and control run in this section")]
     for lr in sorted({x["post_lr"] for x in r["runs"]}, reverse=True):
         change = [x["top1_val"] - x["top1_val_before_post"] for x in r["runs"] if x["method"] == "uvc" and x["post_lr"] == lr
                   and not x.get("search_set")]
@@ -635,7 +637,8 @@ def data_efficiency(folder: Path) -> list[str]:
                 "mean ± std; 2 epochs of training for every method (UVC 1 search + 1 post-training, the others 2 of "
                 "post-training) over only the first N training images; validation and test as above.", "",
                 table(["images", "method", "seeds", "R", "val before post", "val top-1", "test top-1",
-                        "vs teacher (test, mean)", "seconds"], rows), "", *delivered_note(r["runs"])]
+                        "vs teacher (test, mean)", "seconds"], rows), "", *delivered_note(r["runs"]),
+                *start_note(folder, r["date"], "every UVC run in this section")]
     return out
 
 
@@ -669,7 +672,9 @@ def paper_section(path: Path) -> list[str]:
             "Rows below the preset change one switch of it back to uvc's default (seed 0). Search gap: where the "
             "search itself ended, R - B, before the exact fit.", "",
             table(["configuration", "B", "seeds", "post lr", "R", "search gap", "val before post", "val top-1", "test top-1",
-                   "seconds"], rows), "", *delivered_note(r["runs"])]
+                   "seconds"], rows), "", *delivered_note(r["runs"]),
+            *start_note(path.parent, r["date"], "every row of uvc's default in this section (the preset's start is the "
+                        "uniform plan, as it was then)")]
 
 
 def budgets_section(path: Path) -> list[str]:
@@ -722,7 +727,7 @@ def budgets_section(path: Path) -> list[str]:
             "Do skip gates pay (issue 30, item 5)? Validation top-1 of the same budget with the gates off and on "
             "(`--skip both`); a side wins when the difference of the means exceeds the larger standard deviation.", "",
             table(["budget in", "B", "skip none: val top-1", "skip both: val top-1", "winner"], skip_rows(groups)), "",
-            *delivered_note(r["runs"])]
+            *delivered_note(r["runs"]), *start_note(path.parent, r["date"], "every run in this section")]
 
 
 def skip_rows(groups: dict[tuple, list[dict]]) -> list[list]:

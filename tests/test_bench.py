@@ -749,6 +749,8 @@ def test_runs_from_before_the_activation_start_are_marked_with_both_starts_on_va
     assert summary.start_note(tmp_path, "2026-12-08T10:00:00+00:00") == []  # run at the current defaults
     old_only = " ".join(summary.start_note(tmp_path, "2026-11-26T22:19:57+00:00"))
     assert "uniform plan" in old_only and "before," not in old_only  # no comparison without both sweeps
+    assert summary.start_note(tmp_path, "2026-12-07T04:42:19+00:00")  # the same day, before the change
+    assert "in this section" in " ".join(summary.start_note(tmp_path, "2026-12-06T04:31:04+00:00", "every run in this section"))
     sweep("tune_keepbest_default", [90.7, 90.8, 90.75], [90.8, 90.5, 90.4])
     sweep("tune_keepbest_activation", [90.7, 90.75, 90.8], [90.2, 90.1, 90.0])
     note = " ".join(summary.start_note(tmp_path, "2026-11-26T22:19:57+00:00"))

@@ -40,7 +40,7 @@ def test_the_paper_preset_sets_the_reference_values_and_nothing_else():
     paper, default = flat(CompressConfig.from_preset("paper")), flat(CompressConfig())
     assert {k for k in paper if paper[k] != default[k]} <= set(PRESETS["paper"])
     expected = {"search.dual": "ascent", "search.gates": "gumbel", "search.skip": "both", "search.end": "searched",
-                "search.importance": "norm", "search.ratio_lr": 0.02, "search.z_init": 1e-3, "search.z_step_clip": 0.5,
+                "search.importance": "norm", "search.init": "uniform", "search.ratio_lr": 0.02, "search.z_init": 1e-3, "search.z_step_clip": 0.5,
                 "search.y_lr": 1e-4, "search.gate_lr": 0.1, "search.gate_momentum": 0.9, "search.gate_weight": 5e-4,
                 "search.gate_temperature": 0.5, "kd.kind": "soft", "kd.alpha": 0.1, "kd.reduction": "element",
                 "search.schedule.clip_grad": 1.0, "post.clip_grad": 1.0,

@@ -7,8 +7,9 @@ a field set in the API) overrides it. docs/method.md ("Presets") lists the same 
 "paper": UVC as published (Yu et al., ICLR 2022, arXiv 2203.08243) and its reference code
 (github.com/VITA-Group/UVC: joint_train.py, uvc_optimizer.py, post_train.py, run_uvc_train.sh,
 run_post_train.sh). Where the issue asking for it (#31) is silent, the paper comes first and the
-reference code where the paper is silent. Schedules' lengths, the data recipe, the start and the
-exact final fit stay uvc's, so that a preset run trains as long as any other run it is compared with.
+reference code where the paper is silent. Schedules' lengths, the data recipe, the start plan's place at
+the budget and the exact final fit stay uvc's, so that a preset run trains as long as any other run it is
+compared with.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ PRESETS: dict[str, dict[str, object]] = {
         "search.y_lr": 1e-4,
         "search.y_init": 1e-3,
         "search.importance": "norm",  # the reference ranks groups by their weights' norms (uvc_utils.py)
+        # Neither the paper nor the reference scores activations: its counts start alike in every layer
+        # (uvc's activation-scored start is uvc's own, the default since 2026-12-07).
+        "search.init": "uniform",
         # Paper Sec. 3: Gumbel-sigmoid skip gates at block and half (attention / MLP) level.
         "search.skip": "both",
         "search.gates": "gumbel",
