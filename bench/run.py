@@ -72,7 +72,7 @@ class Settings:
     """How much work each part gets; `--quick` swaps in QUICK."""
 
     budgets: tuple[float, ...]
-    seeds: int  # seeds 0 .. seeds-1 for MAIN_METHODS; the ABLATIONS run seed 0 only
+    seeds: int  # seeds 0 .. seeds-1 for `methods`; the `ablations` run seed 0 only
     train_limit: int | None  # training images, of the 55,000 outside the validation split (bench/teacher trained on those)
     val_limit: int | None
     test_limit: int | None
@@ -89,6 +89,8 @@ class Settings:
     deit_budgets: tuple[float, ...] = (0.5, 0.3)
     deit_width_multiples: tuple[int, ...] = (1, 8)
     post_lrs: dict[str, float] = field(default_factory=lambda: dict(POST_LRS))  # each method's, per 128 images
+    methods: tuple[str, ...] = MAIN_METHODS
+    ablations: tuple[str, ...] = ABLATIONS
 
 
 # Timings behind FULL (2-core CPU, free; the 2026-11-25 full run): a search step at batch 128 takes ~0.70 s,
@@ -109,9 +111,14 @@ FULL = Settings(budgets=(0.3, 0.5), seeds=5, train_limit=6400, val_limit=None, t
 # from 65 to 50, and 1,000 training images (the issue's smaller few-images case) halve the steps; evaluated on
 # 1,000 validation and 2,000 test images. Measured 2026-12-07 on one thread beside another job: a UVC run 7-10 min,
 # a --one-shot + KD run 6-11 min; the rewound end's refit took 170 s on 1,000 images, 81 s on the 500 used since.
+# On both threads alone a UVC or control run took 199-217 s (bench/tune.py, 2026-12-07). The issue's 2-hour limit
+# therefore holds the issue's methods only: 5 methods x 2 budgets x 3 seeds = 30 runs, ~105 min at ~3.5 min each
+# (an estimate from those runs, not a timed benchmark); no seed-0 ablations, no compensated baseline (--one-shot
+# is the compensated method users get) and no DeiT-Small timing (it does not depend on the teacher: FULL's).
 PRETRAINED = Settings(budgets=(0.3, 0.5), seeds=3, train_limit=1000, val_limit=1000, test_limit=2000, batch_size=64,
                       search_epochs=1.0, search_warmup_epochs=0.2, post_epochs=1.0, taylor_batches=4,
-                      calibration_images=500, speed_batches=(1, 64), speed_rounds=5, deit_batches=(1, 64), cost_steps=8)
+                      calibration_images=500, speed_batches=(1, 64), speed_rounds=5, deit_batches=(1, 64), cost_steps=8,
+                      deit_budgets=(), methods=("uvc", "control", "uniform", "tp_magnitude", "oneshot"), ablations=())
 QUICK = Settings(budgets=(0.5,), seeds=1, train_limit=2048, val_limit=1000, test_limit=2000, batch_size=64,
                  search_epochs=1.0, search_warmup_epochs=0.25, post_epochs=1.0, taylor_batches=2, calibration_images=1000,
                  speed_batches=(1, 64), speed_rounds=2, deit_batches=(1,), cost_steps=8)
@@ -129,7 +136,7 @@ def planned_runs(s: Settings) -> list[tuple[str, float, int]]:
     """(method, budget, seed) of every accuracy run, seed by seed, so that an interrupted benchmark
     already holds one complete table."""
     return [(method, budget, seed) for seed in range(s.seeds) for budget in s.budgets
-            for method in (*MAIN_METHODS, *ABLATIONS) if seed == 0 or method in MAIN_METHODS]
+            for method in (*s.methods, *s.ablations) if seed == 0 or method in s.methods]
 
 
 def training_epochs(s: Settings, method: str) -> tuple[float, float]:
@@ -297,7 +304,7 @@ def continue_sweep(path: Path, results: dict, same: tuple[str, ...], grows: tupl
 
 # "deit_budget" is the name DeiT-Small's single budget had before "deit_budgets".
 NOT_READ_BY_RUNS = {"seeds", "speed_batches", "speed_rounds", "deit_batches", "deit_budgets", "deit_budget",
-                    "deit_width_multiples", "cost_steps"}
+                    "deit_width_multiples", "cost_steps", "methods", "ablations"}
 
 
 def _run_settings(settings: dict) -> dict:

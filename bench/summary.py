@@ -360,6 +360,7 @@ def plot_speedup(results: dict, path: Path) -> None:
 
 def _header(results: dict) -> list[str]:
     m, s = results["machine"], results["settings"]
+    ablations = s.get("ablations", ABLATIONS)  # results files from before Settings named them ran all of them
     load = lambda xs: ", ".join(f"{x:.2f}" for x in xs) if xs else "-"  # noqa: E731
     return [
         f"- command: `{results['command']}`",
@@ -384,8 +385,9 @@ def _header(results: dict) -> list[str]:
         f"{s['search_epochs']:g} epoch(s) (UVC's warm-up {s['search_warmup_epochs']:g}) then post-train "
         f"{s['post_epochs']:g}; the baselines are pruned without training and post-train "
         f"{s['search_epochs'] + s['post_epochs']:g}",
-        f"- seeds: {s['seeds']} ({', '.join(LABELS[m] for m in MAIN_METHODS)}); the ablations "
-        f"({', '.join(LABELS[m] for m in ABLATIONS)}) seed 0 only; Taylor importance from {s['taylor_batches']} batches, "
+        f"- seeds: {s['seeds']} ({', '.join(LABELS[m] for m in s.get('methods', MAIN_METHODS))}); "
+        + (f"the ablations ({', '.join(LABELS[m] for m in ablations)}) seed 0 only" if ablations else "no ablations")
+        + f"; Taylor importance from {s['taylor_batches']} batches, "
         f"compensation from {s['calibration_images']} unlabeled training images; throughput: {s['speed_rounds']} rounds "
         "of >= 1 s per model after a warm-up call",
     ]

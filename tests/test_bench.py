@@ -91,6 +91,10 @@ def test_pretrained_teacher_gets_its_own_settings_and_files():
     assert bench.settings_for("pretrained", quick=True) is bench.QUICK
     assert s.budgets == (0.3, 0.5) and s.seeds >= 3 and s.train_limit <= 3000  # the few-images case
     assert s.search_epochs + s.post_epochs == bench.FULL.search_epochs + bench.FULL.post_epochs
+    # the methods, every seed and budget, and nothing else, so that it fits its 2 hours
+    runs = bench.planned_runs(s)
+    assert {m for m, _, _ in runs} == {"uvc", "control", "oneshot", "uniform", "tp_magnitude"} and len(runs) == 30
+    assert s.deit_budgets == ()
     folder, md = bench.places(quick=False, teacher="pretrained")
     assert (folder, md) != bench.places(quick=False) and md.name != "BENCHMARKS.md"  # never over the bundled tables
 
