@@ -337,6 +337,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="budget 0.5, one seed, small data: a few minutes")
     add_teacher_arg(p)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for everything (fixed for the timings)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds 0 .. N-1 instead of the settings' (a later --resume with more seeds adds the rest)")
     p.add_argument("--resume", action="store_true", help="keep the finished accuracy runs of the same settings and teacher")
     p.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from results.json")
     args = p.parse_args()
@@ -354,6 +356,10 @@ def main() -> int:
         sys.exit("bench: torch-pruning is missing; install the project's bench extra: pip install -e '.[bench]'")
     torch.set_num_threads(args.threads)
     s = settings_for(args.teacher, args.quick)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            sys.exit(f"bench: --seeds must be at least 1, got {args.seeds}")
+        s = dataclasses.replace(s, seeds=args.seeds)
     teacher = load_teacher(args.teacher)
     started = time.perf_counter()
     results = {
