@@ -519,6 +519,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
     out += data_efficiency(plot_dir)
     out += tuning_section(plot_dir, s["search_epochs"], post_lrs(s))
     out += paper_section(plot_dir / "paper.json")
+    out += paper_section(plot_dir / "paper_pretrained.json", PAPER_PRETRAINED_HEADING)
     out += budgets_section(plot_dir / "budgets.json")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(out + kept_sections(md_path)))
@@ -644,7 +645,11 @@ def data_efficiency(folder: Path) -> list[str]:
     return out
 
 
-def paper_section(path: Path) -> list[str]:
+PAPER_HEADING = "## 7. UVC as published (`--preset paper`) beside uvc's default (issue 31)"
+PAPER_PRETRAINED_HEADING = "### 7b. The same on the pretrained teacher (issue 31, item 3)"
+
+
+def paper_section(path: Path, heading: str = PAPER_HEADING) -> list[str]:
     """Section 7 from bench/paper.py: UVC as published beside uvc's default, and the ablation from the preset."""
     if not path.is_file():
         return []
@@ -653,7 +658,7 @@ def paper_section(path: Path) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for x in headline:
         groups.setdefault((x["method"], x["budget"]), []).append(x)
-    gap = lambda xs: "-" if xs[0].get("search_gap") is None else f"{statistics.fmean(x['search_gap'] for x in xs):+.4f}"  # noqa: E731
+    gap = lambda xs: "-" if xs[0].get("search_gap") is None else f"{round(statistics.fmean(x['search_gap'] for x in xs), 4) + 0.0:+.4f}"  # noqa: E731 (no "-0.0000")
     rows = [[PAPER_LABELS[m], b, len(xs), f"{xs[0]['post_lr']:g}", f"{statistics.fmean(x['ratio'] for x in xs):.4f}", gap(xs),
              fmt([x["top1_val_before_post"] for x in xs]), fmt([x["top1_val"] for x in xs]), fmt([x["top1"] for x in xs]),
              f"{statistics.fmean(x['seconds'] for x in xs):.0f}"]
@@ -661,7 +666,7 @@ def paper_section(path: Path) -> list[str]:
     tuning = [x for x in r["runs"] if x["stage"] == "tuning"]
     sweep = "; ".join(f"B = {x['budget']}, lr {x['post_lr']:g}: {x['top1_val']:.2f}" for x in tuning)
     teacher = headline[0] if headline else None
-    return ["## 7. UVC as published (`--preset paper`) beside uvc's default (issue 31)", "",
+    return [heading, "",
             f"Command: `{r['command']}`, {r['date']} to {r.get('finished', 'unfinished')}, {r['machine']['threads']} "
             f"thread(s), teacher {r['teacher']}"
             + (f" ({teacher['top1_teacher']:.2f} % test, {teacher['top1_val_teacher']:.2f} % validation)" if teacher else "")

@@ -760,3 +760,27 @@ def test_runs_from_before_the_activation_start_are_marked_with_both_starts_on_va
     note = " ".join(summary.start_note(tmp_path, "2026-11-26T22:19:57+00:00"))
     assert "B = 0.3: 90.57 ± 0.21 before, 90.10 ± 0.10 now (the old start wins)" in note
     assert "B = 0.5: 90.75 ± 0.05 before, 90.75 ± 0.05 now (within spread)" in note
+
+
+def test_the_paper_section_reads_a_sweep_under_its_heading_and_marks_uvc_rows_from_before_the_new_start(tmp_path):
+    def run(stage, method, gap, val, kept=True):
+        return {"stage": stage, "method": method, "budget": 0.5, "seed": 0, "post_lr": 3e-5, "ratio": 0.5, "search_gap": gap,
+                "top1_val_before_post": val, "top1_val": val, "top1": val - 1, "seconds": 100.0, "top1_teacher": 85.0,
+                "top1_val_teacher": 85.1, **({"kept_epoch": 0} if kept else {})}
+
+    def sweep(date):
+        return {"command": "paper.py", "date": date, "finished": date, "machine": {"threads": 2}, "teacher": "pretrained",
+                "load_average_start": [1.0], "settings": {"train_limit": 1000, "search_epochs": 1.0, "post_epochs": 1.0},
+                "post_lr_grid": [1e-4, 3e-5], "runs": [run("tuning", "paper", -0.04, 26.2), run("headline", "uvc", -1e-6, 83.5),
+                                                     run("headline", "paper", -0.0412, 26.2)]}
+
+    path = tmp_path / "paper_pretrained.json"
+    path.write_text(json.dumps(sweep("2026-12-07T12:00:04+00:00")))
+    text = "\n".join(summary.paper_section(path, summary.PAPER_PRETRAINED_HEADING))
+    assert text.startswith(summary.PAPER_PRETRAINED_HEADING) and "B = 0.5, lr 3e-05: 26.20" in text
+    assert "| uvc's default (UVC) | 0.5 | 1 | 3e-05 | 0.5000 | +0.0000 |" in text  # a gap of -1e-6 is no "-0.0000"
+    assert "| -0.0412 |" in text and "Stale" not in text
+    path.write_text(json.dumps(sweep("2026-12-06T04:31:04+00:00")))
+    old = "\n".join(summary.paper_section(path))
+    assert old.startswith(summary.PAPER_HEADING) and "every row of uvc's default in this section" in old
+    assert summary.paper_section(tmp_path / "missing.json") == []
