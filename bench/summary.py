@@ -419,7 +419,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
     lines = findings(results)
     if lines:
         out += ["## What the search adds", "",
-                "The control trains the search's start plan (see the note above for which) with the same masked KD for the "
+                "The control trains the search's start plan (at the defaults since 2026-12-07, `--one-shot`'s plan) with the same masked KD for the "
                 "search's epochs, ratios and gates frozen, then goes through the same fit, slimming and post-training. "
                 "UVC differs from it by the search alone.", "", *lines, ""]
     out += ["## 1. Accuracy at equal MACs and equal training (Fashion-MNIST)", "",
