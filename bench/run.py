@@ -265,15 +265,16 @@ def load_teacher(name: str):
                  "Pass --teacher DIR (a model folder written by uvc.save), --teacher bundled or --teacher pretrained.")
 
 
-def places(quick: bool, teacher: str = BENCH_TEACHER) -> tuple[Path, Path]:
-    """(folder of results.json and the plots, BENCHMARKS.md) of a mode; the pretrained teacher's full run
-    writes beside the bundled teacher's, never over it."""
+def places(quick: bool, teacher: str = BENCH_TEACHER) -> tuple[Path, Path, Path]:
+    """(folder of results.json and the plots, BENCHMARKS.md, folder of the runs' models) of a mode; the
+    pretrained teacher's full run writes beside the bundled teacher's, never over it (its models too:
+    --resume and the speed timings read them back)."""
+    runs = ROOT / "runs" / "bench"
     if quick:
-        folder = ROOT / "runs" / "bench" / "quick"
-        return folder, folder / "BENCHMARKS.md"
+        return runs / "quick", runs / "quick" / "BENCHMARKS.md", runs / "quick"
     if teacher == "pretrained":
-        return ROOT / "bench" / "results" / "pretrained", ROOT / "BENCHMARKS_PRETRAINED.md"
-    return ROOT / "bench" / "results", ROOT / "BENCHMARKS.md"
+        return ROOT / "bench" / "results" / "pretrained", ROOT / "BENCHMARKS_PRETRAINED.md", runs / "pretrained"
+    return ROOT / "bench" / "results", ROOT / "BENCHMARKS.md", runs / "full"
 
 
 def save(results: dict, path: Path) -> None:
@@ -343,7 +344,7 @@ def main() -> int:
     p.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from results.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    folder, md_path = places(args.quick, args.teacher)
+    folder, md_path, out_root = places(args.quick, args.teacher)
     if args.report_only:
         if not (folder / "results.json").is_file():
             sys.exit(f"bench: no {folder / 'results.json'} to report; run the benchmark first")
@@ -372,7 +373,6 @@ def main() -> int:
     done = previous_runs(results, folder) if args.resume else {}
     todo = planned_runs(s)
     results["reused_runs"] = sum(key in done for key in todo)
-    out_root = ROOT / "runs" / "bench" / results["mode"]
     log.info("%d accuracy runs, %d reused", len(todo), results["reused_runs"])
 
     teacher_scores = None
