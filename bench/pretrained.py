@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import timm
+from safetensors import safe_open
 
 import uvc
 from uvc.data import DataConfig, build_data
-from uvc.io import atomic_write_text
+from uvc.io import DIGEST_KEY, atomic_write_text
 from uvc.transfer import calibrated_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,13 @@ def cache_dir() -> Path:
 
 def teacher_dir() -> Path:
     return cache_dir() / "pretrained-teacher"
+
+
+def teacher_digest() -> str:
+    """The first 12 hex digits of the saved teacher's tensor digest: what results files name it by. A rebuild on
+    another thread count rounds the features, hence the head, differently: the same figures, another digest."""
+    with safe_open(teacher_dir() / "model.safetensors", "pt") as f:
+        return f.metadata()[DIGEST_KEY][:12]
 
 
 @dataclass(frozen=True)
@@ -241,7 +249,7 @@ def main() -> int:
                  "lowest validation cross-entropy",
                  "candidates": [{"pool": p, **{k: c[k] for k in ("ridge", "logit_scale", "top1_val")}}
                                 for p, c in candidates.items()]},
-        "top1_val": top1_val,
+        "top1_val": top1_val, "digest": teacher_digest(),
         "macs": uvc.macs(saved), "params": sum(p.numel() for p in saved.parameters()),
         "seconds": times, "torch_threads": s.threads, "torch": torch.__version__, "timm": timm.__version__,
         "saved_to": "$UVC_BENCH_CACHE/pretrained-teacher (default ~/.cache/uvc-bench; weights are not in the repository)",

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 import uvc
 from uvc.adapters import adapter_for
@@ -41,12 +40,12 @@ from uvc.compress import CompressConfig, Run, compress, post_train
 from uvc.data import DataConfig, build_data
 from uvc.distill import KDConfig
 from uvc.errors import UVCError
-from uvc.io import DIGEST_KEY, atomic_write_text
+from uvc.io import atomic_write_text
 from uvc.oneshot import one_shot
 from uvc.search import SearchConfig
 
 from baselines import plan_of_slimmed, taylor_gradients, torch_pruning_to_budget
-from pretrained import teacher_dir
+from pretrained import teacher_digest, teacher_dir
 from speed import deit_small_speed, speed_pair, steady_allocator, step_cost
 from summary import (ABLATIONS, BENCH_TEACHER, BUNDLED_TEACHER, LABELS, MAIN_METHODS, RESULTS_FORMAT, SEARCHED,
                      TEACHER_NOTES, UNTRAINED, write_summary)
@@ -253,12 +252,11 @@ def add_teacher_arg(p: argparse.ArgumentParser) -> None:
 
 def teacher_label(name: str) -> str:
     """How results files name a teacher: the folder as given, BUNDLED_TEACHER, or "pretrained" with the digest
-    of its weights, which change when bench/pretrained.py is run again with other settings: a sweep then
-    refuses to continue over the other teacher's runs."""
+    of its weights, which change when bench/pretrained.py is run again with other settings (or threads): a sweep
+    then refuses to continue over the other teacher's runs."""
     if name != "pretrained":
         return BUNDLED_TEACHER if name == "bundled" else name
-    with safe_open(teacher_dir() / "model.safetensors", "pt") as f:
-        return f"pretrained {f.metadata()[DIGEST_KEY][:12]}"
+    return f"pretrained {teacher_digest()}"
 
 
 def load_teacher(name: str):

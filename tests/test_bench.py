@@ -103,7 +103,9 @@ def test_pretrained_teacher_gets_its_own_settings_and_files():
 
 
 def test_the_pretrained_teacher_is_named_by_its_weights_so_a_rebuilt_one_is_another_teacher(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "teacher_dir", lambda: tmp_path)
+    import pretrained
+
+    monkeypatch.setattr(pretrained, "teacher_dir", lambda: tmp_path)  # where the digest is read
     model = tiny_vit()
     uvc.save(model, tmp_path)
     first = bench.teacher_label("pretrained")
