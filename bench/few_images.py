@@ -9,9 +9,9 @@ post-training), the teacher is compressed by each of `--methods`: by default on 
 uniform plan + KD and one-shot pruning with least-squares compensation + KD; on the pretrained teacher
 UVC and `--one-shot` + KD, the comparison its issue sets a target on. The calibration images of the
 compensation are among the same few images. Validation and test as in the benchmark protocol
-(bench/run.py). Writes bench/results/few_images.json (few_images_pretrained.json) after every run;
+(bench/run.py). Writes bench/results/few_images.json (pretrained/few_images.json) after every run;
 run again with the same arguments, a killed sweep goes on from its finished runs (more `--seeds` or
-`--images` add runs). `python bench/run.py --report-only` puts few_images.json in BENCHMARKS.md.
+`--images` add runs). `python bench/run.py --report-only` puts it in BENCHMARKS.md (BENCHMARKS_PRETRAINED.md).
 """
 from __future__ import annotations
 
@@ -48,14 +48,14 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", choices=list(LABELS), default=None,
                    help=f"(default: {' '.join(METHODS)}; with --teacher pretrained {' '.join(PRETRAINED_METHODS)})")
     p.add_argument("--name", default=None, help="results file bench/results/NAME.json (None: few_images, or "
-                   "few_images_pretrained with --teacher pretrained; BENCHMARKS.md reads few_images)")
+                   "pretrained/few_images with --teacher pretrained, which BENCHMARKS_PRETRAINED.md reads)")
     args = p.parse_args()
     methods = args.methods or (PRETRAINED_METHODS if args.teacher == "pretrained" else METHODS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     teacher = load_teacher(args.teacher)
     base = settings_for(args.teacher)
-    args.name = args.name or ("few_images_pretrained" if args.teacher == "pretrained" else "few_images")
+    args.name = args.name or ("pretrained/few_images" if args.teacher == "pretrained" else "few_images")
     started = time.perf_counter()
     path = ROOT / "bench" / "results" / f"{args.name}.json"
     results = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "budget": args.budget,

@@ -144,11 +144,11 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=None,
                    help="results file bench/results/NAME.json; run folders runs/bench/NAME/ (None: tune, or "
-                        "tune_pretrained with --teacher pretrained)")
+                        "pretrained/tune with --teacher pretrained, which BENCHMARKS_PRETRAINED.md reads)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     settings = settings_for(args.teacher)
-    args.name = args.name or ("tune_pretrained" if args.teacher == "pretrained" else "tune")
+    args.name = args.name or ("pretrained/tune" if args.teacher == "pretrained" else "tune")
     for search in args.search_epochs:
         split_settings(settings, search)  # refuse a bad length before any work
     search_set = parse_search_set(args.search_set)
