@@ -372,6 +372,20 @@ def test_a_control_run_and_a_baseline_run_report_what_the_tables_need(tmp_path, 
     assert records[0]["epochs"] == [TINY.search_epochs, TINY.post_epochs] and records[1]["epochs"][0] == 0
 
 
+def test_the_untrained_one_shot_row_is_one_shots_model_as_it_comes(tmp_path, fmnist_available):
+    """`oneshot_only`: `--one-shot` without a training step, scored on validation and test as it comes out of the refit."""
+    if not fmnist_available:
+        pytest.skip("Fashion-MNIST is missing")
+    teacher = tiny_vit()
+    cfg = bench.compress_config(TINY, 0.5, tmp_path, "oneshot_only", 0)
+    record = bench.run_method("oneshot_only", 0.5, 0, teacher, TINY, tmp_path, Run(cfg, model=teacher, teacher=teacher).score_teacher())
+    assert record["epochs"] == [0.0, 0.0] and summary.in_window(record["ratio"], 0.5)
+    assert record["top1_val"] == record["top1_val_before_post"] and record["kept_epoch"] == 0
+    refit, _ = bench.prune_baseline("oneshot_only", teacher, 0.5, cfg, TINY)
+    delivered = uvc.load(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(refit.state_dict().values(), delivered.state_dict().values()))
+
+
 def test_post_train_reports_the_slimmed_model(tmp_path, fmnist_available):
     if not fmnist_available:
         pytest.skip("Fashion-MNIST is missing")
