@@ -440,7 +440,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
     s = results["settings"]
     first = results["accuracy"][0]
     methods_run = {r["method"] for r in results["accuracy"]}
-    out = ["# Benchmarks", ""]
+    out = ["# Benchmarks" + (": the pretrained teacher (DINOv2-S/14)" if results["teacher"].startswith("pretrained") else ""), ""]
     if results["mode"] == "quick":
         out += ["> **Quick mode**: small settings (below) to check the pipeline, not the full benchmark. One seed, "
                 "so no comparison is decided; accuracies from so little training are far from converged. "
@@ -537,13 +537,16 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "- **uniform**: `uvc.budget.uniform_plan` keeps the same fraction of head dimensions and MLP neurons in "
             "every block (R <= B); the kept ones have the largest squared weight norms (output-projection columns, "
             "fc2 columns: the importance UVC uses). Then `uvc.slim` and post-training.",
-            "- **compensated**: `uvc.oneshot.one_shot` with the uniform allocation and weight-norm importance (the "
-            "uniform baseline's allocation and ranking, fitted to [B - 0.01, B]), then closed-form least-squares compensation of the "
-            f"layers that read the pruned groups on {s['calibration_images']} unlabeled training images; then post-training.",
+            *(["- **compensated**: `uvc.oneshot.one_shot` with the uniform allocation and weight-norm importance (the "
+               "uniform baseline's allocation and ranking, fitted to [B - 0.01, B]), then closed-form least-squares compensation "
+               f"of the layers that read the pruned groups on {s['calibration_images']} unlabeled training images; then "
+               "post-training."] if "compensated" in methods_run else []),
             "- **oneshot**: `uvc.oneshot.one_shot` with its own defaults, those of `uvc compress --one-shot` (section 4 "
             "sets them beside the best configuration on validation): groups ranked by weight norm times mean squared activation, removed across all "
             "blocks by least importance per MAC saved, the same compensation; then post-training. It differs from "
             "**compensated** by the ranking and by a non-uniform allocation read off the importance scores, without training.",
+            *(["- **uvc --one-shot, no training**: the same model as it comes out of the refit, scored without a training "
+               "step; nothing in it depends on the seed, so it runs once per budget."] if "oneshot_only" in methods_run else []),
             "- **Torch-Pruning**: `MetaPruner` with global ranking (`GroupMagnitudeImportance(p=2)` or "
             "`GroupTaylorImportance` from label-loss gradients) over attention head dimensions (the same ones in "
             "every head of a block, `num_heads` passed for timm's fused qkv) and MLP channels; the patch embedding and "
