@@ -138,7 +138,9 @@ def test_paper_variants_train_equally_and_differ_from_the_preset_by_their_switch
 @pytest.mark.parametrize("budget", [0.3, 0.5])
 def test_every_method_trains_equally_long_with_the_same_data_optimizer_and_kd(tmp_path, budget):
     s = bench.FULL
-    cfgs = {m: bench.compress_config(s, budget, tmp_path / m, m, seed=2) for m in summary.LABELS}
+    cfgs = {m: bench.compress_config(s, budget, tmp_path / m, m, seed=2) for m in summary.LABELS if m not in summary.UNTRAINED}
+    for untrained in summary.UNTRAINED:  # --one-shot without training: a row of no training at all, not of less
+        assert bench.compress_config(s, budget, tmp_path / untrained, untrained, seed=2).post.epochs == 0
     uvc_cfg = cfgs["uvc"]
     for method, cfg in cfgs.items():
         search = cfg.search.schedule.epochs if method in summary.SEARCHED else 0
