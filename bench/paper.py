@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from run import (POST_LRS, ROOT, add_teacher_arg, compress_config, continue_sweep, load_teacher, machine, run_record, save,
-                 settings_for, teacher_label, training_epochs)
+from run import (NOT_READ_BY_RUNS, POST_LRS, ROOT, add_teacher_arg, compress_config, continue_sweep, load_teacher, machine,
+                 run_record, save, settings_for, teacher_label, training_epochs)
 from summary import PAPER_LABELS
 from uvc.compress import CompressConfig, Run, compress
 from uvc.presets import PRESETS, apply_preset, set_fields
@@ -96,7 +96,8 @@ def main() -> int:
                "preset": {k: v for k, v in PRESETS["paper"].items()}, "switches": SWITCHES,
                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(args.threads), "load_average_start": os.getloadavg(), "runs": []}
-    results = continue_sweep(path, results, ("teacher", "settings", "preset"))
+    # The benchmark's seed count, method lists and timings are not read by these runs: a change of them keeps the sweep.
+    results = continue_sweep(path, results, ("teacher", "settings", "preset"), tuple(NOT_READ_BY_RUNS))
     done = {(r["stage"], r["method"], r["budget"], r["seed"], r["post_lr"]) for r in results["runs"]}
     scores = Run(compress_config(s, budgets[0], runs_dir / "teacher", "uvc"), model=teacher, teacher=teacher).score_teacher()
 
