@@ -113,7 +113,7 @@ FULL = Settings(budgets=(0.3, 0.5), seeds=5, train_limit=6400, val_limit=None, t
 # a --one-shot + KD run 6-11 min; the rewound end's refit took 170 s on 1,000 images, 81 s on the 500 used since.
 # On both threads alone a UVC or control run took 199-217 s (bench/tune.py, 2026-12-07). The 2-hour limit
 # therefore holds the methods only: 5 methods x 2 budgets x 3 seeds = 30 runs, and --one-shot without
-# training once per budget (no seed enters it). Timed whole on 2 threads (2026-12-07): 61.8 min, the runs 51-151 s
+# training once per budget (no seed enters it). Timed whole on 2 threads (2026-12-07): 61.8 min, the runs 51-159 s
 # each (BENCHMARKS_PRETRAINED.md); no UVC ablations, no compensated baseline (--one-shot is the compensated method users get) and no
 # DeiT-Small timing (it does not depend on the teacher: FULL's). Post-training rates: bench/teacher's, which the
 # pretrained teacher's own grid confirmed on validation (bench/results/pretrained/tune.json, seed 0, both budgets:
