@@ -22,7 +22,6 @@ import logging
 import os
 import shlex
 import sys
-import time
 
 import torch
 
@@ -56,7 +55,6 @@ def main() -> int:
     teacher = load_teacher(args.teacher)
     base = settings_for(args.teacher)
     args.name = args.name or ("pretrained/few_images" if args.teacher == "pretrained" else "few_images")
-    started = time.perf_counter()
     path = ROOT / "bench" / "results" / f"{args.name}.json"
     results = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "budget": args.budget,
                "teacher": teacher_label(args.teacher),

@@ -138,19 +138,9 @@ def targets(results: dict) -> list[tuple[str, str, str]]:
     """(target, what was measured, verdict) for each target of issue 13 (on the pretrained teacher, issue 29's
     instead of the teacher gap); test top-1 decides, validation is shown."""
     acc = rows_by_key(results)
-    rows = []
-    for budget in TARGET_BUDGETS:
-        uvc_runs, control = acc.get(("uvc", budget)), acc.get(("control", budget))
-        name = f"UVC beats the control (the start plan, frozen search, same training) at B = {budget}"
-        if not (uvc_runs and control):
-            rows.append((name, f"B = {budget} not run in this mode", _verdict(None)))
-        else:
-            test = compare(values(uvc_runs, "top1"), values(control, "top1"))
-            ok = None if test is None else test == 1 and meets_budget(uvc_runs)
-            measured = f"test: {_vs('UVC', 'control', uvc_runs, control)}; validation: {_vs('UVC', 'control', uvc_runs, control, 'top1_val')}"
-            if not meets_budget(uvc_runs):
-                measured += "; UVC's R is outside its window"
-            rows.append((name, measured, _verdict(ok)))
+    rows = [uvc_beats(acc, "control", "control", budget,
+                      f"UVC beats the control (the start plan, frozen search, same training) at B = {budget}")
+            for budget in TARGET_BUDGETS]
     for budget in TARGET_BUDGETS:
         uvc_runs = acc.get(("uvc", budget))
         name = f"UVC beats every baseline ({', '.join(BASELINES)}) at B = {budget}"
@@ -209,17 +199,22 @@ def pretrained_targets(results: dict) -> list[tuple[str, str, str]]:
                                seeds=1)]
     rows += [teacher_gap_target(acc.get(("uvc", b)), b, gap, f"UVC ({images} training images)")
              for b, gap in sorted(PRETRAINED_UVC_GAPS.items(), reverse=True)]
-    for budget in TARGET_BUDGETS:
-        uvc_runs, oneshot = acc.get(("uvc", budget)), acc.get(("oneshot", budget))
-        name = f"UVC beats `--one-shot` + KD by more than the spread at B = {budget} (test)"
-        if not (uvc_runs and oneshot):
-            rows.append((name, f"B = {budget} not run in this mode", _verdict(None)))
-            continue
-        outcome = compare(values(uvc_runs, "top1"), values(oneshot, "top1"))
-        rows.append((name, f"test: {_vs('UVC', '--one-shot + KD', uvc_runs, oneshot)}; validation: "
-                     f"{_vs('UVC', '--one-shot + KD', uvc_runs, oneshot, 'top1_val')}",
-                     _verdict(None if outcome is None else outcome == 1 and meets_budget(uvc_runs))))
+    rows += [uvc_beats(acc, "oneshot", "--one-shot + KD", budget,
+                       f"UVC beats `--one-shot` + KD by more than the spread at B = {budget} (test)") for budget in TARGET_BUDGETS]
     return rows
+
+
+def uvc_beats(acc: dict, rival: str, label: str, budget: float, name: str) -> tuple[str, str, str]:
+    """(target, measured, verdict): UVC's test top-1 above `rival`'s by more than the spread, inside its budget window."""
+    uvc_runs, rival_runs = acc.get(("uvc", budget)), acc.get((rival, budget))
+    if not (uvc_runs and rival_runs):
+        return name, f"B = {budget} not run in this mode", _verdict(None)
+    test = compare(values(uvc_runs, "top1"), values(rival_runs, "top1"))
+    measured = (f"test: {_vs('UVC', label, uvc_runs, rival_runs)}; "
+                f"validation: {_vs('UVC', label, uvc_runs, rival_runs, 'top1_val')}")
+    if not meets_budget(uvc_runs):
+        measured += "; UVC's R is outside its window"
+    return name, measured, _verdict(None if test is None else test == 1 and meets_budget(uvc_runs))
 
 
 def findings(results: dict) -> list[str]:
