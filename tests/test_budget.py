@@ -9,6 +9,7 @@ from uvc.budget import (check_budget, fit_to_budget, plan_of_counts, removal_cos
                         uniform_removal)
 from uvc.flops import skeleton_of
 from uvc.importance import group_norms
+from uvc.resource import HalfTimes, LatencyModel, Skeleton
 
 
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
@@ -55,3 +56,20 @@ def test_a_budget_only_skipping_reaches_is_refused_with_the_skip_option_named():
     check_budget((pruned + skipped) / 2, skel, prune=True, skip=True)  # reachable: no error
     with pytest.raises(uvc.UVCError, match=r"ask for at least [0-9.]+$"):  # below both: no skip advice
         check_budget(skipped / 2, skel, prune=True, skip=False)
+
+
+def test_fit_trades_a_give_back_for_a_removal_where_a_measured_table_rises_in_big_steps():
+    """A noisy latency table: attention with 2-3 heads costs 0.095 at one dimension per head, 0.259 from four.
+    Uniform widths stop at R = 0.43 below B = 0.5, and every single group given back then overshoots B."""
+    half = HalfTimes(heads=(1, 2, 3), head_dims=(1, 4, 8, 12, 16),
+                     attn=((0.0950, 0.0951, 0.0952, 0.0953, 0.0954), (0.0951, 0.259, 0.2591, 0.2592, 0.2593),
+                           (0.0952, 0.2591, 0.2592, 0.2593, 0.355)),
+                     hidden=(1, 32, 64, 96, 128, 160, 192), mlp=(0.086, 0.087, 0.0871, 0.097, 0.103, 0.110, 0.111))
+    skel = Skeleton(tokens=17, dim=[48, 48], heads=[3, 3], head_dim=[16, 16], hidden=[192, 192], fixed=0,
+                    resource="latency", latency=LatencyModel(fixed=0.068, blocks=(half, half)))
+    ones = torch.ones(2, dtype=torch.float64)
+    costs = [[torch.linspace(0.1, 1.0, n) for n in (3, 16, 192)]] * 2
+    start = uniform_removal(skel, 0.5)
+    assert float(skel.ratio(start, ones, ones)) < 0.49
+    removed = fit_to_budget(skel, start, ones, ones, costs, 0.5)
+    assert 0.49 <= float(skel.ratio(removed.double(), ones, ones)) <= 0.5

@@ -9,6 +9,7 @@ multiples of 8 run on faster GPU kernels).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -139,7 +140,9 @@ def fit_to_budget(skel: Skeleton, removed: torch.Tensor, attn: torch.Tensor, mlp
 
     `costs[l][k]` holds the importance of each group of kind k in block l, sorted ascending (the
     order in which they are removed). Removing takes the step with the least importance per MAC
-    saved; giving back takes the step with the most importance per MAC added that still fits.
+    saved; giving back takes the step with the most importance per MAC added that still fits; where
+    every give-back overshoots B, the smallest overshooting give-back is followed by
+    removals elsewhere that land in the window.
     Head dimensions and neurons move `multiple` at a time and stay at multiples of it (heads move
     one at a time). Works on CPU float64 copies; returns a tensor like `removed`.
     """
@@ -156,35 +159,57 @@ def fit_to_budget(skel: Skeleton, removed: torch.Tensor, attn: torch.Tensor, mlp
     def ratio(r):
         return float(skel.ratio(r, attn, mlp))
 
-    def candidates(direction: int):
-        current = ratio(removed)
+    def moves(state: torch.Tensor, direction: int, frozen: tuple[int, int] | None = None):
+        """(importance of the groups moved, R after, the counts after, (block, kind)) for each single step
+        from `state`, except along `frozen`."""
+        current = ratio(state)
         for l in range(skel.depth):
             for k in range(3):
                 step = steps[k]
-                n = int(removed[l, k]) + direction * step
-                if n > sizes[l, k] - min(step, sizes[l, k]) or n < 0:
+                n = int(state[l, k]) + direction * step
+                if (l, k) == frozen or n > sizes[l, k] - min(step, sizes[l, k]) or n < 0:
                     continue
-                trial = removed.clone()
+                trial = state.clone()
                 trial[l, k] = n
                 trial_ratio = ratio(trial)
-                delta = abs(trial_ratio - current)
-                if delta == 0:
+                if trial_ratio == current:
                     continue
-                group = slice(int(removed[l, k]), n) if direction > 0 else slice(n, int(removed[l, k]))
-                yield float(costs[l][k][group].sum()) / delta, trial_ratio, trial
+                group = slice(int(state[l, k]), n) if direction > 0 else slice(n, int(state[l, k]))
+                yield float(costs[l][k][group].sum()), trial_ratio, trial, (l, k)
+
+    def per_resource(move, current: float) -> float:
+        return move[0] / abs(move[1] - current)
+
+    def remove_until_fits(state: torch.Tensor, frozen: tuple[int, int] | None = None, land: bool = False) -> torch.Tensor:
+        """Remove the step with the least importance per resource saved until R <= B; with `land`, only steps
+        that stay at or above B - tolerance while there are such."""
+        while (current := ratio(state)) > budget:
+            options = list(moves(state, +1, frozen))
+            if not options:
+                raise UVCError(f"cannot reach budget {budget}: the smallest model with these skip decisions has "
+                               f"R = {current:.4f}")
+            if land:
+                options = [o for o in options if o[1] >= budget - tolerance] or options
+            state = min(options, key=lambda o: per_resource(o, current))[2]
+        return state
 
     most = sizes - torch.minimum(torch.tensor(steps, dtype=sizes.dtype), sizes)  # every removable group removed
     if ratio(torch.maximum(removed, most)) > budget:  # said at once, not after removing group by group
         raise UVCError(f"cannot reach budget {budget}: the smallest model with these skip decisions has "
                        f"R = {ratio(torch.maximum(removed, most)):.4f}")
-    while ratio(removed) > budget:
-        options = list(candidates(+1))
-        if not options:
-            raise UVCError(f"cannot reach budget {budget}: the smallest model with these skip decisions has R = {ratio(removed):.4f}")
-        removed = min(options, key=lambda o: o[0])[2]
-    while ratio(removed) < budget - tolerance / 4:
-        options = [o for o in candidates(-1) if o[1] <= budget]
+    removed = remove_until_fits(removed)
+    while (current := ratio(removed)) < budget - tolerance / 4:
+        options = [o for o in moves(removed, -1) if o[1] <= budget]
         if not options:
             break
-        removed = max(options, key=lambda o: o[0])[2]
+        removed = max(options, key=lambda o: per_resource(o, current))[2]
+    if ratio(removed) < budget - tolerance:
+        # Every single give-back overshoots B (a measured table can rise in big steps): give one back, the
+        # smallest overshoot first, and remove elsewhere until R lands in the window.
+        for _, _, back, where in sorted(moves(removed, -1), key=lambda o: o[1]):
+            with contextlib.suppress(UVCError):
+                trial = remove_until_fits(back, frozen=where, land=True)
+                if ratio(trial) >= budget - tolerance:
+                    removed = trial
+                    break
     return removed.to(like)
