@@ -536,8 +536,9 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
                "uniform baseline's allocation and ranking, fitted to [B - 0.01, B]), then closed-form least-squares compensation "
                f"of the layers that read the pruned groups on {s['calibration_images']} unlabeled training images; then "
                "post-training."] if "compensated" in methods_run else []),
-            "- **oneshot**: `uvc.oneshot.one_shot` with its own defaults, those of `uvc compress --one-shot` (section 4 "
-            "sets them beside the best configuration on validation): groups ranked by weight norm times mean squared activation, removed across all "
+            "- **oneshot**: `uvc.oneshot.one_shot` with its own defaults, those of `uvc compress --one-shot`"
+            + (" (section 4 sets them beside the best configuration on validation)" if (plot_dir / "oneshot.json").is_file() else "")
+            + ": groups ranked by weight norm times mean squared activation, removed across all "
             "blocks by least importance per MAC saved, the same compensation; then post-training. It differs from "
             "**compensated** by the ranking and by a non-uniform allocation read off the importance scores, without training.",
             *(["- **uvc --one-shot, no training**: the same model as it comes out of the refit, scored without a training "
@@ -552,6 +553,7 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             "post-training is as long as UVC's search and post-training together.", ""]
     out += data_efficiency(plot_dir)
     out += tuning_section(plot_dir, s["search_epochs"], post_lrs(s))
+    out += tuning_section(plot_dir, s["search_epochs"], post_lrs(s), "grid", GRID_HEADING)
     out += paper_section(plot_dir / "paper.json")
     out += paper_section(plot_dir / "paper_pretrained.json", PAPER_PRETRAINED_HEADING)
     out += budgets_section(plot_dir / "budgets.json")
@@ -610,19 +612,45 @@ def tuning_table(results: dict, default_search: float, default_lrs: dict[str, fl
     return f"Teacher: validation top-1 {results['teacher_val']:.2f}%.\n\n" + table(header, rows)
 
 
-def tuning_section(folder: Path, default_search: float, default_lrs: dict[str, float]) -> list[str]:
-    """The section from bench/tune.py's results, where they exist."""
-    path = folder / "tune.json"
+TUNE_HEADING = "## 6. Training settings chosen on validation: UVC's split, the post-training rate, parts of the search"
+GRID_HEADING = "## 6b. The equal grid: every method at the same rates, both budgets (issue 29)"
+
+
+def best_rates(runs: list[dict], default_search: float, default_lrs: dict[str, float]) -> list[str]:
+    """Per method and budget, the post-training rate with the best mean validation top-1 among the rates every
+    method of the sweep ran (runs at the benchmark's split without search changes), beside the benchmark's rate."""
+    plain = [r for r in runs if not r.get("search_set") and (r["method"] not in SEARCHED or r["search_epochs"] == default_search)]
+    lines = []
+    for method in [m for m in LABELS if any(r["method"] == m for r in plain)]:
+        parts = []
+        for budget in sorted({r["budget"] for r in plain if r["method"] == method}):
+            by_lr: dict[float, list[float]] = {}
+            for r in plain:
+                if r["method"] == method and r["budget"] == budget:
+                    by_lr.setdefault(r["post_lr"], []).append(r["top1_val"])
+            best = max(by_lr, key=lambda lr: (statistics.fmean(by_lr[lr]), lr == default_lrs[method]))
+            tried = ", ".join(f"{lr:g}: {statistics.fmean(v):.2f}" for lr, v in sorted(by_lr.items()))
+            parts.append(f"B = {budget}: best {best:g} ({tried})")
+        lines.append(f"- {method}: " + "; ".join(parts) + f". The benchmark runs it at {default_lrs[method]:g}.")
+    return lines
+
+
+def tuning_section(folder: Path, default_search: float, default_lrs: dict[str, float], name: str = "tune",
+                   heading: str = TUNE_HEADING) -> list[str]:
+    """The section from a bench/tune.py sweep (`name`.json), where it exists."""
+    path = folder / f"{name}.json"
     if not path.is_file():
         return []
     r = json.loads(path.read_text())
     commands = "; ".join(f"`{c}`" for c in r["commands"])
-    out = ["## 6. Training settings chosen on validation: UVC's split, the post-training rate, parts of the search", "",
+    out = [heading, "",
            f"Commands: {commands}; last run {r['date']}, {r['machine']['threads']} thread(s); teacher: {r['teacher']}. "
            "Every method as in section 1 with the same 2 epochs in all; UVC's warm-up and fade scaled with its search's "
            "length; no run read the test split. The benchmark runs each method at its best rate here.", "",
            tuning_table(r, default_search, default_lrs), "", *delivered_note(r["runs"]),
-           *start_note(folder, r["date"], "every UVC and control run in this section")]
+           *start_note(folder, r["date"], "every UVC and control run in this section"),
+           "Best rate on validation (mean top-1 at each rate tried; a tie keeps the benchmark's rate):", "",
+           *best_rates(r["runs"], default_search, default_lrs), ""]
     for lr in sorted({x["post_lr"] for x in r["runs"]}, reverse=True):
         change = [x["top1_val"] - x["top1_val_before_post"] for x in r["runs"] if x["method"] == "uvc" and x["post_lr"] == lr
                   and not x.get("search_set")]

@@ -282,6 +282,12 @@ def test_the_tuning_table_judges_each_setting_against_the_benchmarks_and_each_ri
     assert "`python bench/tune.py`; `python bench/tune.py --post-lrs 3e-5`" in section
     assert "lr 0.0001 changed validation top-1 by -0.61 point on average (lowered it in 9 of 9 runs)" in section
     assert "lr 3e-05 changed validation top-1 by -0.10 point" in section  # UVC's runs alone: one-shot's start is 88
+    # The best rate per method at the benchmark's split, search changes and other splits left out
+    assert "- uvc: B = 0.5: best 3e-05 (3e-05: 90.90, 0.0001: 90.50). The benchmark runs it at 0.0001." in section
+    assert "- oneshot: B = 0.5: best 3e-05 (3e-05: 90.60, 0.0001: 90.45)." in section
+    (tmp_path / "grid.json").write_text(json.dumps({**results, "runs": runs("uvc", 1.0, 1e-4, [90.0]) + runs("uvc", 1.0, 1e-3, [90.0])}))
+    grid = summary.tuning_section(tmp_path, 1.0, dict.fromkeys(summary.LABELS, 1e-4), "grid", summary.GRID_HEADING)
+    assert grid[0] == summary.GRID_HEADING and "- uvc: B = 0.5: best 0.0001 (0.0001: 90.00, 0.001: 90.00)." in "\n".join(grid)
 
 
 # ---- baselines -------------------------------------------------------------------------------
