@@ -116,10 +116,10 @@ FULL = Settings(budgets=(0.3, 0.5), seeds=5, train_limit=6400, val_limit=None, t
 # training once per budget (no seed enters it). Timed whole on 2 threads (2026-12-07): 61.8 min, the runs 51-159 s
 # each (BENCHMARKS_PRETRAINED.md); no UVC ablations, no compensated baseline (--one-shot is the compensated method users get) and no
 # DeiT-Small timing (it does not depend on the teacher: FULL's). Post-training rates: bench/teacher's, which the
-# pretrained teacher's own grid confirmed on validation (bench/results/pretrained/tune.json, seed 0, both budgets:
-# 1e-5 / 1e-4 / 1e-3 for uniform and Torch-Pruning, 1e-4 best for both; UVC, the control and --one-shot at 1e-4
-# collapse in post-training (12.9-44.4 %), so keep_best hands back the refit, level with their 1e-5 runs, the
-# benchmark's own seed 0: the gentler rate, the default, stays).
+# pretrained teacher's own grid confirmed on validation (bench/results/pretrained/tune.json, seed 0, both budgets,
+# 1e-5 / 1e-4 / 1e-3 for every method: 1e-4 best for uniform and Torch-Pruning; UVC, the control and --one-shot
+# tie at every rate, since post-training never raised the refit's validation score and keep_best hands the refit
+# back, so the gentler rate, the default, stays).
 PRETRAINED = Settings(budgets=(0.3, 0.5), seeds=3, train_limit=1000, val_limit=1000, test_limit=2000, batch_size=64,
                       search_epochs=1.0, search_warmup_epochs=0.2, post_epochs=1.0, taylor_batches=4,
                       calibration_images=500, speed_batches=(1, 64), speed_rounds=5, deit_batches=(1, 64), cost_steps=8,
