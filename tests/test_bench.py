@@ -57,7 +57,7 @@ def test_full_run_plan_seeds_the_main_methods_and_runs_each_ablation_once():
     assert runs[:len(seed0) * 2] == [(m, b, 0) for b in (0.3, 0.5) for m in seed0]
 
 
-def test_resume_keeps_runs_across_a_change_of_the_seed_count_or_the_timings_and_refuses_any_other(tmp_path):
+def test_resume_keeps_runs_across_a_change_of_the_seed_count_the_timings_or_another_methods_rate_and_refuses_any_other(tmp_path):
     run_dir = tmp_path / "uvc-b0.5-s0"
     run_dir.mkdir()
     (run_dir / "model.safetensors").write_bytes(b"")
@@ -69,6 +69,11 @@ def test_resume_keeps_runs_across_a_change_of_the_seed_count_or_the_timings_and_
     assert list(bench.previous_runs(now, tmp_path)) == [("uvc", 0.5, 0)]
     timed_longer = {**now, "settings": {**settings, "speed_rounds": 9, "deit_batches": (1,), "cost_steps": 3}}
     assert list(bench.previous_runs(timed_longer, tmp_path)) == [("uvc", 0.5, 0)]
+    # A changed post-training rate drops only the runs of the method whose rate changed
+    rival_faster = {**now, "settings": {**settings, "post_lrs": {**settings["post_lrs"], "uniform": 0.1}}}
+    assert list(bench.previous_runs(rival_faster, tmp_path)) == [("uvc", 0.5, 0)]
+    uvc_faster = {**now, "settings": {**settings, "post_lrs": {**settings["post_lrs"], "uvc": 0.1}}}
+    assert list(bench.previous_runs(uvc_faster, tmp_path)) == []
     longer = {**now, "settings": {**settings, "post_epochs": settings["post_epochs"] + 1}}
     with pytest.raises(SystemExit, match="differs from this invocation in post_epochs, so its runs cannot be reused"):
         bench.previous_runs(longer, tmp_path)
