@@ -63,17 +63,20 @@ def test_resume_keeps_runs_across_a_change_of_the_seed_count_the_timings_or_anot
     (run_dir / "model.safetensors").write_bytes(b"")
     settings = dataclasses.asdict(bench.FULL)
     earlier = {"format": summary.RESULTS_FORMAT, "teacher": "bundled", "settings": {**settings, "seeds": 3},
-               "accuracy": [{"method": "uvc", "budget": 0.5, "seed": 0, "out": str(run_dir), "top1": 90.0}]}
+               "accuracy": [{"method": "uvc", "budget": 0.5, "seed": 0, "out": str(run_dir), "top1": 90.0},
+                            {"method": "uvc", "budget": 0.3, "seed": 0, "out": str(tmp_path / "gone"), "top1": 89.0},
+                            {"method": "control", "budget": 0.3, "seed": 0, "out": str(tmp_path / "gone"), "top1": 88.0}]}
     (tmp_path / "results.json").write_text(json.dumps(earlier))
     now = {"teacher": "bundled", "settings": settings}
-    assert list(bench.previous_runs(now, tmp_path)) == [("uvc", 0.5, 0)]
+    # A record stands without its model, except UVC's of seed 0, which the speed timings load
+    assert list(bench.previous_runs(now, tmp_path)) == [("uvc", 0.5, 0), ("control", 0.3, 0)]
     timed_longer = {**now, "settings": {**settings, "speed_rounds": 9, "deit_batches": (1,), "cost_steps": 3}}
-    assert list(bench.previous_runs(timed_longer, tmp_path)) == [("uvc", 0.5, 0)]
+    assert list(bench.previous_runs(timed_longer, tmp_path)) == [("uvc", 0.5, 0), ("control", 0.3, 0)]
     # A changed post-training rate drops only the runs of the method whose rate changed
     rival_faster = {**now, "settings": {**settings, "post_lrs": {**settings["post_lrs"], "uniform": 0.1}}}
-    assert list(bench.previous_runs(rival_faster, tmp_path)) == [("uvc", 0.5, 0)]
+    assert list(bench.previous_runs(rival_faster, tmp_path)) == [("uvc", 0.5, 0), ("control", 0.3, 0)]
     uvc_faster = {**now, "settings": {**settings, "post_lrs": {**settings["post_lrs"], "uvc": 0.1}}}
-    assert list(bench.previous_runs(uvc_faster, tmp_path)) == []
+    assert list(bench.previous_runs(uvc_faster, tmp_path)) == [("control", 0.3, 0)]
     longer = {**now, "settings": {**settings, "post_epochs": settings["post_epochs"] + 1}}
     with pytest.raises(SystemExit, match="differs from this invocation in post_epochs, so its runs cannot be reused"):
         bench.previous_runs(longer, tmp_path)
