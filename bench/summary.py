@@ -465,7 +465,8 @@ def write_summary(results: dict, md_path: Path, plot_dir: Path) -> None:
             f"[B - {R_TOLERANCE}, B]; test top-1 % and validation top-1 % (mean ± std over seeds); validation top-1 % "
             "right after pruning / slimming, before post-training; the comparison with UVC by the rule above "
             "(test top-1); parameters; wall seconds per run.", "",
-            "Post-training rate per 128 images, each method's own (chosen on validation, section 6): "
+            "Post-training rate per 128 images, each method's own (chosen on validation, section "
+            + ("6 and the equal grid, 6b" if (plot_dir / "grid.json").is_file() else "6") + "): "
             + ", ".join(f"{m} {lr:g}" for m, lr in post_lrs(s).items() if m in methods_run and m not in UNTRAINED)
             + ".", ""]
     for budget in s["budgets"]:
