@@ -738,7 +738,7 @@ def paper_section(path: Path, heading: str = PAPER_HEADING) -> list[str]:
             f"Equal training: {r['settings']['train_limit']} training images, {r['settings']['search_epochs']:g} search + "
             f"{r['settings']['post_epochs']:g} post-training epochs for every row, the benchmark's data order and KD "
             "teacher. The preset's post-training rate was chosen on validation (seed 0, every budget) from "
-            f"{', '.join(f'{lr:g}' for lr in r['post_lr_grid'])}, the grid the other methods' rates were chosen from: {sweep}. "
+            f"{', '.join(f'{lr:g}' for lr in r['post_lr_grid'])}: {sweep}. "
             "Rows below the preset change one switch of it back to uvc's default (seed 0). Search gap: where the "
             "search itself ended, R - B, before the exact fit.", "",
             table(["configuration", "B", "seeds", "post lr", "R", "search gap", "val before post", "val top-1", "test top-1",
