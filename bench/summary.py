@@ -583,15 +583,21 @@ def search_set_items(search_set: dict) -> list[tuple[str, str]]:
     return [(k, f"{v:g}" if isinstance(v, float) else str(v)) for k, v in sorted(search_set.items())]
 
 
+def sweep_groups(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """A sweep's runs by setting: (budget, method, search epochs, post-training rate, search changes as text)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        changes = ", ".join(f"{k}={v}" for k, v in search_set_items(r.get("search_set", {})))
+        groups.setdefault((r["budget"], r["method"], r["search_epochs"], r["post_lr"], changes), []).append(r)
+    return groups
+
+
 def tuning_table(results: dict, default_search: float, default_lrs: dict[str, float]) -> str:
     """bench/tune.py's sweep: validation top-1 per budget, method (with its search changes), split and
     post-training rate, mean ± std over seeds. Each setting is judged against the same method at the
     benchmark's (UVC's `default_search`, the method's rate in `default_lrs`, no changes), and each rival
     against UVC at the benchmark's split and the same rate, by the beating rule."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results["runs"]:
-        changes = ", ".join(f"{k}={v}" for k, v in search_set_items(r.get("search_set", {})))
-        groups.setdefault((r["budget"], r["method"], r["search_epochs"], r["post_lr"], changes), []).append(r)
+    groups = sweep_groups(results["runs"])
     order = list(LABELS)
     rows = []
     for key in sorted(groups, key=lambda k: (k[0], order.index(k[1]), k[2], -k[3], k[4])):
@@ -618,20 +624,19 @@ GRID_HEADING = "## 6b. The equal grid: every method at the same rates, both budg
 
 
 def best_rates(runs: list[dict], default_search: float, default_lrs: dict[str, float]) -> list[str]:
-    """Per method and budget, the post-training rate with the best mean validation top-1 among the rates every
-    method of the sweep ran (runs at the benchmark's split without search changes), beside the benchmark's rate."""
-    plain = [r for r in runs if not r.get("search_set") and (r["method"] not in SEARCHED or r["search_epochs"] == default_search)]
+    """Per method and budget, the post-training rate with the best mean validation top-1 (runs at the benchmark's
+    split without search changes), beside the benchmark's rate."""
+    by_rate: dict[str, dict[float, dict[float, list[float]]]] = {}  # method -> budget -> rate -> validation top-1
+    for (budget, method, search, lr, changes), xs in sweep_groups(runs).items():
+        if not changes and (method not in SEARCHED or search == default_search):
+            by_rate.setdefault(method, {}).setdefault(budget, {})[lr] = [r["top1_val"] for r in xs]
     lines = []
-    for method in [m for m in LABELS if any(r["method"] == m for r in plain)]:
+    for method in [m for m in LABELS if m in by_rate]:
         parts = []
-        for budget in sorted({r["budget"] for r in plain if r["method"] == method}):
-            by_lr: dict[float, list[float]] = {}
-            for r in plain:
-                if r["method"] == method and r["budget"] == budget:
-                    by_lr.setdefault(r["post_lr"], []).append(r["top1_val"])
-            best = max(by_lr, key=lambda lr: (statistics.fmean(by_lr[lr]), lr == default_lrs[method]))
-            tried = ", ".join(f"{lr:g}: {statistics.fmean(v):.2f}" for lr, v in sorted(by_lr.items()))
-            parts.append(f"B = {budget}: best {best:g} ({tried})")
+        for budget, tried in sorted(by_rate[method].items()):
+            best = max(tried, key=lambda lr: (statistics.fmean(tried[lr]), lr == default_lrs[method]))
+            scores = ", ".join(f"{lr:g}: {statistics.fmean(v):.2f}" for lr, v in sorted(tried.items()))
+            parts.append(f"B = {budget}: best {best:g} ({scores})")
         lines.append(f"- {method}: " + "; ".join(parts) + f". The benchmark runs it at {default_lrs[method]:g}.")
     return lines
 

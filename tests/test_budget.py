@@ -58,7 +58,7 @@ def test_a_budget_only_skipping_reaches_is_refused_with_the_skip_option_named():
         check_budget(skipped / 2, skel, prune=True, skip=False)
 
 
-def test_fit_trades_a_give_back_for_a_removal_where_a_measured_table_rises_in_big_steps():
+def test_fit_gives_back_and_removes_elsewhere_where_a_measured_table_rises_in_big_steps():
     """A noisy latency table: attention with 2-3 heads costs 0.095 at one dimension per head, 0.259 from four.
     Uniform widths stop at R = 0.43 below B = 0.5, and every single group given back then overshoots B."""
     half = HalfTimes(heads=(1, 2, 3), head_dims=(1, 4, 8, 12, 16),
