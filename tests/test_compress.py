@@ -16,7 +16,7 @@ from uvc.compress import CompressConfig, Run, _warn_if_random, compress, post_tr
 from uvc.models import default_teacher_dir
 from uvc.data import DataConfig
 from uvc.engine import LR_BATCH, Schedule, make_optimizer
-from uvc.budget import plan_counts
+from uvc.budget import plan_counts, smallest_ratio
 from uvc.compensate import compensate
 from uvc.oneshot import one_shot
 from uvc.gates import gated_blocks, set_plan
@@ -264,6 +264,19 @@ def test_activation_init_and_ranking_start_the_search_at_one_shots_plan(tmp_path
         report = compress(tiny_config(tmp_path / f"{importance}_run", 0.5, init="activation", importance=importance),
                           model=tiny_vit())
         assert 0.49 <= report["ratio"] <= 0.5
+
+
+def test_a_budget_below_what_pruning_reaches_starts_at_the_uniform_plan_and_still_ranks(tmp_path):
+    """One-shot's plan skips nothing, so below pruning's floor (a budget only the skip gates reach) the default
+    init="activation" keeps the uniform start, at its floor, instead of failing to fit one-shot's plan there;
+    the activation scores still rank the groups."""
+    dense = tiny_vit()
+    floor = smallest_ratio(Run(tiny_config(tmp_path / "a", 0.5), model=dense).skel, prune=True, skip=False)
+    run = Run(tiny_config(tmp_path / "b", floor - 0.005, skip="both"), model=dense)
+    uniform = plan_counts(run.skel, run.search.current_plan())[0]
+    run._activation_scores()
+    torch.testing.assert_close(plan_counts(run.skel, run.search.current_plan())[0], uniform)
+    assert bool(run.search.activation_ranked)
 
 
 def test_a_rewound_end_post_trains_the_input_weights_at_the_searched_plan_refitted(tmp_path):
