@@ -517,15 +517,12 @@ class Run:
         the calibration images, as one-shot does, where the search uses them: init="activation" starts the counts
         at one-shot's plan from them, importance="activation" ranks the groups by them for the whole search."""
         search = self.cfg.search
-        # Skipping alone starts with every width whole, so only the ranking can use the scores; and one-shot's plan
-        # skips nothing, so a budget below what pruning alone reaches starts at the uniform plan's floor, where the
-        # skip gates take R the rest of the way.
-        reachable = self.cfg.budget >= smallest_ratio(self.skel, prune=True, skip=False)
-        starts_there = search.init == "activation" and search.prune and reachable
-        ranks = search.importance == "activation"
-        if search.init == "activation" and search.prune and not reachable:
+        # Skipping alone starts with every width whole, so only the ranking can use the scores.
+        starts_there, ranks = search.init == "activation" and search.prune, search.importance == "activation"
+        if starts_there and self.cfg.budget < smallest_ratio(self.skel, prune=True, skip=False):
+            starts_there = False  # one-shot's plan skips nothing: the uniform start, at its floor, and the gates
             log.info("budget %g lies below what pruning alone reaches: the search starts at the uniform plan, not "
-                     "one-shot's, and skips the rest", self.cfg.budget)
+                     "one-shot's, and its skip gates take R the rest of the way", self.cfg.budget)
         if not (starts_there or ranks):
             return
         started, dense = time.time(), self._input_copy().eval()
