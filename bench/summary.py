@@ -249,8 +249,8 @@ KEEP_BEST_SINCE = "2026-12-07"  # the code from which a run delivers its best mo
 def delivered_note(runs: list[dict]) -> list[str]:
     """Marks runs from before keep_best as stale where it matters: they report the last post-training epoch's model,
     not the best on validation that `uvc compress` now delivers. The first of two post-training epochs was not
-    recorded, so the count of runs that would change is a lower bound."""
-    old = [x for x in runs if "kept_epoch" not in x]
+    recorded, so the count of runs that would change is a lower bound. A budget recorded as unreachable ran nothing."""
+    old = [x for x in runs if "kept_epoch" not in x and "unreachable" not in x]
     if not old:
         return []
     known = [x for x in old if x.get("top1_val_before_post") is not None]

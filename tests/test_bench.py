@@ -786,6 +786,7 @@ def test_runs_from_before_keep_best_are_marked_stale_with_how_many_would_change(
     assert "these 2 runs predate `keep_best`" in note and "at least 1 of them" in note and "up to 0.30 point" in note
     assert "did not record" in " ".join(summary.delivered_note([{"top1_val": 90.0}]))
     assert summary.delivered_note([{**old[0], "kept_epoch": 0.0}]) == []  # a run with keep_best is current
+    assert summary.delivered_note([{"budget": 0.3, "unreachable": 0.367}]) == []  # nothing ran: nothing stale
 
 
 def test_sharpness_post_trains_the_dense_model_against_itself_and_moves_it_at_random(fmnist_available):
