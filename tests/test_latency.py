@@ -1,5 +1,6 @@
 """A budget in measured latency: the table (shapes, cache, key, hostile files), its differentiable model,
 every plan path landing on its ratio, and `--resource latency` end to end through the CLI."""
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,8 @@ import uvc
 from uvc import latency
 from uvc.budget import fit_to_budget, plan_ratio, removal_costs, uniform_plan
 from uvc.cli import main
+from uvc.compress import CompressConfig, Run
+from uvc.data import DataConfig
 from uvc.flops import skeleton_of
 from uvc.importance import group_norms
 from uvc.latency import LatencyConfig, latency_model, load_table, table_for, table_key
@@ -163,6 +166,28 @@ def test_one_shot_checks_the_plan_a_fit_keeps_against_the_budget_it_was_made_for
     keep_first = lambda plan_at: [plan_at(0.85), plan_at(0.7)][0]  # noqa: E731
     slimmed, plan, stats = one_shot(model, 0.85, [torch.randn(16, 1, 28, 28)], fit=keep_first)
     assert 0.84 <= stats["ratio"] <= 0.85 and stats["ratio"] == pytest.approx(uvc.macs(slimmed) / uvc.macs(model))
+
+
+@pytest.mark.usefixtures("require_fmnist")
+def test_skip_auto_learns_skip_gates_under_a_latency_budget_at_batch_1_and_nowhere_else(tmp_path):
+    def run(name, search=None, **changes):
+        cfg = CompressConfig(out=str(tmp_path / name), budget=0.95, device="cpu", throughput_batch=16, calibration_images=64,
+                             data=DataConfig(train_limit=128, val_limit=64, test_limit=64, batch_size=32), **changes)
+        if search:
+            cfg.search = dataclasses.replace(cfg.search, **search)
+        return Run(cfg, model=tiny_vit())
+
+    at_one = {"resource": "latency", "latency": dataclasses.replace(QUICK, batch=1)}
+    learned = run("batch-1", **at_one)
+    assert learned.cfg.search.skip == "both" and learned.settings["search.skip"] == "both"  # a resume compares it
+    assert learned.search.gate_enabled.tolist() == [True, True, True]
+    elsewhere = {"macs": {}, "params": {"resource": "params"}, "batch-16": {"resource": "latency", "latency": QUICK},
+                 "one-shot": {**at_one, "one_shot": True}}
+    for name, changes in elsewhere.items():
+        plain = run(name, **changes)
+        assert plain.cfg.search.skip == "none" and not plain.search.gate_enabled.any(), name
+    chosen = run("halves", search={"skip": "halves"}, **at_one)  # a mode the user names is kept
+    assert chosen.search.gate_enabled.tolist() == [False, True, True]
 
 
 @pytest.mark.usefixtures("require_fmnist")

@@ -141,8 +141,8 @@ def _compress_options(p: argparse.ArgumentParser, preset: str | None = None) -> 
     _field(p, c, "kd.alpha", "--kd-alpha", type=float, help="weight of the distillation term")
     _field(p, c, "kd.temperature", "--kd-temperature", type=float, help="softmax temperature of soft distillation")
     _field(p, c, "search.skip", "--skip", choices=SKIP_MODES,
-           help="which skip gates to learn (none: on the bundled teacher skipping cost accuracy, except under a latency "
-                "budget at batch 1, where both won; see BENCHMARKS.md section 8)")
+           help="which skip gates to learn; auto: both under a latency budget at batch 1 (--resource latency "
+                "--latency-batch 1), where they won, none elsewhere, where they cost accuracy (BENCHMARKS.md section 8)")
     _field(p, c, "search.width_multiple", "--width-multiple", type=int,
            help="keep head and MLP widths at multiples of this, in every plan, --one-shot's too (8 suits GPU kernels)")
     _field(p, c, "one_shot", "--one-shot", action="store_true",

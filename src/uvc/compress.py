@@ -135,6 +135,15 @@ class CompressConfig:
             return self.post
         return replace(self.post, epochs=0.0 if self.one_shot else 2.0)
 
+    def skip_gates(self) -> str:
+        """`search.skip` with "auto" decided. Skip gates paid only under a latency budget at batch 1, where a call's
+        fixed overhead, which narrowing keeps and skipping drops, weighs most; under MACs budgets and at batch 64
+        they cost accuracy (BENCHMARKS.md section 8). One-shot learns no gates."""
+        if self.search.skip != "auto":
+            return self.search.skip
+        batch_one = self.resource == "latency" and (self.latency.batch or self.throughput_batch) == 1
+        return "both" if batch_one and not self.one_shot else "none"
+
     def validate(self) -> None:
         check_finite(self, FLAGS)
         check_resource(self.resource)
@@ -198,7 +207,10 @@ class Run:
     def __init__(self, cfg: CompressConfig, model: nn.Module | None = None, teacher: nn.Module | None = None,
                  teacher_scores: dict[str, float] | None = None):
         cfg.validate()
-        self.cfg = cfg = replace(cfg, post=cfg.post_training())  # the report and a resume see the epochs that ran
+        if cfg.search.skip == "auto":
+            log.info("skip gates: %s (--skip auto: both under a latency budget at batch 1, none elsewhere)", cfg.skip_gates())
+        # the report and a resume see the epochs that ran and the skip gates learned
+        self.cfg = cfg = replace(cfg, post=cfg.post_training(), search=replace(cfg.search, skip=cfg.skip_gates()))
         self.out = check_output_dir(cfg.out, checkpoints=[CHECKPOINT], resume=cfg.resume, overwrite=cfg.overwrite,
                                     inputs=[None if isinstance(model, nn.Module) else cfg.model or default_teacher_dir(),
                                             cfg.checkpoint, cfg.teacher, cfg.data.data, cfg.data.root])

@@ -59,7 +59,7 @@ from .importance import GroupNorms, group_norms, keep_masks
 from .plan import LayerPlan
 from .resource import Skeleton
 
-SKIP_MODES = ("both", "block", "halves", "none")
+SKIP_MODES = ("auto", "both", "block", "halves", "none")
 IMPORTANCE = ("taylor", "activation", "norm")
 STARTS = ("fade", "compensate")
 INITS = ("uniform", "activation")
@@ -67,6 +67,9 @@ ENDS = ("searched", "rewind")
 DUALS = ("price", "ascent")
 GATE_KINDS = ("hard", "gumbel")
 GATES = ("block", "attn", "mlp")
+# The gates each mode learns. A run decides "auto" before it builds its Search (CompressConfig.skip_gates); a Search
+# built by hand has no latency batch to decide by and learns none, as auto does for every budget but batch-1 latency.
+SKIP_GATES = {"both": GATES, "block": ("block",), "halves": ("attn", "mlp"), "none": (), "auto": ()}
 
 
 @dataclass
@@ -84,7 +87,8 @@ class SearchConfig:
     end: str = "rewind"  # post-train the input model's weights slimmed at the searched plan and refitted by least
     # squares ("rewind"), or the searched weights slimmed ("searched", the paper's way); docs/method.md compares them
     prune: bool = True
-    skip: str = "none"  # which skip gates exist: block, halves (attention / MLP), both, or none (see docs/method.md)
+    skip: str = "auto"  # which skip gates exist: block, halves (attention / MLP), both, or none; "auto": both under a
+    # latency budget at batch 1, none elsewhere (CompressConfig.skip_gates(); docs/method.md, "Skip gates")
     importance: str = "activation"  # which groups are removed first: "activation" (one-shot's: weight norm x mean
     # squared activation of the input model on the calibration images), "taylor" (the loss's sensitivity) or "norm"
     width_multiple: int = 1  # kept head and MLP widths at multiples of this (8 suits GPU kernels), one-shot's too
@@ -175,7 +179,7 @@ class Search(nn.Module):
         start = uniform_removal(skeleton, budget, cfg.width_multiple).to(like) if cfg.prune else torch.zeros_like(self.sizes)
         self.ratios = nn.Parameter(start / self.sizes)
         self.register_buffer("gate_margin", torch.ones(depth, len(GATES), device=like.device, dtype=like.dtype))
-        on = {"both": GATES, "block": ("block",), "halves": ("attn", "mlp"), "none": ()}[cfg.skip]
+        on = SKIP_GATES[cfg.skip]
         self.register_buffer("gate_enabled", torch.tensor([g in on for g in GATES], device=like.device))
         self.register_buffer("y", torch.full((depth, 3), cfg.y_init, device=like.device, dtype=like.dtype))
         z = cfg.z_init if cfg.dual == "ascent" else 0.0
