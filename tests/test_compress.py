@@ -266,17 +266,25 @@ def test_activation_init_and_ranking_start_the_search_at_one_shots_plan(tmp_path
         assert 0.49 <= report["ratio"] <= 0.5
 
 
-def test_a_budget_below_what_pruning_reaches_starts_at_the_uniform_plan_and_still_ranks(tmp_path):
-    """One-shot's plan skips nothing, so below pruning's floor (a budget only the skip gates reach) the default
-    init="activation" keeps the uniform start, at its floor, instead of failing to fit one-shot's plan there;
-    the activation scores still rank the groups."""
+def test_a_budget_below_what_pruning_reaches_starts_skipped_and_still_ranks(tmp_path):
+    """Below pruning's floor (a budget only the skip gates reach) the default init="activation" starts at
+    `skipping_plan`: its skipped halves start with their gates shut (they fade out as removed groups do) and its
+    widths as the counts, so the search starts at R = B; the activation scores still rank the groups."""
     dense = tiny_vit()
     floor = smallest_ratio(Run(tiny_config(tmp_path / "a", 0.5), model=dense).skel, prune=True, skip=False)
-    run = Run(tiny_config(tmp_path / "b", floor - 0.005, skip="both"), model=dense)
-    uniform = plan_counts(run.skel, run.search.current_plan())[0]
+    budget = floor - 0.005
+    run = Run(tiny_config(tmp_path / "b", budget, skip="both"), model=dense)
     run._activation_scores()
-    torch.testing.assert_close(plan_counts(run.skel, run.search.current_plan())[0], uniform)
+    plan = run.search.current_plan()
+    removed, attn, mlp = plan_counts(run.skel, plan)
+    assert not bool(attn.all() and mlp.all())  # something is skipped from the first step
+    assert budget - 0.01 <= float(run.search.resource()) <= budget
+    assert run.search.hard_keep()[:, 1:].tolist() == torch.stack([attn, mlp], dim=1).tolist()
     assert bool(run.search.activation_ranked)
+    only_blocks = Run(tiny_config(tmp_path / "c", budget, skip="block"), model=dense)
+    only_blocks._activation_scores()  # with block gates alone whole blocks are skipped
+    blocks = [p.attn or p.mlp for p in only_blocks.search.current_plan()]
+    assert not all(blocks) and only_blocks.search.hard_keep()[:, 0].tolist() == [float(b) for b in blocks]
 
 
 def test_a_rewound_end_post_trains_the_input_weights_at_the_searched_plan_refitted(tmp_path):

@@ -76,3 +76,38 @@ def test_blocks_that_matter_are_not_skipped_when_width_is_the_cheap_way(tmp_path
     assert all(p.attn and p.mlp for p in plan), [(p.attn, p.mlp) for p in plan]
     ratio = uvc.macs(uvc.slim(uvc.make_compressible(model), plan)) / uvc.macs(model)
     assert 0.49 <= ratio <= 0.5
+
+
+def test_a_start_below_what_pruning_reaches_skips_the_halves_that_add_least_and_fits_the_rest():
+    """`skipping_plan`: below pruning's floor, the halves whose skipping changes the output least go first
+    (here the hollowed ones, which add nothing), and the widths of the rest land the plan in the window."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from uvc.budget import plan_ratio, smallest_ratio
+    from uvc.flops import skeleton_of
+    from uvc.oneshot import group_importance, skipping_plan
+    from uvc.resource import HalfTimes, LatencyModel
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, depth=6,
+                              num_heads=2).eval()
+    hollow = {(1, "mlp"), (3, "attn"), (4, "mlp")}
+    with torch.no_grad():
+        for l, half in hollow:
+            layer = model.blocks[l].mlp.fc2 if half == "mlp" else model.blocks[l].attn.proj
+            layer.weight.zero_()
+            layer.bias.zero_()
+    images = [torch.randn(32, 1, 28, 28) for _ in range(4)]
+    # batch-1-like times: a half's fixed overhead outweighs its width, so pruning alone stops at R = 13 / 19
+    half = HalfTimes(heads=(1, 2), head_dims=(1, 32), attn=((1.0, 1.2), (1.1, 1.5)), hidden=(1, 256), mlp=(1.0, 1.5))
+    latency = LatencyModel(fixed=1.0, blocks=(half,) * 6)
+    skel = skeleton_of(model, resource="latency", latency=latency)
+    assert smallest_ratio(skel, prune=True, skip=False) == pytest.approx(13 / 19)
+    budget = 0.6
+    plan = skipping_plan(model, budget, group_importance(model, "activation", images), images, resource="latency",
+                         latency=latency)
+    assert budget - 0.01 <= plan_ratio(skel, plan) <= budget
+    skipped = {(l, half) for l, p in enumerate(plan) for half, runs in (("attn", p.attn), ("mlp", p.mlp)) if not runs}
+    assert hollow <= skipped  # the free halves go before any that adds something
+    widths = [len(p.neurons) for p in plan if p.mlp] + [len(p.heads) * p.head_dim for p in plan if p.attn]
+    assert max(widths) > 1  # not every running width at its floor

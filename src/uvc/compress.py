@@ -43,7 +43,7 @@ from .gates import make_compressible
 from .io import atomic_write_text, tensor_digest
 from .latency import LatencyConfig, fit_measured, latency_model, measured_ratio, table_for
 from .models import DEFAULT_TEACHER, default_teacher_dir, load_model, param_count, save
-from .oneshot import group_importance, one_shot, one_shot_plan, take_images
+from .oneshot import group_importance, one_shot, one_shot_plan, skipping_plan, take_images
 from .plan import LayerPlan
 from .preprocess import LABEL_NAMES
 from .presets import apply_preset
@@ -531,18 +531,21 @@ class Run:
         search = self.cfg.search
         # Skipping alone starts with every width whole, so only the ranking can use the scores.
         starts_there, ranks = search.init == "activation" and search.prune, search.importance == "activation"
-        if starts_there and self.cfg.budget < smallest_ratio(self.skel, prune=True, skip=False):
-            starts_there = False  # one-shot's plan skips nothing: the uniform start, at its floor, and the gates
-            log.info("budget %g lies below what pruning alone reaches: the search starts at the uniform plan, not "
-                     "one-shot's, and its skip gates take R the rest of the way", self.cfg.budget)
         if not (starts_there or ranks):
             return
         started, dense = time.time(), self._input_copy().eval()
         images = take_images(self._calibration(), self.cfg.calibration_images)
         scores = group_importance(dense, "activation", images)
-        if starts_there:
-            self.search.start_from(one_shot_plan(dense, self.cfg.budget, scores, "global", self.input_size,
-                                                 search.width_multiple, self.cfg.resource, self.skel.latency))
+        plan_options = (self.input_size, search.width_multiple, self.cfg.resource, self.skel.latency)
+        if starts_there and self.cfg.budget < smallest_ratio(self.skel, prune=True, skip=False):
+            # Only skipping reaches it: one-shot's plan with the skips that change the output least.
+            plan = skipping_plan(dense, self.cfg.budget, scores, images, *plan_options, halves=search.skip != "block")
+            log.info("budget %g lies below what pruning alone reaches: the search starts at one-shot's plan with %d "
+                     "attention and %d MLP halves skipped, chosen on the calibration images", self.cfg.budget,
+                     sum(not p.attn for p in plan), sum(not p.mlp for p in plan))
+            self.search.start_from(plan)
+        elif starts_there:
+            self.search.start_from(one_shot_plan(dense, self.cfg.budget, scores, "global", *plan_options))
         if ranks:
             self.search.rank_by(scores)
         log.info("activation scores of every group on %d images in %.1f s (init %s, importance %s)",

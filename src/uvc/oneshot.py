@@ -36,6 +36,7 @@ from .adapters import adapter_for
 IMPORTANCES = ("weight", "activation")
 ALLOCATIONS = ("uniform", "global")
 TOLERANCE = 0.01
+CHOICE_IMAGES = 256  # calibration images that choose `skipping_plan`'s skips
 
 
 def take_images(batches: Iterable, count: int) -> list[torch.Tensor]:
@@ -92,11 +93,11 @@ def group_importance(model: nn.Module, kind: str = "weight", images: list[torch.
                        neurons=n.neurons.double() * sums[l][1] / count[0]) for l, n in enumerate(scores)]
 
 
-def _global_start(skel, costs, budget: float) -> torch.Tensor:
+def _global_start(skel, costs, budget: float, attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
     """A removal close to the greedy's: every group whose relative importance per MAC is below one
     threshold goes, the threshold bisected to the budget. `fit_to_budget` from all-kept would find
     the same order one group at a time, which takes minutes on 12 blocks; from here it takes steps."""
-    sizes, ones = skel.sizes(), torch.ones(skel.depth)
+    sizes = skel.sizes()
     # What one head, dimension slot or neuron costs in the budget's resource (a measured latency may be flat: > 0).
     per_group = skel.group_costs().clamp(min=torch.finfo(torch.float64).tiny)
 
@@ -112,7 +113,7 @@ def _global_start(skel, costs, budget: float) -> torch.Tensor:
     lo, hi = 0, len(thresholds) - 1  # smallest threshold with R <= budget
     while lo < hi:
         mid = (lo + hi) // 2
-        if float(skel.ratio(removed_at(thresholds[mid]), ones, ones)) <= budget:
+        if float(skel.ratio(removed_at(thresholds[mid]), attn, mlp)) <= budget:
             hi = mid
         else:
             lo = mid + 1
@@ -120,9 +121,11 @@ def _global_start(skel, costs, budget: float) -> torch.Tensor:
 
 
 def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "uniform", input_size=None,
-                  multiple: int = 1, resource: str = "macs", latency: LatencyModel | None = None) -> list[LayerPlan]:
+                  multiple: int = 1, resource: str = "macs", latency: LatencyModel | None = None,
+                  attn: torch.Tensor | None = None, mlp: torch.Tensor | None = None) -> list[LayerPlan]:
     """The plan for `budget` (a fraction of `resource`) from per-group importance `scores` (see `group_importance`),
-    kept head and MLP widths at multiples of `multiple` (or whole)."""
+    kept head and MLP widths at multiples of `multiple` (or whole). `attn` and `mlp` [L] (1: runs, 0: skipped;
+    default all run) fix which halves run; the widths of those that run are fitted to the rest of the budget."""
     if allocation not in ALLOCATIONS:
         raise UVCError(f"allocation {allocation!r} is not one of {ALLOCATIONS}")
     if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
@@ -130,9 +133,68 @@ def one_shot_plan(model: nn.Module, budget: float, scores, allocation: str = "un
                        f"{RESOURCES.get(resource, resource)} to keep, e.g. 0.5")
     skel = skeleton_of(model, input_size, resource, latency)
     costs = removal_costs(scores)
-    start = uniform_removal(skel, budget, multiple) if allocation == "uniform" else _global_start(skel, costs, budget)
     ones = torch.ones(skel.depth)
-    return plan_of_counts(scores, fit_to_budget(skel, start, ones, ones, costs, budget, TOLERANCE, multiple))
+    attn, mlp = (ones if keep is None else keep.double().cpu() for keep in (attn, mlp))
+    start = uniform_removal(skel, budget, multiple) if allocation == "uniform" else _global_start(skel, costs, budget, attn, mlp)
+    return plan_of_counts(scores, fit_to_budget(skel, start, attn, mlp, costs, budget, TOLERANCE, multiple), attn, mlp)
+
+
+@torch.no_grad()
+def skipping_plan(model: nn.Module, budget: float, scores, images: list[torch.Tensor], input_size=None,
+                  multiple: int = 1, resource: str = "macs", latency: LatencyModel | None = None,
+                  halves: bool = True) -> list[LayerPlan]:
+    """One-shot's plan for a budget below what pruning alone reaches: some halves (or, with `halves` False,
+    whole blocks) skipped, the widths of the rest fitted to the budget.
+
+    Each half alone is skipped on the calibration `images` and ranked by how much it changes the model's
+    output per unit of `resource` it saves. Skipping the first k of that order, for k from the fewest that
+    make the budget reachable upwards, every candidate is slimmed and refitted by least squares (as the
+    rewound end is), and the one whose output changes least is kept: few skips force every width to its
+    floor, many skips remove what narrowing would have kept, and the measured change decides between them.
+    The search stops once two candidates in a row did worse than the best; the first `CHOICE_IMAGES` images
+    serve, so that the choice costs a few passes over them per candidate."""
+    images = take_images(images, CHOICE_IMAGES)
+    skel = skeleton_of(model, input_size, resource, latency)
+    depth, full = skel.depth, torch.zeros(skel.depth, 3, dtype=torch.float64)
+    references = [model(x) for x in images]
+
+    def change(plan: list[LayerPlan], refit: bool) -> float:
+        """The squared change of the output over its squared size, summed over the images."""
+        slimmed = slim(model, plan)
+        if refit:
+            _compensate(model, slimmed, plan, images)
+        gap = sum(float((slimmed(x) - y).double().pow(2).sum()) for x, y in zip(images, references))
+        return gap / sum(float(y.double().pow(2).sum()) for y in references)
+
+    def keeps(skipped: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention and MLP keep values [L] with the (block, half) pairs `skipped` off."""
+        keep = torch.ones(2, depth, dtype=torch.float64)
+        for l, half in skipped:
+            keep[half, l] = 0.0
+        return keep[0], keep[1]
+
+    def cost_per_saving(unit: list[tuple[int, int]]) -> float:
+        saved = 1 - float(skel.ratio(full, *keeps(unit)))
+        return change(plan_of_counts(scores, full, *keeps(unit)), refit=False) / max(saved, 1e-12)
+
+    units = [[(l, 0)] for l in range(depth)] + [[(l, 1)] for l in range(depth)] if halves \
+        else [[(l, 0), (l, 1)] for l in range(depth)]  # what one skip gate removes
+    order = sorted(units, key=cost_per_saving)
+    best, best_change, worse = None, float("inf"), 0
+    for k in range(1, len(order) + 1):
+        skips = keeps([pair for unit in order[:k] for pair in unit])
+        try:
+            plan = one_shot_plan(model, budget, scores, "global", input_size, multiple, resource, latency, *skips)
+        except UVCError:
+            continue  # pruning cannot reach the budget with this few skips
+        candidate = change(plan, refit=True)
+        if candidate < best_change:
+            best, best_change, worse = plan, candidate, 0
+        elif (worse := worse + 1) == 2:
+            break
+    if best is None:
+        raise UVCError(f"cannot reach budget {budget} even with every block skipped")
+    return best
 
 
 @torch.no_grad()

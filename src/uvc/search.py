@@ -207,9 +207,20 @@ class Search(nn.Module):
 
     @torch.no_grad()
     def start_from(self, plan: list[LayerPlan]) -> None:
-        """Start the counts at `plan`'s widths instead of the uniform plan's (before the first step)."""
-        removed, _, _ = plan_counts(self.skel, plan)
+        """Start the counts at `plan`'s widths instead of the uniform plan's, and its skipped halves (or blocks,
+        where only block gates exist) skipped, to fade out like the groups (before the first step)."""
+        removed, attn, mlp = plan_counts(self.skel, plan)
         self.ratios.copy_(removed.to(self.ratios) / self.sizes)
+        skipped = torch.stack([attn, mlp], dim=1).to(self.gate_margin) == 0
+        if bool(skipped.any()):
+            gates = self.gate_enabled
+            if not (bool(gates[1:].all()) or (bool(gates[0]) and bool((skipped[:, 0] == skipped[:, 1]).all()))):
+                raise UVCError(f"the start plan skips halves that --skip {self.cfg.skip} has no gates for")
+            margin = torch.where(skipped, -1.0, 1.0).to(self.gate_margin)
+            if bool(gates[1:].all()):
+                self.gate_margin[:, 1:] = margin
+            else:
+                self.gate_margin[:, 0] = margin[:, 0]
 
     @torch.no_grad()
     def rank_by(self, scores: list[GroupNorms]) -> None:
