@@ -60,7 +60,7 @@ class BudgetSettings:
 
 
 FULL = BudgetSettings(training=bench.FULL, budgets=(0.5, 0.3), seeds=3, batches=(64, 1), skips=("none", "both"),
-                      macs_line=(0.2,))
+                      macs_line=(0.2, 0.15, 0.1))
 GROWS = ("budgets", "seeds", "batches", "skips", "macs_line")  # settings a continued sweep may extend
 QUICK = BudgetSettings(training=dataclasses.replace(bench.QUICK, train_limit=1024, val_limit=500, test_limit=1000),
                        budgets=(0.5,), seeds=1, batches=(64,), skips=("none",), rounds=2)

@@ -298,7 +298,7 @@ def save(results: dict, path: Path) -> None:
 def continue_sweep(path: Path, results: dict, same: tuple[str, ...], grows: tuple[str, ...] = ()) -> dict:
     """`results` holding the runs a killed sweep left in `path`, if the fields `same` agree (else one line and exit),
     but for the keys `grows` of a `settings` among them, which only add runs: the sweep keeps its first date and
-    lists each continuation's under "resumed"."""
+    the history the file records, and lists each continuation's date under "resumed"."""
     if not path.is_file():
         return results
     earlier = json.loads(path.read_text())
@@ -311,8 +311,12 @@ def continue_sweep(path: Path, results: dict, same: tuple[str, ...], grows: tupl
 
     if fixed(earlier) != fixed(results):
         sys.exit(f"bench: {os.path.relpath(path, ROOT)} holds runs of another {' or '.join(same)}; move it away to start over")
-    return {**results, "runs": earlier["runs"], "date": earlier["date"],
+    history = {k: v for k, v in earlier.items() if k not in SWEEP_END}  # e.g. "replaced", "rebuilt_tables"
+    return {**history, **results, "runs": earlier["runs"], "date": earlier["date"],
             "resumed": [*earlier.get("resumed", []), results["date"]]}
+
+
+SWEEP_END = ("finished", "seconds", "load_average_end")  # what a sweep writes when it ends: a continuation has not yet
 
 
 # "deit_budget" is the name DeiT-Small's single budget had before "deit_budgets".

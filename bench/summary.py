@@ -14,6 +14,8 @@ import statistics
 from itertools import cycle
 from pathlib import Path
 
+from uvc.compress import CompressConfig
+
 RESULTS_FORMAT = 2  # results.json written by this bench (seeds, validation figures); older files are refused
 R_TOLERANCE = 0.01  # a delivered model must land in [B - R_TOLERANCE, B]
 TARGET_TEACHER_GAP = 0.3  # points of test top-1 UVC may lose to the teacher at B = 0.5 (mean of the seeds)
@@ -763,7 +765,7 @@ def budgets_section(path: Path) -> list[str]:
     batches = sorted({int(b) for x in r["runs"] for b in x.get("timed", {})}, reverse=True)
     rows = []
     for (budget, skip, resource, batch), xs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2], -kv[0][3])):
-        label = "MACs" if resource == "macs" else f"latency at batch {batch}"
+        label = budget_label(resource, batch)
         lowest = [x["unreachable"] for x in xs if "unreachable" in x]
         xs = reached(xs)
         if not xs:
@@ -798,11 +800,29 @@ def budgets_section(path: Path) -> list[str]:
             "(skip gates off, uvc's default) of the same measured speed, interpolated linearly in speed-up between "
             "the MACs budgets run; a latency model faster than every MACs model is held to the fastest one's accuracy.", "",
             table(["latency budget", "skip", "batch", "speed-up (target)", "test top-1",
-                   "MACs model of that speed, test top-1", "verdict"], budget_targets(groups)), "",
+                   "MACs model of that speed, test top-1", "verdict", "uvc's default (`--skip auto`)"],
+                  budget_targets(groups)), "",
             "Do skip gates pay (issue 30, item 5)? Validation top-1 of the same budget with the gates off and on "
             "(`--skip both`); a side wins when the difference of the means exceeds the larger standard deviation.", "",
             table(["budget in", "B", "skip none: val top-1", "skip both: val top-1", "winner"], skip_rows(groups)), "",
-            *delivered_note(r["runs"]), *start_note(path.parent, r["date"], "every run in this section")]
+            *delivered_note(r["runs"]), *replaced_note(r), *start_note(path.parent, r["date"], "every run in this section")]
+
+
+def replaced_note(results: dict) -> list[str]:
+    """Says which runs were run again after a change that touches only them; the earlier records stay in the file."""
+    return [f"Run again: {len(x['runs'])} runs ({', '.join(sorted({run_label(y) for y in x['runs']}))}), after this "
+            f"change: {x['why']}. Their earlier records stay in the results file under \"replaced\": validation "
+            f"top-1 {fmt([y['top1_val'] for y in x['runs']])}, test top-1 {fmt([y['top1'] for y in x['runs']])}."
+            for x in results.get("replaced", [])] + ([""] if results.get("replaced") else [])
+
+
+def run_label(run: dict) -> str:
+    return f"B = {run['budget']} in {budget_label(run['resource'], run['batch'])}, skip {run['skip']}"
+
+
+def budget_label(resource: str, batch: int) -> str:
+    """What a budget of section 8 is a fraction of."""
+    return "MACs" if resource == "macs" else f"latency at batch {batch}"
 
 
 def skip_rows(groups: dict[tuple, list[dict]]) -> list[list]:
@@ -812,7 +832,7 @@ def skip_rows(groups: dict[tuple, list[dict]]) -> list[list]:
         on = groups.get((budget, "both", resource, batch))
         if skip != "none" or on is None:
             continue
-        label = "MACs" if resource == "macs" else f"latency at batch {batch}"
+        label = budget_label(resource, batch)
         off, on = reached(off), reached(on)
         reachable = [fmt([x["top1_val"] for x in xs]) if xs else "unreachable" for xs in (off, on)]
         if "unreachable" in reachable:
@@ -872,6 +892,7 @@ def budget_targets(groups: dict[tuple, list[dict]]) -> list[list]:
             accurate = statistics.fmean(top1) >= ref_mean - spread
             verdict = "met" if fast and accurate else "**MISSED** (" + ", ".join(
                 what for what, bad in (("speed", not fast), ("accuracy", not accurate)) if bad) + ")"
+        default = CompressConfig(resource="latency", throughput_batch=batch).skip_gates()  # what --skip auto learns
         rows.append([budget, skip, batch, fmt_times(speed) + (f" (>= {target}x)" if target else ""), fmt(top1),
-                     reference, verdict])
+                     reference, verdict, "yes" if skip == default else ""])
     return rows

@@ -686,10 +686,15 @@ def test_budgets_train_a_macs_model_once_and_a_latency_model_per_batch_and_repor
     results = {"command": "python bench/budgets.py", "date": "2026-12-06", "machine": {"cpu": "test"},
                "settings": json.loads(json.dumps(dataclasses.asdict(s))), "teacher": "bench/teacher",
                "teacher_scores": {"test": 89.0, "val": 90.0}, "load_average_start": [1.0], "runs": runs}
+    results["replaced"] = [{"why": "a new start", "runs": [{**runs[0], "top1": 70.0, "top1_val": 71.0},
+                                                         {**runs[0], "seed": 1, "top1": 72.0, "top1_val": 73.0}]}]
     (tmp_path / "budgets.json").write_text(json.dumps(results))
     text = "\n".join(summary.budgets_section(tmp_path / "budgets.json"))
     assert "speed-up, batch 64" in text and "speed-up, batch 1" in text and "latency at batch 1" in text
     assert "80.50 ± 0.71" in text and "2.00 ± 0.71x" in text  # mean ± std over the two seeds
+    # runs run again say so, with what their earlier records gave
+    assert "Run again: 2 runs (B = 0.5 in MACs, skip none), after this change: a new start" in text
+    assert "validation top-1 72.00 ± 1.41, test top-1 71.00 ± 1.41" in text
 
 
 def test_rewritten_tables_keep_the_sections_other_scripts_wrote(tmp_path):
@@ -722,6 +727,8 @@ def test_budget_targets_compare_with_the_macs_line_at_equal_speed_and_skip_rows_
     assert rows[(0.5, "both", 64)][6] == "**MISSED** (speed)"
     assert "the fastest MACs model, 2.40x" in rows[(0.3, "none", 64)][5]  # faster than any: held to the fastest
     assert rows[(0.3, "none", 64)][6] == "**MISSED** (accuracy)"  # 88.1 against 89.5 +- 0.14
+    defaults = {key: row[7] for key, row in rows.items()}  # --skip auto: gates on at batch 1 only
+    assert defaults == {(0.5, "none", 64): "yes", (0.5, "both", 64): "", (0.3, "none", 64): "yes", (0.3, "both", 1): "yes"}
     skip = {(r[0], r[1]): r for r in summary.skip_rows(groups)}
     assert skip[("latency at batch 1", 0.3)][4] == "skip both (the only one that reaches B)"
     assert skip[("latency at batch 64", 0.5)][4] == "skip both"  # 90.70 vs 90.05: a gap of 0.65 > the larger std 0.14
@@ -729,12 +736,14 @@ def test_budget_targets_compare_with_the_macs_line_at_equal_speed_and_skip_rows_
 
 def test_a_continued_sweep_keeps_its_runs_and_first_date_and_refuses_other_settings(tmp_path):
     path = tmp_path / "sweep.json"
-    first = {"date": "2026-12-06", "settings": {"seeds": 3}, "runs": [{"seed": 0}]}
+    first = {"date": "2026-12-06", "settings": {"seeds": 3}, "runs": [{"seed": 0}], "replaced": [{"why": "x"}],
+             "finished": "2026-12-06T10:00"}
     bench.save(first, path)
     fresh = {"date": "2026-12-07", "settings": {"seeds": 3}, "runs": []}
     assert bench.continue_sweep(tmp_path / "absent.json", fresh, ("settings",)) is fresh
     resumed = bench.continue_sweep(path, fresh, ("settings",))
     assert resumed["runs"] == [{"seed": 0}] and resumed["date"] == "2026-12-06" and resumed["resumed"] == ["2026-12-07"]
+    assert resumed["replaced"] == [{"why": "x"}] and "finished" not in resumed  # history stays; the end is to come
     with pytest.raises(SystemExit, match="another settings"):
         bench.continue_sweep(path, {**fresh, "settings": {"seeds": 5}}, ("settings",))
     grown = bench.continue_sweep(path, {**fresh, "settings": {"seeds": 5}}, ("settings",), grows=("seeds",))
