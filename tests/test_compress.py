@@ -287,6 +287,17 @@ def test_a_budget_below_what_pruning_reaches_starts_skipped_and_still_ranks(tmp_
     assert not all(blocks) and only_blocks.search.hard_keep()[:, 0].tolist() == [float(b) for b in blocks]
 
 
+def test_one_shot_told_to_skip_meets_a_budget_below_what_pruning_reaches_and_skips_nothing_above_it(tmp_path):
+    dense = tiny_vit()
+    floor = smallest_ratio(Run(tiny_config(tmp_path / "a", 0.5), model=dense).skel, prune=True, skip=False)
+    for name, budget, skips in (("below", floor - 0.005, True), ("above", 0.5, False)):
+        cfg = dataclasses.replace(tiny_config(tmp_path / name, budget, skip="both"), one_shot=True, test_at_end=False)
+        report = compress(cfg, model=dense)
+        assert budget - 0.01 <= report["ratio"] <= budget
+        plan = [uvc.LayerPlan.from_dict(p) for p in report["plan"]]
+        assert (not all(p.attn and p.mlp for p in plan)) == skips, name
+
+
 def test_a_rewound_end_post_trains_the_input_weights_at_the_searched_plan_refitted(tmp_path):
     """end="rewind": post-training starts from the input model's weights slimmed at the searched plan and
     compensated against it; the searched weights chose the plan and nothing else. end="searched" starts

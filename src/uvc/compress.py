@@ -138,7 +138,8 @@ class CompressConfig:
     def skip_gates(self) -> str:
         """`search.skip` with "auto" decided. Skip gates paid only under a latency budget at batch 1, where a call's
         fixed overhead, which narrowing keeps and skipping drops, weighs most; under MACs budgets and at batch 64
-        they cost accuracy (BENCHMARKS.md section 8). One-shot learns no gates."""
+        they cost accuracy (BENCHMARKS.md section 8). One-shot learns no gates: it skips only when told to
+        (`--skip both`), and only where pruning alone cannot reach the budget."""
         if self.search.skip != "auto":
             return self.search.skip
         batch_one = self.resource == "latency" and (self.latency.batch or self.throughput_batch) == 1
@@ -563,7 +564,7 @@ class Run:
         slimmed, plan, stats = one_shot(self._input_copy(), self.cfg.budget, self._calibration(),
                                         calibration_images=self.cfg.calibration_images, input_size=self.input_size,
                                         multiple=self.cfg.search.width_multiple, resource=self.cfg.resource,
-                                        latency=self.skel.latency, fit=self._fit)
+                                        latency=self.skel.latency, fit=self._fit, skip=self.cfg.search.skip)
         log.info("one-shot: %s importance, %s allocation, compensated on %d images", stats["importance"],
                  stats["allocation"], stats["images"])
         self.begin_post_training(slimmed, plan)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 
-from .budget import fit_to_budget, plan_of_counts, plan_ratio, removal_costs, uniform_removal
+from .budget import fit_to_budget, plan_of_counts, plan_ratio, removal_costs, smallest_ratio, uniform_removal
 from .flops import count, skeleton_of
 from .compensate import DEFAULT_RIDGE, _images, compensate as _compensate
 from .errors import UVCError
@@ -202,8 +202,8 @@ def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str
              allocation: str = "global", compensate: bool = True, calibration_images: int = 1000,
              ridge: float = DEFAULT_RIDGE, input_size=None, multiple: int = 1,
              resource: str = "macs", latency: LatencyModel | None = None,
-             fit: Callable[[Callable[[float], list[LayerPlan]]], list[LayerPlan]] | None = None
-             ) -> tuple[nn.Module, list[LayerPlan], dict]:
+             fit: Callable[[Callable[[float], list[LayerPlan]]], list[LayerPlan]] | None = None,
+             skip: str = "none") -> tuple[nn.Module, list[LayerPlan], dict]:
     """Compress `model` to `budget` (a fraction of its `resource`, MACs by default) without training: (slimmed, plan, stats).
 
     `batches` gives calibration images (labels, if any, are ignored); the first
@@ -211,14 +211,19 @@ def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str
     widths are multiples of `multiple` (or whole). The input model is not changed. Raises UVCError if
     the slimmed model misses [budget - 0.01, budget]. A latency budget needs the model's table `latency`;
     `fit(plan_at)` (default: `plan_at(budget)`) may refit the plan at another budget (`latency.fit_measured`),
-    which the window then follows.
+    which the window then follows. With `skip` other than "none" (a `--skip` mode), a budget below what pruning
+    alone reaches is met by `skipping_plan` (whole blocks with "block"); above it nothing is skipped.
     """
     images = take_images(batches, calibration_images)
     scores = group_importance(model, importance, images)
     targets: dict[int, float] = {}  # the budget each plan was made for: `fit` may keep an earlier one than its last
+    floor = smallest_ratio(skeleton_of(model, input_size, resource, latency), prune=True, skip=False)
 
     def plan_at(target: float) -> list[LayerPlan]:
-        made = one_shot_plan(model, target, scores, allocation, input_size, multiple, resource, latency)
+        if skip != "none" and target < floor:
+            made = skipping_plan(model, target, scores, images, input_size, multiple, resource, latency, skip != "block")
+        else:
+            made = one_shot_plan(model, target, scores, allocation, input_size, multiple, resource, latency)
         targets[id(made)] = target
         return made
     plan = fit(plan_at) if fit is not None else plan_at(budget)
