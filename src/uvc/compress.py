@@ -208,8 +208,7 @@ class Run:
     def __init__(self, cfg: CompressConfig, model: nn.Module | None = None, teacher: nn.Module | None = None,
                  teacher_scores: dict[str, float] | None = None):
         cfg.validate()
-        if cfg.search.skip == "auto":
-            log.info("skip gates: %s (--skip auto: both under a latency budget at batch 1, none elsewhere)", cfg.skip_gates())
+        auto_skip = cfg.search.skip == "auto"
         # the report and a resume see the epochs that ran and the skip gates learned
         self.cfg = cfg = replace(cfg, post=cfg.post_training(), search=replace(cfg.search, skip=cfg.skip_gates()))
         self.out = check_output_dir(cfg.out, checkpoints=[CHECKPOINT], resume=cfg.resume, overwrite=cfg.overwrite,
@@ -267,6 +266,8 @@ class Run:
         self.state = RunState(budget=cfg.budget, dense_macs=self.dense_macs)
         self.settings = {**flat_settings(asdict(cfg), RESULT_NEUTRAL), "weights of the model": tensor_digest(student.state_dict()),
                          "weights of the teacher": tensor_digest(self.teacher.state_dict())}
+        if auto_skip:
+            log.info("skip gates: %s (--skip auto: both under a latency budget at batch 1, none elsewhere)", cfg.search.skip)
         if model is None:
             _warn_if_random(cfg)  # last: a run that an input error stops prints that error alone
 
