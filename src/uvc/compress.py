@@ -208,7 +208,7 @@ class Run:
     def __init__(self, cfg: CompressConfig, model: nn.Module | None = None, teacher: nn.Module | None = None,
                  teacher_scores: dict[str, float] | None = None):
         cfg.validate()
-        auto_skip = cfg.search.skip == "auto"
+        self.auto_skip = cfg.search.skip == "auto"  # said once the run starts (an input error prints alone)
         # the report and a resume see the epochs that ran and the skip gates learned
         self.cfg = cfg = replace(cfg, post=cfg.post_training(), search=replace(cfg.search, skip=cfg.skip_gates()))
         self.out = check_output_dir(cfg.out, checkpoints=[CHECKPOINT], resume=cfg.resume, overwrite=cfg.overwrite,
@@ -266,8 +266,6 @@ class Run:
         self.state = RunState(budget=cfg.budget, dense_macs=self.dense_macs)
         self.settings = {**flat_settings(asdict(cfg), RESULT_NEUTRAL), "weights of the model": tensor_digest(student.state_dict()),
                          "weights of the teacher": tensor_digest(self.teacher.state_dict())}
-        if auto_skip:
-            log.info("skip gates: %s (--skip auto: both under a latency budget at batch 1, none elsewhere)", cfg.search.skip)
         if model is None:
             _warn_if_random(cfg)  # last: a run that an input error stops prints that error alone
 
@@ -633,6 +631,9 @@ class Run:
             else:
                 log.info("teacher top-1 %s (validation %.2f%%), dense model %.2f M MACs", percent(self.state.top1_teacher),
                          self.state.top1_val_teacher, self.dense_macs / 1e6)
+            if self.auto_skip and not self.cfg.one_shot:
+                log.info("skip gates: %s (--skip auto: both under a latency budget at batch 1, none elsewhere)",
+                         self.cfg.search.skip)
         started = time.time()
         if self.state.phase == "search" and self.cfg.one_shot:
             self._one_shot()
