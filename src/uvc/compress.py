@@ -29,7 +29,7 @@ from torch import nn
 from . import distributed
 from .adapters import adapter_for
 from .backbone import drop_head, feature_cosine, is_backbone
-from .budget import check_budget, plan_ratio, smallest_ratio
+from .budget import check_budget, plan_ratio
 from .checkpoint import (checkpoint_exists, flat_settings, load_for_resume, remove_checkpoint, restoring,
                          save_checkpoint)
 from .compensate import compensate, compensate_masked
@@ -43,7 +43,7 @@ from .gates import make_compressible
 from .io import atomic_write_text, tensor_digest
 from .latency import LatencyConfig, fit_measured, latency_model, measured_ratio, table_for
 from .models import DEFAULT_TEACHER, default_teacher_dir, load_model, param_count, save
-from .oneshot import group_importance, one_shot, one_shot_plan, skipping_plan, take_images
+from .oneshot import budget_plan, group_importance, one_shot, take_images
 from .plan import LayerPlan
 from .preprocess import LABEL_NAMES
 from .presets import apply_preset
@@ -536,16 +536,14 @@ class Run:
         started, dense = time.time(), self._input_copy().eval()
         images = take_images(self._calibration(), self.cfg.calibration_images)
         scores = group_importance(dense, "activation", images)
-        plan_options = (self.input_size, search.width_multiple, self.cfg.resource, self.skel.latency)
-        if starts_there and self.cfg.budget < smallest_ratio(self.skel, prune=True, skip=False):
-            # Only skipping reaches it: one-shot's plan with the skips that change the output least.
-            plan = skipping_plan(dense, self.cfg.budget, scores, images, *plan_options, halves=search.skip != "block")
-            log.info("budget %g lies below what pruning alone reaches: the search starts at one-shot's plan with %d "
-                     "attention and %d MLP halves skipped, chosen on the calibration images", self.cfg.budget,
-                     sum(not p.attn for p in plan), sum(not p.mlp for p in plan))
+        if starts_there:
+            plan = budget_plan(dense, self.cfg.budget, scores, images, search.skip, "global", self.input_size,
+                               search.width_multiple, self.cfg.resource, self.skel.latency)
+            if not all(p.attn and p.mlp for p in plan):  # a budget only skipping reaches
+                log.info("budget %g lies below what pruning alone reaches: the search starts at one-shot's plan with "
+                         "%d attention and %d MLP halves skipped, chosen on the calibration images", self.cfg.budget,
+                         sum(not p.attn for p in plan), sum(not p.mlp for p in plan))
             self.search.start_from(plan)
-        elif starts_there:
-            self.search.start_from(one_shot_plan(dense, self.cfg.budget, scores, "global", *plan_options))
         if ranks:
             self.search.rank_by(scores)
         log.info("activation scores of every group on %d images in %.1f s (init %s, importance %s)",

@@ -197,6 +197,18 @@ def skipping_plan(model: nn.Module, budget: float, scores, images: list[torch.Te
     return best
 
 
+def budget_plan(model: nn.Module, budget: float, scores, images: list[torch.Tensor], skip: str = "none",
+                allocation: str = "global", input_size=None, multiple: int = 1, resource: str = "macs",
+                latency: LatencyModel | None = None) -> list[LayerPlan]:
+    """`one_shot_plan`, except where pruning alone cannot reach `budget` and `skip` (a `--skip` mode other than
+    "none") allows skipping: there `skipping_plan` (whole blocks with "block"). One-shot's plan and the search's
+    start both come from here."""
+    skel = skeleton_of(model, input_size, resource, latency)
+    if skip != "none" and budget < smallest_ratio(skel, prune=True, skip=False):
+        return skipping_plan(model, budget, scores, images, input_size, multiple, resource, latency, skip != "block")
+    return one_shot_plan(model, budget, scores, allocation, input_size, multiple, resource, latency)
+
+
 @torch.no_grad()
 def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str = "activation",
              allocation: str = "global", compensate: bool = True, calibration_images: int = 1000,
@@ -217,13 +229,9 @@ def one_shot(model: nn.Module, budget: float, batches: Iterable, importance: str
     images = take_images(batches, calibration_images)
     scores = group_importance(model, importance, images)
     targets: dict[int, float] = {}  # the budget each plan was made for: `fit` may keep an earlier one than its last
-    floor = smallest_ratio(skeleton_of(model, input_size, resource, latency), prune=True, skip=False)
 
     def plan_at(target: float) -> list[LayerPlan]:
-        if skip != "none" and target < floor:
-            made = skipping_plan(model, target, scores, images, input_size, multiple, resource, latency, skip != "block")
-        else:
-            made = one_shot_plan(model, target, scores, allocation, input_size, multiple, resource, latency)
+        made = budget_plan(model, target, scores, images, skip, allocation, input_size, multiple, resource, latency)
         targets[id(made)] = target
         return made
     plan = fit(plan_at) if fit is not None else plan_at(budget)

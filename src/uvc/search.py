@@ -59,7 +59,6 @@ from .importance import GroupNorms, group_norms, keep_masks
 from .plan import LayerPlan
 from .resource import Skeleton
 
-SKIP_MODES = ("auto", "both", "block", "halves", "none")
 IMPORTANCE = ("taylor", "activation", "norm")
 STARTS = ("fade", "compensate")
 INITS = ("uniform", "activation")
@@ -69,7 +68,8 @@ GATE_KINDS = ("hard", "gumbel")
 GATES = ("block", "attn", "mlp")
 # The gates each mode learns. A run decides "auto" before it builds its Search (CompressConfig.skip_gates); a Search
 # built by hand has no latency batch to decide by and learns none, as auto does for every budget but batch-1 latency.
-SKIP_GATES = {"both": GATES, "block": ("block",), "halves": ("attn", "mlp"), "none": (), "auto": ()}
+SKIP_GATES = {"auto": (), "both": GATES, "block": ("block",), "halves": ("attn", "mlp"), "none": ()}
+SKIP_MODES = tuple(SKIP_GATES)
 
 
 @dataclass
@@ -213,14 +213,13 @@ class Search(nn.Module):
         self.ratios.copy_(removed.to(self.ratios) / self.sizes)
         skipped = torch.stack([attn, mlp], dim=1).to(self.gate_margin) == 0
         if bool(skipped.any()):
-            gates = self.gate_enabled
-            if not (bool(gates[1:].all()) or (bool(gates[0]) and bool((skipped[:, 0] == skipped[:, 1]).all()))):
-                raise UVCError(f"the start plan skips halves that --skip {self.cfg.skip} has no gates for")
             margin = torch.where(skipped, -1.0, 1.0).to(self.gate_margin)
-            if bool(gates[1:].all()):
+            if bool(self.gate_enabled[1:].all()):  # half gates: each half as the plan has it
                 self.gate_margin[:, 1:] = margin
-            else:
+            elif bool(self.gate_enabled[0]) and torch.equal(skipped[:, 0], skipped[:, 1]):  # whole blocks only
                 self.gate_margin[:, 0] = margin[:, 0]
+            else:
+                raise UVCError(f"the start plan skips halves that --skip {self.cfg.skip} has no gates for")
 
     @torch.no_grad()
     def rank_by(self, scores: list[GroupNorms]) -> None:
